@@ -1,0 +1,26 @@
+"""tessera's engine: the model registry, the MoE layer, distributed strategies and LoRA routing.
+
+The public entry points are imported lazily so that `import engine` stays cheap and never fails on a
+machine without Triton or a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "load": "engine.registry",
+    "patch_moe": "engine.moe.patch",
+    "register_model": "engine.registry",
+    "get_model_entry": "engine.registry",
+    "list_models": "engine.registry",
+    "ModelEntry": "engine.registry",
+    "TaskRouter": "engine.lora.router",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

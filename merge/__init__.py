@@ -1,0 +1,1 @@
+"""FlexMerge: data-free, size-flexible merging of fine-tuned checkpoints."""
