@@ -1,0 +1,198 @@
+"""Grouped expert GEMMs over all experts in one launch each, written for a slice of every expert.
+
+Layout (as in Hugging Face and nn.Linear, output-major): the first matrix `w1` is `(E, F_s, H)`, the optional
+up matrix `w3` of gated experts is `(E, F_s, H)`, the second matrix `w2` is `(E, H, F_s)`. `F_s` is any slice
+width of the hidden FFN dimension: a rank holding columns `[a, b)` of every expert's first matrix and rows
+`[a, b)` of its second computes an exact partial output, and the partial outputs of all slices sum to the full
+expert output. Nothing here assumes `F_s` is a multiple of a block size.
+
+`expert_up` computes `act(x @ w1[e].T) [* (x @ w3[e].T)]` for every pair, rows read from token `pair // top_k`,
+and writes row `pair` of the intermediate. `expert_down` computes `inter @ w2[e].T * weight[pair]` into row `pair`
+of the output. Row blocks come from `kernels.moe_align`; blocks past the device-side padded length exit at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import triton_importable
+from kernels.moe_align import AlignedPairs
+
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _activation(x, ACTIVATION: tl.constexpr):
+        if ACTIVATION == 0:
+            return tl.maximum(x, 0.0)
+        if ACTIVATION == 1:
+            return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+        if ACTIVATION == 2:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+        return x * tl.sigmoid(x)
+
+    @triton.jit
+    def _expert_up_kernel(
+        x_ptr, w1_ptr, w3_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+        num_pairs, top_k, N, K,
+        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GATED: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+        pairs = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = pairs < num_pairs
+        tokens = (pairs // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_offs = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k_start
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & (offs_n[None, :] < N)
+            acc = tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
+            if GATED:
+                acc_up = tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), acc_up,
+                                input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_offs += BLOCK_K * stride_wk
+        result = _activation(acc, ACTIVATION)
+        if GATED:
+            result = result * acc_up
+        out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _expert_down_kernel(
+        a_ptr, w2_ptr, out_ptr, pair_weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+        num_pairs, N, K,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+        pairs = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = pairs < num_pairs
+        rows = pairs.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w2_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k_start
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+        if WEIGHTED:
+            acc = acc * tl.load(pair_weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 dots default to TF32 on NVIDIA GPUs; exact parity in fp32 needs full-precision products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_options(config: dict) -> dict:
+    return {k: config[k] for k in ("num_warps", "num_stages")}
+
+
+def expert_up(
+    x: torch.Tensor, aligned: AlignedPairs, top_k: int, w1: torch.Tensor, w3: torch.Tensor | None,
+    activation: str, config: dict,
+) -> torch.Tensor:
+    """First projection for every pair, activation (and gate) fused: returns `(num_pairs, F_s)`."""
+    if w3 is not None and w3.stride() != w1.stride():
+        w1, w3 = w1.contiguous(), w3.contiguous()
+    num_experts, n, k = w1.shape
+    out = torch.empty(aligned.num_pairs, n, dtype=x.dtype, device=x.device)
+    grid = (aligned.max_blocks, triton.cdiv(n, config["BLOCK_N"]))
+    _expert_up_kernel[grid](
+        x, w1, w3 if w3 is not None else w1, out,
+        aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
+        aligned.num_pairs, top_k, n, k,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        GATED=w3 is not None, ACTIVATION=ACTIVATIONS[activation], PRECISION=_precision(x.dtype),
+        **_launch_options(config),
+    )
+    return out
+
+
+def expert_down(
+    inter: torch.Tensor, aligned: AlignedPairs, w2: torch.Tensor, pair_weights: torch.Tensor | None,
+    config: dict, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Second projection for every pair, routing weight fused: returns `(num_pairs, H)`."""
+    num_experts, n, k = w2.shape
+    out = torch.empty(aligned.num_pairs, n, dtype=out_dtype or inter.dtype, device=inter.device)
+    grid = (aligned.max_blocks, triton.cdiv(n, config["BLOCK_N"]))
+    _expert_down_kernel[grid](
+        inter, w2, out, pair_weights if pair_weights is not None else inter,
+        aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
+        aligned.num_pairs, n, k,
+        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        WEIGHTED=pair_weights is not None, PRECISION=_precision(inter.dtype),
+        **_launch_options(config),
+    )
+    return out
+
+
+def apply_activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(x)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(x)
+    raise ValueError(f"unsupported expert activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
+
+
+def expert_up_reference(x, expert_ids, top_k, w1, w3, activation):
+    """Per-pair reference of `expert_up`: rows of pairs outside `[0, E)` are zero."""
+    num_pairs, num_experts = expert_ids.numel(), w1.shape[0]
+    out = torch.zeros(num_pairs, w1.shape[1], dtype=torch.float32, device=x.device)
+    flat = expert_ids.reshape(-1)
+    for expert in range(num_experts):
+        pairs = torch.nonzero(flat == expert).flatten()
+        rows = x[pairs // top_k].float()
+        h = apply_activation_reference(rows @ w1[expert].float().T, activation)
+        if w3 is not None:
+            h = h * (rows @ w3[expert].float().T)
+        out[pairs] = h
+    return out.to(x.dtype)
+
+
+def expert_down_reference(inter, expert_ids, w2, pair_weights):
+    """Per-pair reference of `expert_down`."""
+    flat = expert_ids.reshape(-1)
+    out = torch.zeros(flat.numel(), w2.shape[1], dtype=torch.float32, device=inter.device)
+    for expert in range(w2.shape[0]):
+        pairs = torch.nonzero(flat == expert).flatten()
+        y = inter[pairs].float() @ w2[expert].float().T
+        if pair_weights is not None:
+            y = y * pair_weights.reshape(-1)[pairs].float()[:, None]
+        out[pairs] = y
+    return out.to(inter.dtype)

@@ -1,0 +1,48 @@
+"""Launcher for the fused MoE expert computation: align, first GEMM + activation, second GEMM + routing weight,
+combine. Four launches per layer whatever the number of experts, and no host synchronisation.
+
+The weights may be a slice of every expert (see `kernels.expert_gemm`): the result is then this slice's exact
+partial output, and partial outputs of all slices sum to the full one.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.combine import combine_topk
+from kernels.expert_gemm import apply_activation_reference, expert_down, expert_up
+from kernels.moe_align import moe_align
+from kernels.moe_configs import moe_kernel_config
+
+
+def fused_experts(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None,
+    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None = None, activation: str = "silu",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`hidden (T, H)`, `topk_ids (T, k)` with ids outside `[0, E)` meaning "not computed here",
+    `topk_weights (T, k)` or None; returns `(T, H)` in `out_dtype` (default: hidden's dtype)."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w1.shape[0]
+    config = moe_kernel_config(num_tokens * top_k, num_experts, hidden.device)
+    aligned = moe_align(topk_ids, num_experts, config["BLOCK_M"])
+    inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config)
+    pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    pair_out = expert_down(inter, aligned, w2, pair_weights, config)
+    return combine_topk(pair_out, topk_ids, num_experts, out_dtype or hidden.dtype)
+
+
+def fused_experts_reference(hidden, topk_ids, topk_weights, w1, w2, w3=None, activation="silu", out_dtype=None):
+    """Plain PyTorch, token by token through each expert, accumulated in fp32."""
+    num_experts = w1.shape[0]
+    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    for expert in range(num_experts):
+        tokens, choice = torch.nonzero(topk_ids == expert, as_tuple=True)
+        x = hidden[tokens].float()
+        h = apply_activation_reference(x @ w1[expert].float().T, activation)
+        if w3 is not None:
+            h = h * (x @ w3[expert].float().T)
+        y = h @ w2[expert].float().T
+        if topk_weights is not None:
+            y = y * topk_weights[tokens, choice].float()[:, None]
+        out.index_add_(0, tokens, y)
+    return out.to(out_dtype or hidden.dtype)
