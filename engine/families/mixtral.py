@@ -1,0 +1,22 @@
+"""Mixtral: top-k softmax router, weights renormalised and kept in fp32, SiLU-gated experts."""
+from engine.families.base import Family
+from engine.families.stacked import convert_stacked
+
+
+def _convert(block, config, backend, capacity):
+    return convert_stacked(block, config, backend, capacity, num_experts=config.num_local_experts,
+                           top_k=config.num_experts_per_tok, ffn=config.intermediate_size,
+                           normalize=True, weights_in_fp32=True)
+
+
+def _tiny_config(**overrides):
+    from transformers import MixtralConfig
+
+    kwargs = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=128, router_jitter_noise=0.0)
+    return MixtralConfig(**{**kwargs, **overrides})
+
+
+FAMILY = Family("mixtral", ("mixtral",), ("MixtralSparseMoeBlock",), _convert, _tiny_config,
+                description="Mixtral-style decoder, top-2 of 8 experts")

@@ -1,0 +1,61 @@
+"""The block for families whose experts are one Hugging Face module holding stacked 3-D weights
+(`gate_up_proj (E, 2F, H)`, `down_proj (E, H, F)`) behind a `gate` router: Mixtral, Qwen2/3-MoE, OLMoE.
+
+The Hugging Face `gate` and `experts` modules stay as children under their own names, so the state dict
+keeps its keys and `save_pretrained` still writes a standard checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.families.base import check_shape
+from engine.moe.experts import ExpertWeights, activation_from_hf
+from engine.moe.layer import MoEBlock
+from engine.moe.router import RouterSpec
+
+
+class StackedExpertsBlock(MoEBlock):
+    def __init__(self, hf_block, spec: RouterSpec, activation: str, backend: str, capacity=None):
+        super().__init__(spec, backend, capacity)
+        self.gate = hf_block.gate
+        self.experts = hf_block.experts
+        self.activation = activation
+        # Qwen2-MoE: a dense shared expert behind a sigmoid gate, added to the routed output.
+        self.shared_expert = getattr(hf_block, "shared_expert", None)
+        self.shared_expert_gate = getattr(hf_block, "shared_expert_gate", None)
+
+    def expert_weights(self) -> ExpertWeights:
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        if getattr(self.experts, "is_transposed", False):  # (E, H, 2F) / (E, F, H) layouts
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        if getattr(self.experts, "is_concatenated", True):
+            width = gate_up.shape[1] // 2
+            gate, up = gate_up[:, :width], gate_up[:, width:]
+        else:  # interleaved [g0, u0, g1, u1, ...]
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+        return ExpertWeights(gate, down, up, self.activation)
+
+    def router_parameters(self):
+        return self.gate.weight, getattr(self.gate, "bias", None)
+
+    def extra_output(self, hidden: torch.Tensor):
+        if self.shared_expert is None:
+            return None
+        return F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
+
+
+def convert_stacked(hf_block, config, backend, capacity, *, num_experts: int, top_k: int, ffn: int,
+                    normalize: bool, weights_in_fp32: bool) -> StackedExpertsBlock:
+    hidden = config.hidden_size
+    experts = hf_block.experts
+    if getattr(experts, "has_bias", False):
+        raise ValueError(f"{type(experts).__name__} has expert biases, which tessera's kernels do not take yet")
+    transposed = getattr(experts, "is_transposed", False)
+    check_shape(hf_block.gate.weight, (num_experts, hidden), "router weight")
+    check_shape(experts.gate_up_proj, (num_experts, hidden, 2 * ffn) if transposed else (num_experts, 2 * ffn, hidden),
+                "experts.gate_up_proj")
+    check_shape(experts.down_proj, (num_experts, ffn, hidden) if transposed else (num_experts, hidden, ffn),
+                "experts.down_proj")
+    spec = RouterSpec("softmax_topk", num_experts, top_k, normalize=normalize, weights_in_fp32=weights_in_fp32)
+    return StackedExpertsBlock(hf_block, spec, activation_from_hf(config.hidden_act), backend, capacity)

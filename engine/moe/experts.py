@@ -1,0 +1,158 @@
+"""Expert weights (whole or a slice of every expert) and the backends that run them.
+
+A backend takes token rows, each token's expert ids and routing weights, and returns the weighted sum of its
+experts' outputs. Expert ids outside `[0, E)` mean "not computed here" (dropped by a capacity limit, or held by
+another rank) and contribute zero. All backends give the same answer; they differ in speed and where they run:
+
+- `triton`: our fused kernels (`kernels.fused_moe`), four launches per layer, no host synchronisation. CUDA, or
+  CPU through Triton's interpreter (slow, for tests).
+- `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM) where this torch has it for the
+  device and dtype, else one matmul per expert with rows. The fast CPU path.
+- `reference`: token-by-token plain PyTorch, the oracle for tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import triton_available
+from kernels.expert_gemm import ACTIVATIONS, apply_activation_reference
+from kernels.fused_moe import fused_experts_reference
+
+BACKENDS = ("triton", "torch", "reference", "eager")
+
+# Hugging Face activation names -> our kernel activation names.
+HF_ACTIVATIONS = {
+    "relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu",
+}
+
+
+def activation_from_hf(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"unsupported expert activation {name!r}; tessera supports {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+@dataclass
+class ExpertWeights:
+    """`w1 (E, F_s, H)`, optional `w3 (E, F_s, H)` (gated experts: act(x w1ᵀ) · x w3ᵀ), `w2 (E, H, F_s)`.
+
+    `F_s` may be a slice `[start, stop)` of the full hidden FFN width: columns of every expert's first matrix
+    and the same rows of its second. The partial outputs of slices that cover `[0, F)` sum to the full output.
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor | None
+    activation: str
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        e, f, h = self.w1.shape
+        if self.w2.shape != (e, h, f):
+            raise ValueError(f"expert matrices disagree: w1 {tuple(self.w1.shape)} needs w2 {(e, h, f)}, "
+                             f"got {tuple(self.w2.shape)}")
+        if self.w3 is not None and self.w3.shape != self.w1.shape:
+            raise ValueError(f"gated experts need w3 shaped like w1 {tuple(self.w1.shape)}, got {tuple(self.w3.shape)}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w1.shape[2]
+
+    @property
+    def ffn_width(self) -> int:
+        return self.w1.shape[1]
+
+    def slice(self, start: int, stop: int) -> "ExpertWeights":
+        """Views (no copies) of FFN columns `[start, stop)` of every expert."""
+        return ExpertWeights(
+            self.w1[:, start:stop], self.w2[:, :, start:stop],
+            None if self.w3 is None else self.w3[:, start:stop], self.activation,
+        )
+
+
+def default_backend(device) -> str:
+    """Triton on CUDA, torch on CPU."""
+    return "triton" if torch.device(device).type == "cuda" and triton_available(device) else "torch"
+
+
+def check_backend(backend: str, device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "triton" and not triton_available(device):
+        raise RuntimeError(
+            f"backend 'triton' is unavailable on {torch.device(device)}: Triton runs on CUDA devices, or on CPU "
+            "only with TRITON_INTERPRET=1 set before import (slow, for tests); use backend='torch' on CPU"
+        )
+    return backend
+
+
+def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None,
+                weights: ExpertWeights, backend: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`hidden (T, H)`, `topk_ids (T, k)`, `topk_weights (T, k)` → `(T, H)`."""
+    if backend == "triton":
+        from kernels.fused_moe import fused_experts
+
+        return fused_experts(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
+                             weights.activation, out_dtype)
+    if backend == "torch":
+        return _torch_experts(hidden, topk_ids, topk_weights, weights, out_dtype)
+    if backend == "reference":
+        return fused_experts_reference(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
+                                       weights.activation, out_dtype)
+    raise ValueError(f"backend {backend!r} does not run expert weights directly")
+
+
+def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu"
+
+
+def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_dtype):
+    num_tokens, top_k = topk_ids.shape
+    num_experts = weights.num_experts
+    flat = topk_ids.reshape(-1)
+    # Out-of-range ids sort to the end and fall outside the last offset, so they are never computed.
+    valid = (flat >= 0) & (flat < num_experts)
+    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)
+    counts = torch.bincount(torch.where(valid, flat, num_experts), minlength=num_experts + 1)[:num_experts]
+    rows = hidden[order // top_k]
+    w1, w2, w3 = weights.w1, weights.w2, weights.w3
+    if _grouped_mm_works(rows, w1):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        w1t, w2t = w1.to(rows.dtype).transpose(1, 2), w2.to(rows.dtype).transpose(1, 2)
+
+        def grouped(a, b):
+            return torch._grouped_mm(a, b, offs=offsets)
+
+        h = apply_activation_reference(grouped(rows, w1t), weights.activation)
+        if w3 is not None:
+            h = h * grouped(rows, w3.to(rows.dtype).transpose(1, 2))
+        # Rows past the last offset are left uninitialised by grouped_mm: mask them without reading offsets.
+        pair_out = grouped(h, w2t).masked_fill(~valid[order, None], 0)
+    else:
+        pair_out = torch.zeros(rows.shape[0], w2.shape[1], dtype=rows.dtype, device=rows.device)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                x = rows[start : start + count]
+                h = apply_activation_reference(x @ w1[expert].T, weights.activation)
+                if w3 is not None:
+                    h = h * (x @ w3[expert].T)
+                pair_out[start : start + count] = h @ w2[expert].T
+                start += count
+    if topk_weights is not None:
+        pair_out = pair_out * topk_weights.reshape(-1)[order, None]
+    out = torch.zeros(num_tokens * top_k, pair_out.shape[1], dtype=pair_out.dtype, device=pair_out.device)
+    out[order] = pair_out
+    return out.view(num_tokens, top_k, -1).sum(1).to(out_dtype or hidden.dtype)

@@ -1,0 +1,102 @@
+"""The MoE block that replaces each family's sparse-MLP module.
+
+A block routes with its family's exact arithmetic (`engine.moe.router`) and hands the routed tokens to an
+executor. The default executor runs all experts on this process with the chosen backend; the distributed
+strategies install executors that shard experts across ranks, with the routing unchanged.
+
+Family subclasses say where the weights live (`expert_weights`, `router_parameters`) and add anything beyond
+routed experts (`extra_output`, e.g. Qwen2-MoE's gated shared expert). Weights are read from the module's
+parameters at each call (views, no copies), so `.to()`, `load_state_dict` and sharded loading all stay valid.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.moe.experts import ExpertWeights, run_experts
+from engine.moe.router import RouterSpec, route, router_logits
+
+
+class RouterHealth:
+    """Device-side flags, one per MoE block of a model, raised when a block sees non-finite router logits.
+
+    Blocks only write to the device; the model checks once after its forward pass (one host synchronisation per
+    pass, not one per layer). Flags are kept per device so a model split across devices still works.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._flags: dict[torch.device, torch.Tensor] = {}
+
+    def mark(self, index: int, bad: torch.Tensor) -> None:
+        flags = self._flags.get(bad.device)
+        if flags is None:
+            flags = self._flags[bad.device] = torch.zeros(len(self.names), dtype=torch.bool, device=bad.device)
+        flags[index] |= bad
+
+    def raise_if_bad(self) -> None:
+        bad = set()
+        for flags in self._flags.values():
+            if flags.any():
+                bad.update(torch.nonzero(flags).flatten().tolist())
+                flags.zero_()
+        if bad:
+            raise FloatingPointError(f"non-finite router logits in MoE block(s) {[self.names[i] for i in sorted(bad)]}: "
+                                     "check the weights and the inputs")
+
+
+def local_executor(block: "MoEBlock", hidden: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor:
+    return run_experts(hidden, topk_ids, topk_weights, block.expert_weights(), block.backend)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, spec: RouterSpec, backend: str, capacity: str | None = None):
+        super().__init__()
+        if capacity not in (None, "dropless", "hf"):
+            raise ValueError(f"capacity must be None/'dropless' (every token reaches its experts) or 'hf', "
+                             f"got {capacity!r}")
+        self.spec = spec
+        self.backend = backend
+        self.capacity = None if capacity == "dropless" else capacity
+        self.executor = local_executor
+        # Set by patch_moe: the model's RouterHealth and this block's index in it. A block used on its own
+        # checks its logits itself.
+        self.health: tuple[RouterHealth, int] | None = None
+        self.last_topk_ids: torch.Tensor | None = None
+
+    def expert_weights(self) -> ExpertWeights:
+        raise NotImplementedError
+
+    def router_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def extra_output(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, hidden_size = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden_size)
+        logits = router_logits(self.spec, x, *self.router_parameters())
+        self._check_logits(logits)
+        topk_ids, topk_weights = route(self.spec, logits, x.dtype, (batch, seq_len), self.capacity)
+        self.last_topk_ids = topk_ids
+        out = self.executor(self, x, topk_ids, topk_weights)
+        extra = self.extra_output(x)
+        if extra is not None:
+            out = out + extra
+        return out.view(batch, seq_len, hidden_size)
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        bad = ~torch.isfinite(logits).all()
+        if self.health is None:
+            if bad:
+                raise FloatingPointError(f"non-finite router logits in MoE block {self.extra_repr()}")
+            return
+        health, index = self.health
+        health.mark(index, bad)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"kind={s.kind}, experts={s.num_experts}, top_k={s.top_k}, backend={self.backend}, "
+                f"capacity={self.capacity or 'dropless'}")

@@ -1,0 +1,65 @@
+"""Convert a Hugging Face model in memory, in place: every sparse-MLP block becomes our `MoEBlock`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.moe.experts import check_backend, default_backend
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def patch_moe(model: nn.Module, *, backend: str | None = None, capacity: str | None = None) -> nn.Module:
+    """Replace the model's MoE blocks with tessera's and return the model.
+
+    `backend`: "triton", "torch", "reference" or "eager" (leave the Hugging Face modules alone); default triton
+    on CUDA, torch on CPU. `capacity`: None (dropless, every token reaches its experts) or "hf" (the installed
+    transformers' per-sequence expert capacity, where the family has one).
+    """
+    from engine.families import family_for
+
+    family = family_for(model.config)
+    device = _model_device(model)
+    backend = check_backend(backend or default_backend(device), device)
+    if backend == "eager":
+        return model
+    blocks = family.find_blocks(model)
+    if not blocks and not any(isinstance(m, _moe_block_type()) for m in model.modules()):
+        raise ValueError(f"no {family.block_classes} blocks found in {type(model).__name__}")
+    for _, parent, attr, block in blocks:
+        setattr(parent, attr, family.convert(block, model.config, backend, capacity))
+    _install_health_check(model)
+    return model
+
+
+def _moe_block_type():
+    from engine.moe.layer import MoEBlock
+
+    return MoEBlock
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _moe_block_type())]
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    device = _model_device(model)
+    check_backend(backend, device)
+    for _, block in moe_blocks(model):
+        block.backend = backend
+
+
+def _install_health_check(model: nn.Module) -> None:
+    from engine.moe.layer import RouterHealth
+
+    blocks = moe_blocks(model)
+    health = RouterHealth([name for name, _ in blocks])
+    for index, (_, block) in enumerate(blocks):
+        block.health = (health, index)
+    if getattr(model, "_tessera_health_hook", None) is not None:
+        model._tessera_health_hook.remove()
+    model._tessera_health_hook = model.register_forward_hook(lambda module, args, output: health.raise_if_bad())
