@@ -20,6 +20,17 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
+def _register_experts_implementation() -> None:
+    try:
+        from engine.moe.hf_interface import register
+    except ImportError:  # transformers too old for ExpertsInterface: patch_moe still works
+        return
+    register()
+
+
+_register_experts_implementation()
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

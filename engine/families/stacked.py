@@ -15,6 +15,19 @@ from engine.moe.layer import MoEBlock
 from engine.moe.router import RouterSpec
 
 
+def stacked_expert_weights(experts, activation: str) -> ExpertWeights:
+    """Views of a Hugging Face experts module's gate, up and down matrices in our `(E, F, H)` layout."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False):  # (E, H, 2F) / (E, F, H) layouts
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if getattr(experts, "is_concatenated", True):
+        width = gate_up.shape[1] // 2
+        gate, up = gate_up[:, :width], gate_up[:, width:]
+    else:  # interleaved [g0, u0, g1, u1, ...]
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    return ExpertWeights(gate, down, up, activation)
+
+
 class StackedExpertsBlock(MoEBlock):
     def __init__(self, hf_block, spec: RouterSpec, activation: str, backend: str, capacity=None):
         super().__init__(spec, backend, capacity)
@@ -26,15 +39,7 @@ class StackedExpertsBlock(MoEBlock):
         self.shared_expert_gate = getattr(hf_block, "shared_expert_gate", None)
 
     def expert_weights(self) -> ExpertWeights:
-        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
-        if getattr(self.experts, "is_transposed", False):  # (E, H, 2F) / (E, F, H) layouts
-            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        if getattr(self.experts, "is_concatenated", True):
-            width = gate_up.shape[1] // 2
-            gate, up = gate_up[:, :width], gate_up[:, width:]
-        else:  # interleaved [g0, u0, g1, u1, ...]
-            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-        return ExpertWeights(gate, down, up, self.activation)
+        return stacked_expert_weights(self.experts, self.activation)
 
     def router_parameters(self):
         return self.gate.weight, getattr(self.gate, "bias", None)

