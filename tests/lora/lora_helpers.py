@@ -1,0 +1,49 @@
+"""Tiny seeded models and PEFT adapters written to temporary folders (nothing is downloaded)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+BASE_NAME = "tessera/tiny-llama"
+TARGETS = ("q_proj", "v_proj")
+
+
+def tiny_llama(vocab_size: int = 96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._name_or_path = BASE_NAME
+    return model
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(4321)
+    cfg = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = MixtralForCausalLM(cfg).eval()
+    model.config._name_or_path = "tessera/tiny-mixtral"
+    return model
+
+
+def save_adapter(model, folder, seed: int, r: int = 4, alpha: float = 8.0, targets=TARGETS, rslora=False):
+    """Write a PEFT LoRA folder with random (non-zero) A and B for `model`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                     use_rslora=rslora)
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    peft_model.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,82 @@
+"""attach_adapters on tiny Llama and Mixtral: every row of a mixed batch equals PEFT's merged adapter for
+that row's weights (add_weighted_adapter, combination_type="cat")."""
+import copy
+
+import pytest
+import torch
+
+from engine.lora import AdapterPool, RoutingError, attach_adapters, peft_weighted_model
+
+from lora_helpers import save_adapter, tiny_mixtral
+
+MIXES = [{"alpha": 0.6, "beta": 0.3, "gamma": 0.1}, {}, {"delta": 1.0}, {"beta": 0.5, "gamma": 0.5}]
+
+
+def _peft_row(model, pool, mix, ids):
+    if not mix:
+        return model(input_ids=ids).logits
+    oracle = peft_weighted_model(copy.deepcopy(model), pool, mix, combination_type="cat")
+    with torch.no_grad():
+        return oracle(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_batch_matches_peft_per_row(llama, adapter_dirs, backend):
+    pool = AdapterPool(adapter_dirs, base_model="tessera/tiny-llama")
+    ids = torch.randint(3, 96, (len(MIXES), 7))
+    lm = attach_adapters(copy.deepcopy(llama), pool, backend=backend)
+    got = lm(input_ids=ids, adapter_weights=MIXES).logits
+    for row, mix in enumerate(MIXES):
+        expected = _peft_row(llama, pool, mix, ids[row:row + 1])
+        torch.testing.assert_close(got[row:row + 1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_no_weights_is_the_base_model(llama, adapter_dirs):
+    ids = torch.randint(3, 96, (2, 5))
+    lm = attach_adapters(copy.deepcopy(llama), adapter_dirs)
+    with torch.no_grad():
+        base = llama(input_ids=ids).logits
+    torch.testing.assert_close(lm(input_ids=ids).logits, base)
+    torch.testing.assert_close(lm(input_ids=ids, adapter_weights=[{}, {}]).logits, base)
+
+
+def test_generate_routes_rows_and_repeats_them_for_return_sequences(llama, adapter_dirs):
+    pool = AdapterPool(adapter_dirs)
+    ids = torch.randint(3, 96, (2, 4))
+    lm = attach_adapters(copy.deepcopy(llama), pool)
+    mixes = [{"alpha": 1.0}, {"beta": 0.5, "delta": 0.5}]
+    out = lm.generate(input_ids=ids, adapter_weights=mixes, max_new_tokens=3, do_sample=False,
+                      num_return_sequences=2, num_beams=2)
+    assert out.shape == (4, 7)
+    for row, mix in enumerate(mixes):
+        oracle = peft_weighted_model(copy.deepcopy(llama), pool, mix)
+        with torch.no_grad():
+            expected = oracle.generate(input_ids=ids[row:row + 1], max_new_tokens=3, do_sample=False,
+                                       num_return_sequences=2, num_beams=2)
+        assert torch.equal(out[2 * row:2 * row + 2], expected)
+
+
+def test_mixtral_attention_lora_matches_peft(tmp_path):
+    model = tiny_mixtral()
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dirs = {n: save_adapter(model, tmp_path / n, seed=10 + i, targets=targets) for i, n in enumerate("ab")}
+    pool = AdapterPool(dirs)
+    ids = torch.randint(3, 96, (2, 6))
+    mixes = [{"a": 0.7, "b": 0.3}, {"b": 1.0}]
+    got = attach_adapters(copy.deepcopy(model), pool, backend="triton")(input_ids=ids, adapter_weights=mixes)
+    for row, mix in enumerate(mixes):
+        torch.testing.assert_close(got.logits[row:row + 1], _peft_row(model, pool, mix, ids[row:row + 1]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_bad_requests_are_rejected(llama, adapter_dirs):
+    lm = attach_adapters(copy.deepcopy(llama), adapter_dirs)
+    ids = torch.randint(3, 96, (2, 4))
+    with pytest.raises(RoutingError, match="2 rows"):
+        lm(input_ids=ids, adapter_weights=[{}])
+    with pytest.raises(RoutingError, match="unknown adapter 'nope'"):
+        lm(input_ids=ids, adapter_weights=[{"nope": 1.0}, {}])
+    with pytest.raises(RoutingError, match="needs a router"):
+        lm(input_ids=ids, route="auto", queries=["a", "b"])
+    with pytest.raises(Exception, match="already has adapters"):
+        attach_adapters(lm.model, adapter_dirs)
