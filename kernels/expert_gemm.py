@@ -35,12 +35,19 @@ if triton_importable():
         return x * tl.sigmoid(x)
 
     @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # Triton's CPU interpreter multiplies 16-bit float tiles wrongly; it gets fp32 tiles instead.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _expert_up_kernel(
         x_ptr, w1_ptr, w3_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
         num_pairs, top_k, N, K,
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GATED: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+        GATED: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -61,10 +68,9 @@ if triton_importable():
             k_ok = offs_k < K - k_start
             x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = k_ok[:, None] & (offs_n[None, :] < N)
-            acc = tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
+            acc = _dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), acc, PRECISION, UPCAST)
             if GATED:
-                acc_up = tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), acc_up,
-                                input_precision=PRECISION)
+                acc_up = _dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), acc_up, PRECISION, UPCAST)
             x_ptrs += BLOCK_K * stride_xk
             w_offs += BLOCK_K * stride_wk
         result = _activation(acc, ACTIVATION)
@@ -79,7 +85,7 @@ if triton_importable():
         num_pairs, N, K,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+        WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -98,7 +104,7 @@ if triton_importable():
             k_ok = offs_k < K - k_start
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            acc = _dot(a, w, acc, PRECISION, UPCAST)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
         if WEIGHTED:
@@ -110,6 +116,10 @@ if triton_importable():
 def _precision(dtype: torch.dtype) -> str:
     # fp32 dots default to TF32 on NVIDIA GPUs; exact parity in fp32 needs full-precision products.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype != torch.float32
 
 
 def _launch_options(config: dict) -> dict:
@@ -132,7 +142,7 @@ def expert_up(
         aligned.num_pairs, top_k, n, k,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        GATED=w3 is not None, ACTIVATION=ACTIVATIONS[activation], PRECISION=_precision(x.dtype),
+        GATED=w3 is not None, ACTIVATION=ACTIVATIONS[activation], PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
         **_launch_options(config),
     )
     return out
@@ -152,7 +162,7 @@ def expert_down(
         aligned.num_pairs, n, k,
         inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        WEIGHTED=pair_weights is not None, PRECISION=_precision(inter.dtype),
+        WEIGHTED=pair_weights is not None, PRECISION=_precision(inter.dtype), UPCAST=_upcast(inter),
         **_launch_options(config),
     )
     return out
