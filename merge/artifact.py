@@ -1,0 +1,143 @@
+"""A FlexMerge artifact as a registry entry: build one task's model, or export it as a plain checkpoint.
+
+The folder holds the unique stored tensors (safetensors) and `manifest.json`, which says for every block
+which group each task belongs to and how that group is stored: `full` (a fine-tuned block as is),
+`merged` (θ_0 + merged vector) or `modulated` (base + unified vector + per-task bit masks / scales).
+All tasks' models built from one artifact in one process read the stored tensors once and share them:
+a task's parameter IS the stored tensor wherever its group is not modulated.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import torch
+
+from merge.flexmerge import FORMAT, MANIFEST, PLAN, _file_hash
+from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files
+
+_STORES: "weakref.WeakValueDictionary[tuple, _Store]" = weakref.WeakValueDictionary()
+
+
+class _Store:
+    """All stored tensors of one artifact, read once, in one dtype on one device."""
+
+    def __init__(self, path: Path, dtype, device):
+        ckpt = Checkpoint(path)
+        self.tensors = ckpt.read(ckpt.names)
+        for k, t in self.tensors.items():
+            if dtype is not None and t.is_floating_point() and not k.endswith("::scale"):
+                t = t.to(dtype)
+            self.tensors[k] = t.to(device) if device is not None else t
+
+
+def is_artifact(path) -> bool:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_manifest(path) -> dict:
+    if not is_artifact(path):
+        raise FileNotFoundError(f"{path} is not a FlexMerge artifact (no {MANIFEST} of format {FORMAT})")
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def verify(path) -> None:
+    """Check the weight files against the hashes recorded when the artifact was written."""
+    for name, digest in read_manifest(path)["hashes"]["files"].items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: weight file of the artifact is missing")
+        if _file_hash(f) != digest:
+            raise ValueError(f"{f}: contents do not match the hash in {MANIFEST} (corrupted or modified)")
+
+
+def _unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def _store(path: Path, dtype, device) -> _Store:
+    manifest = path / MANIFEST
+    key = (str(path.resolve()), manifest.stat().st_mtime_ns, str(dtype), str(device))
+    store = _STORES.get(key)
+    if store is None:
+        store = _Store(path, dtype, device)
+        _STORES[key] = store
+    return store
+
+
+def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[str, torch.Tensor], "_Store"]:
+    """Task `task`'s full state dict (original tensor names) and the store its tensors live in."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if task not in manifest["tasks"]:
+        raise KeyError(f"task {task!r} is not in artifact {path}; its tasks are {manifest['tasks']}")
+    store = _store(path, dtype, device)
+    t = store.tensors
+    state = {}
+    for block in manifest["blocks"]:
+        group = next(g for g in block["groups"] if task in g["tasks"])
+        pos, sfx = group["tasks"].index(task), group["suffix"]
+        for n in block["tensors"]:
+            if group["kind"] != "modulated" or n + sfx in t:
+                state[n] = t[n + sfx]
+                continue
+            base, vec = t[f"{n}::base"], t[f"{n}{sfx}::vector"]
+            delta = vec.float()
+            if f"{n}{sfx}::mask" in t:
+                delta = delta * _unpack(t[f"{n}{sfx}::mask"][pos], vec.numel()).view(vec.shape)
+            if f"{n}{sfx}::scale" in t:
+                delta = delta * t[f"{n}{sfx}::scale"][pos].float()
+            state[n] = (base.float() + delta).to(base.dtype)
+    return state, store
+
+
+def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Module:
+    """A transformers model for `task`, sharing its unmodulated tensors with the artifact's other tasks."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    state, store = task_state_dict(path, task, dtype=dtype, device=device)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    archs = getattr(config, "architectures", None) or []
+    if not archs or not hasattr(transformers, archs[0]):
+        raise RuntimeError(f"{path}/config.json names no transformers architecture ({archs}); cannot build a model")
+    with init_empty_weights(include_buffers=False):
+        model = getattr(transformers, archs[0])(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to {archs[0]}")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise RuntimeError(f"{path}: no weights for {still_empty[:5]} of {archs[0]}")
+    if device is not None:
+        model.to(device)
+    model._tessera_store = store  # keeps the shared tensors alive (and shared) while any task model lives
+    return model.eval()
+
+
+def export(path, task: str, out, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write `task`'s model as a standard Hugging Face checkpoint folder (config and tokenizer included)."""
+    path = Path(path)
+    verify(path)
+    state, _ = task_state_dict(path, task)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_folder(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, total_bytes=total, desc=f"export {task}")
+        for n, t in state.items():
+            writer.add(n, t)
+        writer.close()
+        copy_side_files(path, tmp)
+        for name in (MANIFEST, PLAN):
+            (tmp / name).unlink(missing_ok=True)
+    return Path(out)
+

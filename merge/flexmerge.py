@@ -1,0 +1,400 @@
+"""FlexMerge end to end: inputs → checks → one streaming scan → greedy plan → artifact of the chosen size.
+
+A fixed size takes two streaming passes: the scan (checks and Gram matrices; nothing is written) and,
+once the plan says which groups every block has at that size, a pass that computes each merged group
+from its members' original task vectors and writes it. `size: all` takes one pass: while a block is in
+memory its whole group tree is merged (every size's version of that block) and each member's
+reconstruction error is recorded; the global order then interleaves the blocks into the size curve.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merge import blocks as blocks_mod
+from merge import greedy, methods, sizing
+from merge.config import MergeSpec
+from merge.io import DTYPES, Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
+from merge.methods import Context, MergeResult
+from merge.sparsify import threshold_from_histogram
+from merge.stats import Stats, read_task_vectors, scan
+
+FORMAT = "tessera-flexmerge"
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> None:
+    """Same architecture, tensor names, shapes and dtypes as the base, or an error naming what differs."""
+    base_cfg = base.config() or {}
+    for task, ckpt in models.items():
+        cfg = ckpt.config() or {}
+        for key in ("architectures", "model_type"):
+            if key in base_cfg and key in cfg and cfg[key] != base_cfg[key]:
+                raise ValueError(f"{ckpt.folder}/config.json: {key} {cfg[key]} differs from the base's {base_cfg[key]}")
+        missing = [n for n in base.names if n not in ckpt.shape]
+        if missing:
+            raise ValueError(f"model {task!r} ({ckpt.folder}) lacks tensor {missing[0]} of the base" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        extra = [n for n in ckpt.names if n not in base.shape]
+        if extra:
+            raise ValueError(f"{ckpt.file_of[extra[0]]}: tensor {extra[0]} is not in the base {base.folder}")
+        for n in base.names:
+            if ckpt.shape[n] != base.shape[n]:
+                raise ValueError(f"{ckpt.file_of[n]}: tensor {n} has shape {list(ckpt.shape[n])}, the base has {list(base.shape[n])}")
+            if ckpt.dtype[n] != base.dtype[n]:
+                raise ValueError(f"{ckpt.file_of[n]}: tensor {n} is {ckpt.dtype[n]}, the base's is {base.dtype[n]}")
+
+
+class Session:
+    """Everything known from the config and the headers alone (no weights read)."""
+
+    def __init__(self, spec: MergeSpec):
+        self.spec = spec
+        self.method = methods.get(spec.method)
+        user_params = dict(spec.params or {})
+        weight = user_params.pop("weight", None)
+        self.params = methods.resolve_params(self.method, user_params)
+        if spec.similarity not in greedy.SIMILARITIES:
+            raise ValueError(f"similarity must be one of {greedy.SIMILARITIES}, got {spec.similarity!r}")
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {spec.device} requested but no CUDA device is available")
+        self.base = Checkpoint(spec.base)
+        self.tasks = list(spec.models)
+        self.ckpts = {t: Checkpoint(p) for t, p in spec.models.items()}
+        check_compatible(self.base, self.ckpts)
+        self.models = [self.ckpts[t] for t in self.tasks]
+        w = {t: 1.0 for t in self.tasks}
+        if isinstance(weight, dict):
+            w.update({str(k): float(v) for k, v in weight.items()})
+        elif weight is not None:
+            w = {t: float(weight) for t in self.tasks}
+        w.update(spec.weights)
+        self.weights = torch.tensor([w[t] for t in self.tasks], dtype=torch.float32)
+        self.blocks = blocks_mod.assign(self.base.names, spec.blocks)
+        if spec.dtype is not None and spec.dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {spec.dtype!r}")
+        self.costs = [
+            sizing.block_cost(
+                [(math.prod(self.base.shape[n]), element_size(self.out_dtype(n))) for n in b.tensors],
+                self.method.masks,
+                self.method.scales,
+            )
+            for b in self.blocks
+        ]
+        self.base_bytes = sum(c.param_bytes for c in self.costs)
+        self.global_scope = self.params.get("scope") == "global"
+
+    @property
+    def M(self) -> int:
+        return len(self.tasks)
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        dtype = self.base.dtype[name]
+        if self.spec.dtype is not None and dtype.is_floating_point:
+            return TORCH_DTYPES[self.spec.dtype]
+        return dtype
+
+    def scan(self, on_block=None) -> Stats:
+        stats = scan(self.base, self.models, self.blocks, device=self.spec.device,
+                     signs=self.spec.similarity == "sign", histograms=self.global_scope, on_block=on_block)
+        self.check_values(stats)
+        return stats
+
+    def check_values(self, stats: Stats) -> None:
+        if self.spec.base_hash and stats.base_hash != self.spec.base_hash:
+            raise ValueError(f"base {self.base.folder} has hash {stats.base_hash}, expected {self.spec.base_hash}")
+        base_norm = math.sqrt(max(stats.base_sq_norm, 1e-30))
+        for k, sq in enumerate(stats.task_sq_norms()):
+            rel = math.sqrt(max(sq, 0.0)) / base_norm
+            if rel > self.spec.max_relative_distance:
+                raise ValueError(
+                    f"model {self.tasks[k]!r} ({self.models[k].folder}) is {rel:.2f}× the base's norm away from it: "
+                    f"it does not look fine-tuned from {self.base.folder} (raise max_relative_distance if intended)"
+                )
+
+    def similarities(self, stats: Stats) -> list[np.ndarray]:
+        return [greedy.similarity(g, self.spec.similarity, s, n) for g, s, n in zip(stats.grams, stats.signs, stats.numels)]
+
+    def thresholds(self, stats: Stats) -> torch.Tensor | None:
+        if not self.global_scope:
+            return None
+        return threshold_from_histogram(stats.histogram, float(self.params["density"]))
+
+    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], tvs: dict, thresholds) -> MergeResult:
+        """One group of one block, recomputed from its members' original task vectors."""
+        idx = list(members)
+        names = [self.tasks[i] for i in idx]
+        ctx = Context(
+            params=self.params,
+            weights=self.weights[idx].to(self.spec.device),
+            thresholds=None if thresholds is None else thresholds[idx].to(self.spec.device),
+            rng=methods.seeded_rng(int(self.params["seed"]), block.name, names),
+            task_ids=names,
+        )
+        index = torch.tensor(idx, device=self.spec.device)
+        floats = {n: t.index_select(0, index) for n, t in tvs.items() if self.base.dtype[n].is_floating_point}
+        return methods.apply(self.method, floats, ctx)
+
+    def steps_for(self, stats: Stats) -> list[greedy.Step]:
+        if self.spec.plan is None:
+            return greedy.plan(self.similarities(stats))
+        return load_plan(self.spec.plan, self)
+
+
+def load_plan(path: str, session: Session) -> list[greedy.Step]:
+    """Replay a saved plan; it must be for the same tasks and blocks."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"merge plan not found: {p}")
+    data = json.loads(p.read_text())
+    if data.get("tasks") != session.tasks:
+        raise ValueError(f"{p}: plan is for tasks {data.get('tasks')}, this merge has {session.tasks}")
+    if data.get("blocks") != [b.name for b in session.blocks]:
+        raise ValueError(f"{p}: plan's blocks differ from this merge's blocks (different model or `blocks` rules)")
+    return [greedy.Step(s["block"], tuple(s["a"]), tuple(s["b"]), float(s["score"])) for s in data["steps"]]
+
+
+def plan_json(session: Session, steps: list[greedy.Step], sizes: list[int], errors: list[list[float]] | None = None) -> dict:
+    curve = []
+    for state, nbytes in enumerate(sizes):
+        point = {"state": state, "bytes": nbytes, "size": nbytes / session.base_bytes}
+        if errors is not None:
+            point["relative_error"] = dict(zip(session.tasks, errors[state]))
+            point["mean_relative_error"] = float(np.mean(errors[state]))
+        curve.append(point)
+    return {
+        "format": FORMAT + "-plan",
+        "tasks": session.tasks,
+        "blocks": [b.name for b in session.blocks],
+        "method": session.method.name,
+        "params": session.params,
+        "similarity": session.spec.similarity,
+        "base_bytes": session.base_bytes,
+        "steps": [{"block": s.block, "a": list(s.a), "b": list(s.b), "score": s.score} for s in steps],
+        "curve": curve,
+    }
+
+
+def dry_run(spec: MergeSpec) -> dict:
+    """Blocks, reachable sizes, expected memory and time — from headers only."""
+    s = Session(spec)
+    M = s.M
+    largest = max(sum(math.prod(s.base.shape[n]) for n in b.tensors) for b in s.blocks)
+    read_bytes = sum(s.base.nbytes(n) for n in s.base.names) * (M + 1)
+    flops = 2 * M * M * sum(math.prod(s.base.shape[n]) for n in s.base.names)
+    kind, _ = sizing.parse_size(spec.size)
+    passes = 1 if kind == "all" else 2
+    return {
+        "tasks": s.tasks,
+        "method": s.method.name,
+        "params": s.params,
+        "blocks": [{"name": b.name, "tensors": len(b.tensors), "bytes": c.param_bytes} for b, c in zip(s.blocks, s.costs)],
+        "base_bytes": s.base_bytes,
+        "sizes": {
+            "max": M * 1.0,
+            "min_parameter_only": 1.0,
+            "smallest_step": min(c.param_bytes for c in s.costs) / s.base_bytes,
+            "steps": len(s.blocks) * (M - 1),
+        },
+        # (M + 2) float32 copies of the largest block: the task vectors, the base and one model being read.
+        "expected_peak_memory_bytes": int((M + 2) * largest * 4),
+        # Rough: disk/page-cache reads at ~1 GB/s and Gram matrices at ~20 GFLOP/s per pass.
+        "expected_seconds": round(passes * (read_bytes / 1e9 + flops / 2e10), 1),
+        "passes": passes,
+    }
+
+
+def run(spec: MergeSpec) -> dict:
+    kind, value = sizing.parse_size(spec.size)
+    session = Session(spec)
+    if kind == "all":
+        return run_curve(session)
+    if spec.out is None:
+        raise ValueError("the merge needs `out` (the artifact folder)")
+    t0 = time.perf_counter()
+    stats = session.scan()
+    steps = session.steps_for(stats)
+    sizes = sizing.curve(session.costs, steps, session.M, session.method.modulated)
+    if kind == "multiplier":
+        if value < 1.0:
+            raise ValueError(f"size must be at least 1 (one merged model), got {value}")
+        budget = value * session.base_bytes
+    else:
+        budget = value
+    state = sizing.choose_state(sizes, budget)
+    parts = greedy.partitions_at(steps, len(session.blocks), session.M, state)
+    manifest = write_artifact(session, stats, parts, sizes[state], Path(spec.out), plan_json(session, steps, sizes), state)
+    return {
+        "out": spec.out,
+        "tasks": session.tasks,
+        "method": session.method.name,
+        "size": manifest["size"],
+        "groups_per_block": [len(p) for p in parts],
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """Bool `[K, ...]` → uint8 `[K, ceil(numel / 8)]`, eight entries per byte."""
+    flat = mask.reshape(mask.shape[0], -1).to(torch.uint8).cpu()
+    pad = (-flat.shape[1]) % 8
+    flat = torch.nn.functional.pad(flat, (0, pad))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat.view(flat.shape[0], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path, plan: dict, state: int) -> dict:
+    """Second pass: compute the groups that this size keeps and write them, atomically."""
+    spec, method = session.spec, session.method
+    thresholds = session.thresholds(stats)
+    block_entries = []
+    max_shard = int(sizing.parse_bytes(spec.max_shard_size))
+    with atomic_folder(out, spec.overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard, total_bytes=nbytes, desc="merge")
+        for block, groups in zip(session.blocks, parts):
+            merged = any(len(g) > 1 for g in groups)
+            base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
+            plain = len(groups) == 1 and not (merged and method.modulated)
+            entries = []
+            for j, g in enumerate(groups):
+                suffix = "" if plain else f"::g{j}"
+                entry = {"tasks": [session.tasks[i] for i in g], "suffix": suffix}
+                if len(g) == 1:
+                    entry["kind"] = "full"
+                    for n, t in session.models[g[0]].read(block.tensors).items():
+                        writer.add(n + suffix, t.to(session.out_dtype(n)))
+                else:
+                    res = session.merge_group(block, g, tvs, thresholds)
+                    entry["kind"] = "modulated" if method.modulated else "merged"
+                    for n in block.tensors:
+                        dtype = session.out_dtype(n)
+                        if n not in res.vector:  # non-float buffers are not merged: all members share the base's
+                            writer.add(n + suffix, base_t[n])
+                            continue
+                        if method.modulated:
+                            writer.add(f"{n}{suffix}::vector", res.vector[n].to(dtype))
+                            if res.masks is not None:
+                                writer.add(f"{n}{suffix}::mask", _pack(res.masks[n]))
+                            if res.scales is not None:
+                                writer.add(f"{n}{suffix}::scale", res.scales[n].float())
+                        else:
+                            writer.add(n + suffix, (base_t[n].to(res.vector[n]) + res.vector[n]).to(dtype))
+                entries.append(entry)
+            if merged and method.modulated:
+                for n, t in base_t.items():
+                    writer.add(f"{n}::base", t.to(session.out_dtype(n)))
+            block_entries.append({"name": block.name, "tensors": block.tensors, "groups": entries})
+            del base_t, tvs
+        files = writer.close()
+        copy_side_files(session.base.folder, tmp)
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "tasks": session.tasks,
+            "method": method.name,
+            "params": session.params,
+            "similarity": spec.similarity,
+            "blocks_rules": spec.blocks,
+            "size": {"bytes": nbytes, "multiplier": nbytes / session.base_bytes, "base_bytes": session.base_bytes,
+                     "state": state, "states": len(plan["steps"]) + 1},
+            "tensors": {n: {"shape": list(session.base.shape[n]), "dtype": str(session.out_dtype(n)).removeprefix("torch.")} for n in session.base.names},
+            "blocks": block_entries,
+            "hashes": {"base": stats.base_hash, "files": {f: _file_hash(tmp / f) for f in files}},
+            "spec": {k: v for k, v in asdict(spec).items() if k not in ("overwrite",)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / PLAN).write_text(json.dumps(plan, indent=1))
+    return manifest
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_curve(session: Session) -> dict:
+    """`size: all` in one streaming pass: every block's group tree merged while the block is in memory."""
+    t0 = time.perf_counter()
+    M = session.M
+    local_steps: list[list[tuple]] = []
+    node_errors: list[dict[tuple, list[float]]] = []
+    # Global thresholds need the whole model's histograms before any block is merged: an extra pass.
+    thresholds = session.thresholds(session.scan()) if session.global_scope else None
+
+    planned = load_plan(session.spec.plan, session) if session.spec.plan else None
+
+    def on_block(b, block, base_t, tvs, stats):
+        if planned is not None:
+            steps = [s for s in planned if s.block == b]
+        else:
+            sim = greedy.similarity(stats.grams[b], session.spec.similarity, stats.signs[b], stats.numels[b])
+            steps = greedy.plan([sim])
+        errors = {}
+        for step in steps:
+            members = step.merged
+            res = session.merge_group(block, members, tvs, thresholds)
+            errs = []
+            for pos, k in enumerate(members):
+                errs.append(sum(float((res.task_vector(pos, n) - tvs[n][k]).pow(2).sum()) for n in res.vector))
+            errors[members] = errs
+        local_steps.append([(s.a, s.b) for s in steps])
+        node_errors.append(errors)
+
+    stats = session.scan(on_block=on_block)
+    steps = planned if planned is not None else greedy.plan(session.similarities(stats))
+    for b in range(len(session.blocks)):
+        if [(s.a, s.b) for s in steps if s.block == b] != local_steps[b]:
+            raise RuntimeError(f"block {session.blocks[b].name}: global and per-block merge orders disagree")
+    sizes = sizing.curve(session.costs, steps, M, session.method.modulated)
+    errors = _error_curve(session, stats, steps, node_errors)
+    plan = plan_json(session, steps, sizes, errors)
+    if session.spec.out is not None:
+        with atomic_folder(session.spec.out, session.spec.overwrite) as tmp:
+            (tmp / PLAN).write_text(json.dumps(plan, indent=1))
+    return {
+        "out": session.spec.out,
+        "tasks": session.tasks,
+        "method": session.method.name,
+        "states": len(sizes),
+        "curve": [(round(p["size"], 3), round(p["mean_relative_error"], 4)) for p in plan["curve"]],
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def _error_curve(session: Session, stats: Stats, steps, node_errors) -> list[list[float]]:
+    """Per state, each task's relative reconstruction error ||τ̂_k − τ_k|| / ||τ_k|| over the whole model."""
+    M = session.M
+    norms = stats.task_sq_norms()
+    current = np.zeros((len(session.blocks), M))
+    total = np.zeros(M)
+
+    def rel():
+        return [float(math.sqrt(total[k] / norms[k])) if norms[k] > 0 else 0.0 for k in range(M)]
+
+    out = [rel()]
+    for step in steps:
+        members = step.merged
+        for pos, k in enumerate(members):
+            new = node_errors[step.block][members][pos]
+            total[k] += new - current[step.block, k]
+            current[step.block, k] = new
+        out.append(rel())
+    return out

@@ -1,0 +1,144 @@
+"""The merge-operator interface and its registry.
+
+Every algorithm sees the task vectors of ONE block for the tasks of ONE group, stacked on dim 0
+(`{tensor_name: Tensor[K, ...]}`), and returns a `MergeResult`: one unified task vector per tensor plus
+optional per-task modulators (masks, scales). Keeping the operator this narrow is what lets FlexMerge
+recompute any group of any block with any algorithm, and lets a new algorithm be one small file that
+calls `register`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from merge.sparsify import drop_and_rescale
+
+
+@dataclass
+class MergeResult:
+    """Unified task vector per tensor; optional masks `[K, ...] bool` and scales `[K]` per tensor.
+
+    Task k of the group is rebuilt as `θ_0 + scales[k] · (masks[k] ⊙ vector)` (a missing modulator is 1).
+    """
+
+    vector: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor] | None = None
+    scales: dict[str, torch.Tensor] | None = None
+
+    def task_vector(self, k: int, name: str) -> torch.Tensor:
+        v = self.vector[name]
+        if self.masks is not None:
+            v = v * self.masks[name][k]
+        if self.scales is not None:
+            v = v * self.scales[name][k]
+        return v
+
+
+@dataclass
+class Context:
+    """What an algorithm may need besides the task vectors.
+
+    `weights` are the per-task `weight` parameters of the group's members, `thresholds` the per-task
+    magnitude thresholds for `scope: global` (computed over the whole model in the statistics pass),
+    `rng(k, name)` a generator that is the same for task k and tensor `name` whatever group k is in, so
+    random drops (DARE) do not change when groups are recomputed.
+    """
+
+    params: dict
+    weights: torch.Tensor
+    thresholds: torch.Tensor | None = None
+    rng: Callable[[int, str], torch.Generator] | None = None
+    task_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[dict[str, torch.Tensor], Context], MergeResult]
+    defaults: dict
+    masks: bool = False
+    scales: bool = False
+    doc: str = ""
+
+    @property
+    def modulated(self) -> bool:
+        return self.masks or self.scales
+
+
+# Parameters every method accepts: per-task weights, DARE preprocessing and the seed of its drops.
+COMMON_PARAMS = {"weight": 1.0, "dare": None, "seed": 0}
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False):
+    """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0})`."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def available() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown merge method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def resolve_params(method: Method, params: dict | None) -> dict:
+    """Defaults overlaid with the user's params; unknown names are an error, not silently ignored."""
+    params = dict(params or {})
+    allowed = {**COMMON_PARAMS, **method.defaults}
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method.name!r} has no parameter(s) {unknown}; it takes {sorted(allowed)}")
+    return {**allowed, **params}
+
+
+def seeded_rng(seed: int, block: str, task_names: list[str]) -> Callable[[int, str], torch.Generator]:
+    """A generator per (task, tensor) derived from names only, so drops are reproducible and group-free."""
+
+    def rng(k: int, name: str) -> torch.Generator:
+        key = f"{seed}/{block}/{task_names[k]}/{name}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+
+    return rng
+
+
+def apply(method: Method, tvs: dict[str, torch.Tensor], ctx: Context) -> MergeResult:
+    """Run `method` on float32 task vectors, with DARE drop-and-rescale first when `dare` is set."""
+    tvs = {n: t.float() for n, t in tvs.items()}
+    density = ctx.params.get("dare")
+    if density is not None:
+        if ctx.rng is None:
+            raise RuntimeError("DARE needs a random generator in the merge context")
+        tvs = {
+            n: torch.stack([drop_and_rescale(t[k], float(density), ctx.rng(k, n)) for k in range(t.shape[0])])
+            for n, t in tvs.items()
+        }
+    return method.fn(tvs, ctx)
+
+
+def weighted(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`t[k] * weights[k]` broadcast over the trailing dims."""
+    return t * weights.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))

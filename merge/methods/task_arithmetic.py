@@ -1,0 +1,14 @@
+"""Task arithmetic (Ilharco et al., 2023): θ_0 + λ · Σ_k w_k τ_k, as in the paper and in mergekit.
+
+`normalize: true` divides by Σ w_k (mergekit's option), which turns it into a scaled average."""
+from __future__ import annotations
+
+from merge.methods import Context, MergeResult, register, weighted
+
+
+@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False})
+def task_arithmetic(tvs, ctx: Context) -> MergeResult:
+    scale = float(ctx.params["lambda"])
+    if ctx.params["normalize"]:
+        scale /= float(ctx.weights.sum())
+    return MergeResult({n: scale * weighted(t, ctx.weights).sum(0) for n, t in tvs.items()})
