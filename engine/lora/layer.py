@@ -42,19 +42,22 @@ class MixtureState:
         return self._expanded[rows]
 
 
-class MixtureLoRALinear(nn.Module):
-    """y = base(x) + sum_k w[b, k] * s_k * B_k A_k x for the rows b of x ([rows, L, in] or [rows, in])."""
+class MixtureLoRALinear(nn.Linear):
+    """y = base(x) + sum_k w[b, k] * s_k * B_k A_k x for the rows b of x ([rows, L, in] or [rows, in]).
+
+    It takes over the base layer's own weight and bias parameters, so state-dict keys, devices and tied
+    weights stay exactly those of the unwrapped model.
+    """
 
     def __init__(self, base: nn.Linear, module: str, state: MixtureState):
-        super().__init__()
-        self.base, self.module, self.state = base, module, state
-
-    @property
-    def weight(self) -> torch.Tensor:  # some model code reads .weight of projections (e.g. dtype checks)
-        return self.base.weight
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.module, self.state = module, state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = nn.functional.linear(x, self.weight, self.bias)
         if self.state.slots is None:
             return y
         slots, weights = self.state.for_rows(x.shape[0])

@@ -47,3 +47,19 @@ def save_adapter(model, folder, seed: int, r: int = 4, alpha: float = 8.0, targe
                 p.normal_(0.0, 0.3)
     peft_model.save_pretrained(str(folder))
     return folder
+
+
+class LookupEncoder:
+    """An encoder with hand-chosen vectors, so routing results can be computed by hand."""
+
+    name = "test/lookup"
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = table
+        self.dim = len(next(iter(table.values())))
+        self.calls = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        vectors = torch.tensor([self.table[t] for t in texts], dtype=torch.float32)
+        return torch.nn.functional.normalize(vectors, dim=-1)
