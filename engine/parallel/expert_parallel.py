@@ -1,0 +1,150 @@
+"""Expert parallelism, the DeepSpeed-MoE baseline: rank r owns whole experts `[start_r, stop_r)` (E/G each,
+uneven remainders allowed), tokens travel to their experts' owners by all-to-all and come back the same way.
+
+Two variants:
+
+- `ep-capacity` (DeepSpeed's `drop_tokens=True`): every expert gets `capacity = max(ceil(k · rows / E · cf),
+  min_capacity)` slots per rank, `rows` being the token count agreed for the pass (DeepSpeed uses the local
+  batch, equal on all ranks there). Slots are claimed in DeepSpeed's priority order: all first choices in token
+  order, then all second choices (top-2 gating), and so on; a choice past the capacity is dropped and contributes
+  zero (its token keeps the other choices and the residual). The buffer `(E, capacity, H)` is sent whole and
+  computed whole, padding included, as DeepSpeed does; sizes are fixed, so there is no host synchronisation.
+  DeepSpeed's optional random token selection (`use_rts`) is not reproduced: priority is token order.
+- `ep` (dropless): variable-size all-to-all of exactly the routed rows, as MegaBlocks/DeepSpeed's
+  `drop_tokens=False` path needs. The row counts must reach the host to size the buffers: one host
+  synchronisation per layer, inherent to dropless expert parallelism (MoEShard avoids it).
+
+Routing weights are the family router's; EP only decides which pairs are computed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.moe.experts import ExpertWeights, run_experts
+from engine.parallel.pass_sync import PassSync
+from engine.parallel.rows import pack_rows, unpack_rows
+from engine.parallel.runtime import Dist, split_range
+from engine.parallel.stats import ExchangeStats, maybe_timing
+
+
+class ExpertOwners:
+    """Which rank owns which expert, as host ranges and as a device lookup table (id E → rank G: nowhere)."""
+
+    def __init__(self, num_experts: int, world: int, device):
+        self.num_experts, self.world = num_experts, world
+        self.ranges = [split_range(num_experts, world, r) for r in range(world)]
+        owner = torch.full((num_experts + 1,), world, dtype=torch.int64)
+        start = torch.zeros(world + 1, dtype=torch.int64)
+        for r, (lo, hi) in enumerate(self.ranges):
+            owner[lo:hi] = r
+            start[r] = lo
+        self.owner, self.start = owner.to(device), start.to(device)
+
+    def owner_of(self, flat_ids: torch.Tensor) -> torch.Tensor:
+        valid = (flat_ids >= 0) & (flat_ids < self.num_experts)
+        return self.owner[torch.where(valid, flat_ids, self.num_experts)]
+
+
+def deepspeed_capacity(rows: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed-MoE's expert capacity per rank: `ceil(k · tokens / E · capacity_factor)`, at least
+    `min_capacity` (top-1 and top-2 gating use k = 1 and 2)."""
+    return max(math.ceil(top_k * rows / num_experts * capacity_factor), min_capacity)
+
+
+def capacity_slots(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSpeed's priority: choice j of every token ranks after all choices < j, then by token order.
+    Returns each pair's slot `expert * capacity + location` (T, k) and whether it is kept (T, k)."""
+    ids = topk_ids.to(torch.int64)
+    valid = (ids >= 0) & (ids < num_experts)
+    one_hot = torch.nn.functional.one_hot(torch.where(valid, ids, num_experts), num_experts + 1)[..., :num_experts]
+    # (T, k, E) → choice-major order (k, T, E); cumulative count gives each pair's location in its expert.
+    by_choice = one_hot.transpose(0, 1).reshape(-1, num_experts)
+    locations = (torch.cumsum(by_choice, dim=0) - 1).view(ids.shape[1], ids.shape[0], num_experts).transpose(0, 1)
+    location = locations.gather(2, torch.where(valid, ids, 0)[..., None]).squeeze(2)
+    kept = valid & (location < capacity)
+    return ids * capacity + location, kept
+
+
+def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk_weights, rows: int,
+                        part: ExpertWeights, backend: str, capacity_factor: float, min_capacity: int,
+                        stats: ExchangeStats | None = None) -> torch.Tensor:
+    num_tokens, hidden_size = hidden.shape
+    num_experts = owners.num_experts
+    capacity = deepspeed_capacity(rows, num_experts, topk_ids.shape[1], capacity_factor, min_capacity)
+    slot, kept = capacity_slots(topk_ids, num_experts, capacity)
+    token = torch.arange(num_tokens, device=hidden.device)[:, None].expand_as(slot)
+    # Dispatch buffer (E·capacity, H), expert-major, so each owner's slots are one contiguous chunk.
+    buffer = hidden.new_zeros(num_experts * capacity, hidden_size)
+    buffer[slot[kept]] = hidden[token[kept]]
+    splits = [(hi - lo) * capacity for lo, hi in owners.ranges]
+    received = dist.all_to_all(buffer, splits, [splits[dist.rank]] * dist.size)
+    local = part.num_experts
+    local_ids = torch.arange(local, device=hidden.device).repeat_interleave(capacity).repeat(dist.size)
+    with maybe_timing(stats, hidden.device):
+        # The whole buffer, empty slots included: DeepSpeed computes its padding too.
+        expert_out = run_experts(received, local_ids[:, None], None, part, backend)
+    returned = dist.all_to_all(expert_out, [splits[dist.rank]] * dist.size, splits)
+    pair_out = returned[torch.where(kept, slot, 0)] * (topk_weights * kept)[..., None]
+    if stats is not None:
+        others = sum(s for r, s in enumerate(splits) if r != dist.rank)
+        mine_out = (dist.size - 1) * splits[dist.rank]
+        row_bytes = hidden_size * hidden.element_size()
+        stats.calls += 1
+        stats.bytes_sent += (others + mine_out) * row_bytes
+        stats.bytes_received += (mine_out + others) * row_bytes
+        stats.add_rows(torch.tensor(received.shape[0]))
+        stats.add_dropped(((topk_ids >= 0) & (topk_ids < num_experts) & ~kept)[:num_tokens].sum())
+    return pair_out.sum(1).to(hidden.dtype)
+
+
+def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk_weights, part: ExpertWeights,
+                        backend: str, stats: ExchangeStats | None = None) -> torch.Tensor:
+    num_tokens, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    dest = owners.owner_of(flat)
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.bincount(dest, minlength=dist.size + 1)[: dist.size]
+    recv_counts = dist.all_to_all(send_counts)
+    counts = torch.stack([send_counts, recv_counts]).cpu().tolist()  # the per-layer host sync of dropless EP
+    send, recv = counts
+    picked = order[: sum(send)]
+    local_ids = flat[picked] - owners.start[dest[picked]]
+    packed = pack_rows(hidden[picked // top_k], local_ids[:, None])
+    arrived = dist.all_to_all(packed, send, recv)
+    x, ids = unpack_rows(arrived, [(hidden_size, hidden.dtype), (1, torch.int64)])
+    with maybe_timing(stats, hidden.device):
+        expert_out = run_experts(x, ids.contiguous(), None, part, backend)
+    returned = dist.all_to_all(expert_out, recv, send)
+    pair_out = torch.zeros(num_tokens * top_k, hidden_size, dtype=returned.dtype, device=hidden.device)
+    pair_out[picked] = returned
+    weighted = pair_out.view(num_tokens, top_k, hidden_size) * topk_weights[..., None]
+    if stats is not None:
+        me = dist.rank
+        stats.calls += 1
+        stats.bytes_sent += (sum(send) - send[me]) * packed.shape[1] + (sum(recv) - recv[me]) * hidden_size * returned.element_size()
+        stats.bytes_received += (sum(recv) - recv[me]) * packed.shape[1] + (sum(send) - send[me]) * hidden_size * returned.element_size()
+        stats.add_rows(torch.tensor(sum(recv)))
+    return weighted.sum(1).to(hidden.dtype)
+
+
+class ExpertParallelExecutor:
+    """The executor a block runs under `ep` / `ep-capacity`; its experts live at `block.ep_part`."""
+
+    def __init__(self, dist: Dist, sync: PassSync, stream: str, num_experts: int, capacity_factor: float | None,
+                 min_capacity: int = 4, stats: ExchangeStats | None = None):
+        self.dist, self.sync, self.stream, self.stats = dist, sync, stream, stats
+        self.owners = ExpertOwners(num_experts, dist.size, dist.device)
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
+        self.name = "ep" if capacity_factor is None else "ep-capacity"
+
+    def __call__(self, block, hidden, topk_ids, topk_weights):
+        part = block.ep_part.weights()
+        if self.capacity_factor is None:
+            return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, part, block.backend,
+                                       self.stats)
+        rows = self.sync.tokens(self.stream, hidden.shape[0])
+        return ep_capacity_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows, part,
+                                   block.backend, self.capacity_factor, self.min_capacity, self.stats)

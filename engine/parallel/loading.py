@@ -1,0 +1,105 @@
+"""Rank-local loading: build the model without weights, then read from safetensors only what this rank keeps.
+
+Dense tensors (attention, embeddings, norms, routers, shared experts) are read whole on every rank; expert
+tensors only as this rank's slice (MoEShard: rows `[start, stop)` of every expert's first matrices and the same
+columns of its second) or its own experts (EP). Memory per rank is therefore about dense weights + expert
+weights / G (2/G under `auto`, which keeps both parts), and the bytes read are reported on the model.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from engine.moe.experts import check_backend, default_backend
+from engine.moe.patch import patch_moe, set_backend
+from engine.parallel.checkpoint import CheckpointReader
+from engine.parallel.layout import ShardedExperts
+from engine.parallel.runtime import Dist
+from engine.parallel.strategy import check_strategy, install_executors, plan_parts
+
+
+def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, device, dtype) -> None:
+    ffn = part.kind == "ffn"
+    experts = range(part.num_experts) if ffn else range(part.start, part.stop)
+    cut = (part.start, part.stop)
+    stacks = {"w1": [], "w2": [], "w3": []}
+    for expert in experts:
+        first, second, partner = reader.expert_keys(block_name, expert)
+        stacks["w1"].append(reader.read(first, rows=cut) if ffn else reader.read(first))
+        stacks["w2"].append(reader.read(second, cols=cut) if ffn else reader.read(second))
+        if partner is not None:
+            stacks["w3"].append(reader.read(partner, rows=cut) if ffn else reader.read(partner))
+    for name, tensors in stacks.items():
+        if getattr(part, name) is None:
+            continue
+        stacked = torch.stack(tensors).to(device=device, dtype=dtype or tensors[0].dtype)
+        if stacked.shape != getattr(part, name).shape:
+            raise ValueError(f"{block_name}.{name}: checkpoint gives {tuple(stacked.shape)}, the config implies "
+                             f"{tuple(getattr(part, name).shape)}")
+        setattr(part, name, nn.Parameter(stacked, requires_grad=False))
+
+
+def _fill_dense(model: nn.Module, reader: CheckpointReader, skip: set[int], device, dtype) -> None:
+    """Load every parameter still on the meta device; tied parameters (one object under several names) are
+    read once and stay tied."""
+    holders = defaultdict(list)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            if id(param) not in skip:
+                holders[id(param)].append((module_name, module, attr, param))
+    missing = []
+    for group in holders.values():
+        names = [f"{m}.{a}" if m else a for m, _, a, _ in group]
+        key = next((k for k in map(reader.checkpoint_name, names) if k is not None), None)
+        if key is None:
+            missing.append(names[0])
+            continue
+        tensor = reader.read(key)
+        expected = group[0][3].shape
+        if tensor.shape != expected:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(expected)}")
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False)
+        for _, module, attr, _ in group:
+            module._parameters[attr] = param
+    if missing:
+        raise KeyError(f"{len(missing)} parameters are not in the checkpoint, e.g. {missing[:5]}")
+
+
+def load_parallel(source: str, family, *, strategy: str, backend: str | None = None, dtype=None, device=None,
+                  capacity: str | None = None, model_class=None, capacity_factor: float = 1.0,
+                  stats: bool = False) -> nn.Module:
+    """This rank's part of the model in `source` (config.json + safetensors), under an initialised process
+    group. `family` is the `engine.families.Family`, `model_class` the transformers class to build. Bytes read
+    are in `model.tessera_parallel.loaded_bytes` (`dense`, `experts`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    check_strategy(strategy)
+    if strategy == "single":
+        raise ValueError("strategy 'single' loads the whole model on one process: use engine.load without a strategy")
+    dist = Dist.current()
+    device = torch.device(device) if device is not None else dist.device
+    backend = check_backend(backend or default_backend(device), device)
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights():
+        model = model_class.from_config(config)
+    # Patch on the meta device with a backend that exists there; the real one is set once weights are loaded.
+    patch_moe(model, backend="torch", capacity=capacity)
+    parts = plan_parts(model, strategy, dist, meta=True)
+    reader = CheckpointReader(source, family.name)
+    try:
+        for part_name, part in parts:
+            _fill_part(reader, part_name.rsplit(".", 1)[0], part, device, dtype)
+        expert_bytes = sum(r.nbytes for r in reader.reads)
+        _fill_dense(model, reader, {id(p) for _, part in parts for p in part.parameters()}, device, dtype)
+    finally:
+        reader.close()
+    model.to(device)  # buffers (built for real, on CPU) follow the weights
+    set_backend(model, backend)
+    state = install_executors(model, strategy, dist, capacity_factor=capacity_factor, stats=stats)
+    state.loaded_bytes = {"experts": expert_bytes, "dense": sum(r.nbytes for r in reader.reads) - expert_bytes}
+    state.reads = reader.reads
+    model.eval()
+    return model

@@ -1,0 +1,112 @@
+"""The distributed runtime: process-group start-up from torchrun's environment, and the few collectives the
+strategies use, each behind one function so NCCL (CUDA) and gloo (CPU) run the same code path.
+
+Every collective here works on tensors already on the rank's device and never reads a value back to the host:
+the strategies decide all sizes before a layer runs, so a forward pass costs at most the one host
+synchronisation that agrees on token counts (`engine.parallel.pass_sync`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("TESSERA_DIST_TIMEOUT", "600"))
+
+
+def init_distributed(timeout_s: float | None = None) -> "Dist":
+    """Join (or start) the default process group from torchrun's environment and return this rank's view.
+
+    torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT on every node; we pick NCCL when
+    CUDA is available (and bind this process to GPU LOCAL_RANK) and gloo otherwise. The timeout bounds every
+    collective: a rank that dies makes the others raise instead of waiting forever.
+    """
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"init_distributed needs torchrun's environment; missing {missing}. Launch with "
+                               "`torchrun --nproc-per-node=G script.py` (add --nnodes/--rdzv-endpoint for several nodes)")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        dist.init_process_group(backend, timeout=timeout)
+    return Dist.current()
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One rank's view of a process group: who it is, how many there are, where its tensors live.
+
+    With one rank the collectives return their input: a single GPU runs the sharded code path without copies,
+    so its overhead against the single-process layer is the path's own (padding, packing), not a memcpy."""
+
+    group: object
+    rank: int
+    size: int
+    backend: str
+    device: torch.device
+
+    @staticmethod
+    def current(group=None) -> "Dist":
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call engine.parallel.init_distributed() first")
+        backend = dist.get_backend(group)
+        if backend == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        return Dist(group, dist.get_rank(group), dist.get_world_size(group), backend, device)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """`x (n, ...)` from every rank, equal n on all → `(size * n, ...)` in rank order."""
+        if self.size == 1:
+            return x
+        out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """`x (size * n, ...)` on every rank → rank r gets the sum over ranks of rows `[r n, (r+1) n)`.
+
+        NCCL has a native reduce-scatter. gloo's is missing from some torch releases, so there we exchange the
+        chunks with an all-to-all (the same bytes on the wire) and add them up locally.
+        """
+        n = x.shape[0] // self.size
+        if self.size == 1:
+            return x
+        if self.backend == "nccl":
+            out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+            return out
+        chunks = torch.empty_like(x)
+        dist.all_to_all_single(chunks, x.contiguous(), group=self.group)
+        return chunks.view(self.size, n, *x.shape[1:]).sum(0)
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int] | None = None,
+                   recv_counts: list[int] | None = None) -> torch.Tensor:
+        """Rows of `x` split by destination rank (equal splits, or the given counts) → rows received, by source."""
+        if self.size == 1:
+            return x
+        if send_counts is None:
+            out = torch.empty_like(x)
+            dist.all_to_all_single(out, x.contiguous(), group=self.group)
+            return out
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
+
+def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """`[start, stop)` of part `index` when `total` items are cut into `parts` nearly equal pieces; the first
+    `total % parts` pieces get one more, so uneven remainders are allowed."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)

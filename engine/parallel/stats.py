@@ -1,0 +1,63 @@
+"""Counters a distributed MoE layer keeps when asked (benchmarks, tests): bytes this rank put on the wire,
+expert rows it computed, tokens dropped, time inside expert kernels. Byte counts are host integers known before
+each collective; row and drop counts stay on the device until read, so counting adds no synchronisation."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class ExchangeStats:
+    def __init__(self, time_compute: bool = False):
+        self.time_compute = time_compute
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self.compute_s = 0.0
+        self._rows: list[torch.Tensor] = []
+        self._dropped: list[torch.Tensor] = []
+        self.choices: dict[str, int] = {}
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        self._rows.append(rows.detach().reshape(()).to(torch.int64))
+
+    def add_dropped(self, dropped: torch.Tensor) -> None:
+        self._dropped.append(dropped.detach().reshape(()).to(torch.int64))
+
+    @property
+    def rows_computed(self) -> int:
+        return int(torch.stack(self._rows).sum()) if self._rows else 0
+
+    @property
+    def tokens_dropped(self) -> int:
+        return int(torch.stack(self._dropped).sum()) if self._dropped else 0
+
+    @contextmanager
+    def timing(self, device: torch.device):
+        """Wall time of expert compute. Synchronises CUDA around the kernels: use only when measuring balance."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.compute_s += time.perf_counter() - start
+
+    def summary(self) -> dict:
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,
+                "rows_computed": self.rows_computed, "tokens_dropped": self.tokens_dropped,
+                "compute_s": self.compute_s, "choices": dict(self.choices)}
+
+
+@contextmanager
+def maybe_timing(stats: ExchangeStats | None, device: torch.device):
+    if stats is None or not stats.time_compute:
+        yield
+    else:
+        with stats.timing(device):
+            yield
