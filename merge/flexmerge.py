@@ -117,11 +117,12 @@ class Session:
         if self.spec.base_hash and stats.base_hash != self.spec.base_hash:
             raise ValueError(f"base {self.base.folder} has hash {stats.base_hash}, expected {self.spec.base_hash}")
         base_norm = math.sqrt(max(stats.base_sq_norm, 1e-30))
-        for k, sq in enumerate(stats.task_sq_norms()):
+        for k, sq in enumerate(stats.task_matrix_sq_norms):
             rel = math.sqrt(max(sq, 0.0)) / base_norm
             if rel > self.spec.max_relative_distance:
                 raise ValueError(
-                    f"model {self.tasks[k]!r} ({self.models[k].folder}) is {rel:.2f}× the base's norm away from it: "
+                    f"model {self.tasks[k]!r} ({self.models[k].folder}) differs from the base by {rel:.2f}× the base's "
+                    "weight-matrix norm: "
                     f"it does not look fine-tuned from {self.base.folder} (raise max_relative_distance if intended)"
                 )
 

@@ -28,7 +28,10 @@ class Stats:
     grams: list[np.ndarray] = field(default_factory=list)
     signs: list[np.ndarray] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
+    # Squared norms over weight matrices only (dim >= 2): the base-distance check ignores norms and biases,
+    # whose constant initialisation makes unrelated models look close.
     base_sq_norm: float = 0.0
+    task_matrix_sq_norms: np.ndarray | None = None
     histogram: torch.Tensor | None = None
     base_hash: str = ""
 
@@ -67,6 +70,7 @@ def scan(
     stats = Stats()
     digest = hashlib.blake2b(digest_size=16)
     M = len(models)
+    stats.task_matrix_sq_norms = np.zeros(M)
     if histograms:
         stats.histogram = torch.zeros((M, 32768), dtype=torch.int64)
     for b, block in enumerate(tqdm(blocks, desc="scan", unit="block", disable=None, leave=False)):
@@ -78,10 +82,13 @@ def scan(
             t = base_t[n]
             digest.update(f"{n}|{t.dtype}|{tuple(t.shape)}".encode())
             digest.update(tensor_bytes(t))
-            stats.base_sq_norm += float(t.double().pow(2).sum())
             flat = tvs[n].reshape(M, -1)
             numel += flat.shape[1]
-            gram += (flat @ flat.T).double().cpu().numpy()
+            g = (flat @ flat.T).double().cpu().numpy()
+            gram += g
+            if t.dim() >= 2:
+                stats.base_sq_norm += float(t.double().pow(2).sum())
+                stats.task_matrix_sq_norms += np.diag(g)
             if signs:
                 s = flat.sign()
                 sign += (s @ s.T).double().cpu().numpy()

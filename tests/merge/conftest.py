@@ -30,7 +30,7 @@ def build(kind: str, seed: int = 0) -> torch.nn.Module:
     return CONFIGS[kind]().eval()
 
 
-def make_family(root: Path, kind: str = "bert", tasks=("a", "b", "c"), scale: float = 0.02, seed: int = 0,
+def make_family(root: Path, kind: str = "bert", tasks=("a", "b", "c"), scale: float = 0.005, seed: int = 0,
                 **save_kwargs) -> tuple[Path, dict[str, Path]]:
     """Save a base model and one seeded perturbation of it per task; returns (base dir, {task: dir})."""
     base = build(kind, seed)

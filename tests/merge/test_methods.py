@@ -1,0 +1,221 @@
+"""Every algorithm on small tensors, against PEFT's merge_utils or hand-computed results."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils as peft
+
+from merge import methods
+from merge.methods import Context, MergeResult, apply
+from merge.sparsify import magnitude_histogram, threshold_from_histogram, trim
+
+
+def run(name, tvs, weights=None, rng=None, thresholds=None, **params):
+    method = methods.get(name)
+    K = next(iter(tvs.values())).shape[0]
+    w = torch.ones(K) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    ctx = Context(methods.resolve_params(method, params), w, thresholds, rng)
+    return apply(method, tvs, ctx)
+
+
+def shared_rng(seed):
+    """One generator for every (task, tensor), drawn in order — the way PEFT draws from the global RNG."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda k, name: g
+
+
+@pytest.fixture
+def tvs():
+    g = torch.Generator().manual_seed(3)
+    return {"w": torch.randn(3, 6, 5, generator=g), "b": torch.randn(3, 7, generator=g)}
+
+
+def test_task_arithmetic_matches_peft_and_paper(tvs):
+    w = [0.5, 1.0, 2.0]
+    out = run("task_arithmetic", tvs, w, **{"lambda": 0.3})
+    for n, t in tvs.items():
+        ref = peft.task_arithmetic(list(t), torch.tensor(w))
+        torch.testing.assert_close(out.vector[n], 0.3 * ref)
+        torch.testing.assert_close(out.vector[n], 0.3 * (0.5 * t[0] + t[1] + 2 * t[2]))
+
+
+def test_average_and_linear_are_the_weighted_mean(tvs):
+    for name in ("average", "linear"):
+        out = run(name, tvs, [1.0, 1.0, 2.0])
+        torch.testing.assert_close(out.vector["w"], (tvs["w"][0] + tvs["w"][1] + 2 * tvs["w"][2]) / 4)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5])
+def test_ties_matches_peft(tvs, density):
+    out = run("ties", tvs, density=density)
+    for n, t in tvs.items():
+        torch.testing.assert_close(out.vector[n], peft.ties(list(t), torch.ones(3), density))
+
+
+def test_ties_by_hand():
+    # Trim at density 2/3 keeps two entries per task; signs: +, -, + elected by the totals.
+    t = torch.tensor([[3.0, -1.0, 0.5], [2.0, 2.0, -4.0], [-1.0, -3.0, 1.0]])
+    out = run("ties", {"x": t}, density=2 / 3, **{"lambda": 2.0})
+    # trimmed: [3,-1,0], [2,0,-4], [0,-3,1]; totals 5,-4,-3 -> signs +,-,-
+    # entry 0: mean(3,2)=2.5; entry 1: mean(-1,-3)=-2; entry 2: -4 alone
+    torch.testing.assert_close(out.vector["x"], 2.0 * torch.tensor([2.5, -2.0, -4.0]))
+
+
+def test_magnitude_prune_matches_peft(tvs):
+    w = [1.0, 0.5, 2.0]
+    out = run("magnitude_prune", tvs, w, density=0.4)
+    for n, t in tvs.items():
+        torch.testing.assert_close(out.vector[n], peft.magnitude_prune(list(t), torch.tensor(w), 0.4))
+
+
+def test_dare_linear_matches_peft(tvs):
+    w = [1.0, 0.5, 2.0]
+    for n, t in tvs.items():
+        torch.manual_seed(11)
+        ref = peft.dare_linear(list(t), torch.tensor(w), 0.6)
+        out = run("dare_linear", {n: t}, w, rng=shared_rng(11), density=0.6)
+        torch.testing.assert_close(out.vector[n], ref)
+
+
+def test_dare_ties_matches_peft(tvs):
+    for n, t in tvs.items():
+        torch.manual_seed(5)
+        ref = peft.dare_ties(list(t), torch.ones(3), 0.5)
+        out = run("dare_ties", {n: t}, rng=shared_rng(5), density=0.5)
+        torch.testing.assert_close(out.vector[n], ref)
+
+
+def test_dare_preprocessing_composes_with_any_method(tvs):
+    t = tvs["w"]
+    g = torch.Generator().manual_seed(2)
+    dropped = torch.stack([t[k] * torch.bernoulli(torch.full_like(t[k], 0.5), generator=g) / 0.5 for k in range(3)])
+    out = run("iso_c", {"w": t}, rng=shared_rng(2), dare=0.5)
+    ref = run("iso_c", {"w": dropped})
+    torch.testing.assert_close(out.vector["w"], ref.vector["w"])
+
+
+def test_trim_scopes():
+    t = {"a": torch.tensor([[1.0, -5.0], [2.0, 1.0]]), "b": torch.tensor([[4.0, 0.5], [-3.0, 0.1]])}
+    per_tensor = trim(t, 0.5, "tensor", None)
+    assert per_tensor["a"].tolist() == [[0.0, -5.0], [2.0, 0.0]]
+    assert per_tensor["b"].tolist() == [[4.0, 0.0], [-3.0, 0.0]]
+    per_block = trim(t, 0.5, "block", None)  # top 2 of 4 per task over the block
+    assert per_block["a"].tolist() == [[0.0, -5.0], [2.0, 0.0]]
+    assert per_block["b"].tolist() == [[4.0, 0.0], [-3.0, 0.0]]
+    thresholds = torch.tensor([4.0, 2.0])
+    glob = trim(t, 0.5, "global", thresholds)
+    assert glob["a"].tolist() == [[0.0, -5.0], [2.0, 0.0]]
+    assert glob["b"].tolist() == [[4.0, 0.0], [-3.0, 0.0]]
+
+
+def test_global_threshold_from_streamed_histograms_keeps_the_top_fraction():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 1000, generator=g), torch.randn(2, 3000, generator=g) * 3]
+    hist = sum(magnitude_histogram(p) for p in parts)
+    thr = threshold_from_histogram(hist, 0.1)
+    full = torch.cat(parts, dim=1).abs()
+    for k in range(2):
+        kept = int((full[k] >= thr[k]).sum())
+        exact = full[k].topk(400).values[-1]
+        assert 400 <= kept <= 420  # the top 10%, plus at most the rest of one bf16-wide bucket
+        assert thr[k] <= exact and exact - thr[k] <= exact * 2**-7
+
+
+def test_pcb_against_paper_formulas():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(3, 20, generator=g)
+    out = run("pcb", {"x": t}, ratio=0.25, **{"lambda": 0.5}).vector["x"]
+    # Written from the paper: intra = softmax over entries of K * minmax(τ²); inter = softmax over tasks.
+    sq = t * t
+    norm = (sq - sq.min(1, keepdim=True).values) / (sq.max(1, keepdim=True).values - sq.min(1, keepdim=True).values)
+    intra = torch.softmax(3 * norm, dim=1)
+    inter = torch.stack([torch.softmax(torch.stack([t[i] * t.sum(0) for i in range(3)]), 0)[i] for i in range(3)])
+    beta = intra * inter
+    ref_scale = torch.zeros_like(beta)
+    for k in range(3):
+        top = beta[k].topk(5).values
+        clipped = torch.maximum(beta[k], top[-1])
+        ref_scale[k] = (clipped - clipped.min()) / (clipped.max() - clipped.min())
+    ref = (t * ref_scale).sum(0) / ref_scale.sum(0).clamp(min=1e-12)
+    torch.testing.assert_close(out, 0.5 * ref)
+
+
+def test_tall_masks_and_consensus_by_hand():
+    t = torch.tensor([[1.0, 0.1, -1.0, 0.0], [1.0, -0.1, 0.1, 0.0], [0.0, 2.0, 0.1, 0.0]])
+    # mtl = [2, 2, -0.8, 0]; |τ_k| >= 0.5 |mtl - τ_k|
+    res = run("tall_masks", {"x": t}, tall_lambda=0.5)
+    assert res.masks["x"].tolist() == [
+        [True, False, True, True],
+        [True, False, False, True],
+        [False, True, False, True],
+    ]
+    torch.testing.assert_close(res.vector["x"], torch.tensor([2.0, 2.0, -0.8, 0.0]))
+    torch.testing.assert_close(res.task_vector(0, "x"), torch.tensor([2.0, 0.0, -0.8, 0.0]))
+    cons = run("consensus", {"x": t}, tall_lambda=0.5, k=2, **{"lambda": 0.5})
+    torch.testing.assert_close(cons.vector["x"], 0.5 * torch.tensor([2.0, 0.0, 0.0, 0.0]))
+
+
+def test_emr_by_hand():
+    t = torch.tensor([[2.0, -1.0, 1.0], [1.0, 3.0, -2.0]])
+    res = run("emr", {"x": t})
+    # sums 3, 2, -1 -> signs +, +, -; magnitudes: max agreeing |τ|: 2, 3, 2
+    torch.testing.assert_close(res.vector["x"], torch.tensor([2.0, 3.0, -2.0]))
+    assert res.masks["x"].tolist() == [[True, False, False], [True, True, True]]
+    # λ_1 = (2+1+1) / 2 = 2; λ_2 = (1+3+2) / (2+3+2) = 6/7
+    torch.testing.assert_close(res.scales["x"], torch.tensor([2.0, 6 / 7]))
+    torch.testing.assert_close(res.task_vector(0, "x"), torch.tensor([4.0, 0.0, 0.0]))
+
+
+def test_tsv_m_keeps_orthogonal_tasks_and_averages_vectors():
+    e = torch.eye(4)
+    t1, t2 = 3 * torch.outer(e[0], e[1]), 2 * torch.outer(e[2], e[3])
+    res = run("tsv_m", {"w": torch.stack([t1, t2]), "b": torch.tensor([[1.0, 2.0], [3.0, 6.0]])}, sv_reduction=0.25)
+    torch.testing.assert_close(res.vector["w"], t1 + t2)
+    torch.testing.assert_close(res.vector["b"], torch.tensor([2.0, 4.0]))
+
+
+def test_tsv_m_orthogonalises_interfering_tasks():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 6, 6, generator=g)
+    out = run("tsv_m", {"w": t}, sv_reduction=0.5).vector["w"]
+    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    U = torch.cat([u[0, :, :3], u[1, :, :3]], 1)
+    V = torch.cat([vh[0, :3].T, vh[1, :3].T], 1)
+    S = torch.cat([s[0, :3], s[1, :3]])
+    p, _, q = torch.linalg.svd(U)
+    pv, _, qv = torch.linalg.svd(V)
+    torch.testing.assert_close(out, (p @ q) @ torch.diag(S) @ (pv @ qv).T, atol=1e-5, rtol=1e-5)
+
+
+def test_iso_c_flattens_the_spectrum():
+    m = torch.diag(torch.tensor([3.0, 1.0]))
+    res = run("iso_c", {"w": torch.stack([m, torch.zeros(2, 2)]), "b": torch.tensor([[1.0], [2.0]])}, **{"lambda": 0.5})
+    torch.testing.assert_close(res.vector["w"], 0.5 * 2.0 * torch.eye(2))
+    torch.testing.assert_close(res.vector["b"], torch.tensor([1.5]))
+
+
+def test_registry_errors_and_new_method_is_one_registration(tvs):
+    with pytest.raises(KeyError, match="unknown merge method 'nope'"):
+        methods.get("nope")
+    with pytest.raises(ValueError, match="no parameter"):
+        methods.resolve_params(methods.get("ties"), {"densty": 0.2})
+
+    @methods.register("first_task_for_test")
+    def first(tvs, ctx):
+        return MergeResult({n: t[0] for n, t in tvs.items()})
+
+    try:
+        assert "first_task_for_test" in methods.available()
+        torch.testing.assert_close(run("first_task_for_test", tvs).vector["w"], tvs["w"][0])
+    finally:
+        methods._REGISTRY.pop("first_task_for_test")
+
+
+def test_every_registered_method_runs_on_a_block(tvs):
+    names = {"average", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude_prune",
+             "pcb", "tall_masks", "consensus", "emr", "tsv_m", "iso_c"}
+    assert names <= set(methods.available())
+    for name in names:
+        res = run(name, tvs, rng=shared_rng(0))
+        for n, t in tvs.items():
+            assert res.vector[n].shape == t.shape[1:] and torch.isfinite(res.vector[n]).all(), name
