@@ -65,7 +65,6 @@ class TaskRouter:
         self.k, self.temperature, self.min_confidence, self.max_examples = k, temperature, min_confidence, \
             max_examples
         self._check_params(k, temperature)
-        self._index()
 
     @staticmethod
     def _check_params(k: int, temperature: float) -> None:
@@ -73,16 +72,6 @@ class TaskRouter:
             raise RoutingError(f"k must be a positive integer, got {k!r}")
         if not temperature > 0:
             raise RoutingError(f"temperature must be > 0, got {temperature!r}")
-
-    def _index(self) -> None:
-        """Dense task x adapter share matrix: one matmul turns task weights into adapter weights."""
-        names = list(dict.fromkeys(a for t in self.task_names for a in self.task_adapters[t]))
-        self._adapter_names = names
-        col = {a: i for i, a in enumerate(names)}
-        self._shares = torch.zeros(len(self.task_names), len(names))
-        for i, t in enumerate(self.task_names):
-            for a, share in self.task_adapters[t].items():
-                self._shares[i, col[a]] = share
 
     # ---- building ------------------------------------------------------------------------------------
     @classmethod
@@ -142,7 +131,6 @@ class TaskRouter:
             self.task_names.append(name)
             self.representations = torch.cat([self.representations, rep[None]])
         self.task_adapters[name] = share
-        self._index()
 
     def check_pool(self, pool: AdapterPool) -> None:
         for task in self.task_names:
@@ -174,22 +162,18 @@ class TaskRouter:
         emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         sims, idx = torch.topk(emb @ self.representations.T, k, dim=1)
         weights = torch.softmax(sims / temperature, dim=1)
-        task_w = torch.zeros(emb.shape[0], len(self.task_names)).scatter_(1, idx, weights)
-        adapter_w = task_w @ self._shares
         queries = queries if queries is not None else [""] * emb.shape[0]
         decisions = []
-        for q in range(emb.shape[0]):
-            confidence = float(sims[q, 0])
-            fallback = confidence < min_confidence
-            nz = adapter_w[q].nonzero().flatten().tolist()
-            decisions.append(RoutingDecision(
-                query=queries[q],
-                tasks=[self.task_names[i] for i in idx[q].tolist()],
-                weights=weights[q].tolist(),
-                adapters={} if fallback else {self._adapter_names[i]: float(adapter_w[q, i]) for i in nz},
-                confidence=confidence,
-                fallback=fallback,
-            ))
+        for q, (row_sims, row_idx, row_w) in enumerate(zip(sims.tolist(), idx.tolist(), weights.tolist())):
+            fallback = row_sims[0] < min_confidence
+            tasks = [self.task_names[i] for i in row_idx]
+            adapters: dict[str, float] = {}
+            if not fallback:
+                for task, w in zip(tasks, row_w):
+                    for adapter, share in self.task_adapters[task].items():
+                        adapters[adapter] = adapters.get(adapter, 0.0) + w * share
+            decisions.append(RoutingDecision(query=queries[q], tasks=tasks, weights=row_w, adapters=adapters,
+                                             confidence=row_sims[0], fallback=fallback))
         return decisions
 
     # ---- persistence ---------------------------------------------------------------------------------
