@@ -22,10 +22,9 @@ def stacked_expert_weights(experts, activation: str) -> ExpertWeights:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     if getattr(experts, "is_concatenated", True):
         width = gate_up.shape[1] // 2
-        gate, up = gate_up[:, :width], gate_up[:, width:]
-    else:  # interleaved [g0, u0, g1, u1, ...]
-        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-    return ExpertWeights(gate, down, up, activation)
+        return ExpertWeights(gate_up[:, :width], down, gate_up[:, width:], activation, w13=gate_up)
+    # interleaved [g0, u0, g1, u1, ...]
+    return ExpertWeights(gate_up[:, 0::2], down, gate_up[:, 1::2], activation)
 
 
 class StackedExpertsBlock(MoEBlock):

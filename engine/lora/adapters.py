@@ -196,12 +196,15 @@ class AdapterPool:
         return {name: str(spec.path) for name, spec in self._specs.items()}
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Every adapted module must be an nn.Linear of the adapter's shape in `model`."""
-        base = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        """Every adapted module must be an nn.Linear of the adapter's shape in `model`, and each adapter's
+        base model must be one of the model's names (unless the pool was given an explicit `base_model`)."""
+        names = model_names(model)
         for spec in self._specs.values():
-            if self.base_model is None and base and spec.base_model and spec.base_model != base:
+            if self.base_model is None and names and spec.base_model and \
+                    not (_aliases(spec.base_model) & names):
                 raise AdapterError(f"adapter {spec.name!r} was trained on {spec.base_model!r} but the model is "
-                                   f"{base!r}")
+                                   f"{sorted(names)[0]!r}; if they are the same model, build "
+                                   f"AdapterPool(..., base_model={spec.base_model!r}) to say so")
         for module, (d_in, d_out) in self.shapes.items():
             try:
                 layer = model.get_submodule(module)
@@ -212,3 +215,23 @@ class AdapterPool:
             if (layer.in_features, layer.out_features) != (d_in, d_out):
                 raise AdapterError(f"{module!r} is {layer.in_features}->{layer.out_features} in the model but "
                                    f"{d_in}->{d_out} in the adapters (wrong base model?)")
+
+
+def _aliases(name: str) -> set[str]:
+    """A model name plus the hub id hidden in a Hugging Face cache path (.../models--org--name/...)."""
+    out = {name.rstrip("/")}
+    for part in Path(name).parts:
+        if part.startswith("models--"):
+            out.add(part[len("models--"):].replace("--", "/"))
+    return out
+
+
+def model_names(model: torch.nn.Module) -> set[str]:
+    """Every name the model is known by: its config's name_or_path and its registry entry's name and source."""
+    names = set()
+    config_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    entry = getattr(model, "tessera_entry", None)
+    for name in (config_name, getattr(entry, "name", None), getattr(entry, "source", None)):
+        if name:
+            names |= _aliases(str(name))
+    return names

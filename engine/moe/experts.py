@@ -6,8 +6,8 @@ another rank) and contribute zero. All backends give the same answer; they diffe
 
 - `triton`: our fused kernels (`kernels.fused_moe`), four launches per layer, no host synchronisation. CUDA, or
   CPU through Triton's interpreter (slow, for tests).
-- `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM) where this torch has it for the
-  device and dtype, else one matmul per expert with rows. The fast CPU path.
+- `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM) on Hopper GPUs in bf16, else
+  one matmul per expert that has rows. The fast CPU path.
 - `reference`: token-by-token plain PyTorch, the oracle for tests.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ class ExpertWeights:
     w2: torch.Tensor
     w3: torch.Tensor | None
     activation: str
+    w13: torch.Tensor | None = None  # [w1; w3] as one (E, 2F_s, H) tensor when stored so: one GEMM for both
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -75,7 +76,7 @@ class ExpertWeights:
         return ExpertWeights(
             self.w1[:, start:stop], self.w2[:, :, start:stop],
             None if self.w3 is None else self.w3[:, start:stop], self.activation,
-        )
+        )  # a slice of [w1; w3] is not one block any more: no w13
 
 
 def default_backend(device) -> str:
@@ -110,49 +111,63 @@ def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     raise ValueError(f"backend {backend!r} does not run expert weights directly")
 
 
-def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == "cpu"
+def _grouped_mm_works(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM where it is a real fused kernel (bf16 on Hopper). On CPU it is no faster than one
+    matmul per expert, and reading the per-expert counts there costs no device synchronisation."""
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_dtype):
     num_tokens, top_k = topk_ids.shape
     num_experts = weights.num_experts
     flat = topk_ids.reshape(-1)
-    # Out-of-range ids sort to the end and fall outside the last offset, so they are never computed.
     valid = (flat >= 0) & (flat < num_experts)
+    # Out-of-range ids sort to the end and fall outside every expert's run, so they are never computed.
     order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)
     counts = torch.bincount(torch.where(valid, flat, num_experts), minlength=num_experts + 1)[:num_experts]
+    tokens = order // top_k
+    pair_weights = None if topk_weights is None else topk_weights.reshape(-1)[order]
+    if _grouped_mm_works(hidden):
+        return _grouped_mm_experts(hidden, order, valid[order], counts, pair_weights, weights, out_dtype, top_k)
+    w1, w2, w3, w13 = weights.w1, weights.w2, weights.w3, weights.w13
+    out = torch.zeros(num_tokens, weights.hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)
+    start = 0
+    for expert, count in enumerate(counts.tolist()):
+        if not count:
+            continue
+        rows = tokens[start : start + count]
+        x = hidden[rows]
+        if w13 is not None:  # one GEMM for gate and up together, as they are stored
+            gate, up = (x @ w13[expert].T).chunk(2, dim=-1)
+            h = apply_activation_reference(gate, weights.activation) * up
+        else:
+            h = apply_activation_reference(x @ w1[expert].T, weights.activation)
+            if w3 is not None:
+                h = h * (x @ w3[expert].T)
+        y = h @ w2[expert].T
+        if pair_weights is not None:
+            y = y * pair_weights[start : start + count, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+        start += count
+    return out
+
+
+def _grouped_mm_experts(hidden, order, valid_sorted, counts, pair_weights, weights, out_dtype, top_k):
+    """One grouped GEMM per projection; no host synchronisation."""
     rows = hidden[order // top_k]
-    w1, w2, w3 = weights.w1, weights.w2, weights.w3
-    if _grouped_mm_works(rows, w1):
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        w1t, w2t = w1.to(rows.dtype).transpose(1, 2), w2.to(rows.dtype).transpose(1, 2)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
 
-        def grouped(a, b):
-            return torch._grouped_mm(a, b, offs=offsets)
+    def grouped(a, b):
+        return torch._grouped_mm(a, b.to(a.dtype).transpose(1, 2), offs=offsets)
 
-        h = apply_activation_reference(grouped(rows, w1t), weights.activation)
-        if w3 is not None:
-            h = h * grouped(rows, w3.to(rows.dtype).transpose(1, 2))
-        # Rows past the last offset are left uninitialised by grouped_mm: mask them without reading offsets.
-        pair_out = grouped(h, w2t).masked_fill(~valid[order, None], 0)
-    else:
-        pair_out = torch.zeros(rows.shape[0], w2.shape[1], dtype=rows.dtype, device=rows.device)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                x = rows[start : start + count]
-                h = apply_activation_reference(x @ w1[expert].T, weights.activation)
-                if w3 is not None:
-                    h = h * (x @ w3[expert].T)
-                pair_out[start : start + count] = h @ w2[expert].T
-                start += count
-    if topk_weights is not None:
-        pair_out = pair_out * topk_weights.reshape(-1)[order, None]
-    out = torch.zeros(num_tokens * top_k, pair_out.shape[1], dtype=pair_out.dtype, device=pair_out.device)
+    h = apply_activation_reference(grouped(rows, weights.w1), weights.activation)
+    if weights.w3 is not None:
+        h = h * grouped(rows, weights.w3)
+    # Rows past the last offset are left uninitialised by grouped_mm: mask them without reading offsets.
+    pair_out = grouped(h, weights.w2).masked_fill(~valid_sorted[:, None], 0)
+    if pair_weights is not None:
+        pair_out = pair_out * pair_weights[:, None]
+    out = torch.empty_like(pair_out)
     out[order] = pair_out
-    return out.view(num_tokens, top_k, -1).sum(1).to(out_dtype or hidden.dtype)
+    return out.view(-1, top_k, out.shape[-1]).sum(1).to(out_dtype or hidden.dtype)

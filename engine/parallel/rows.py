@@ -17,7 +17,7 @@ def pack_rows(*tensors: torch.Tensor) -> torch.Tensor:
     rows = tensors[0].shape[0]
     parts = []
     for t in tensors:
-        b = t.contiguous().view(torch.uint8).view(rows, -1)
+        b = t.contiguous().view(torch.uint8).view(rows, t.shape[1] * t.element_size())
         pad = -b.shape[1] % _ALIGN
         parts.append(b if pad == 0 else torch.nn.functional.pad(b, (0, pad)))
     return torch.cat(parts, dim=1)
