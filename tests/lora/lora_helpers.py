@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 
@@ -46,6 +47,10 @@ def save_adapter(model, folder, seed: int, r: int = 4, alpha: float = 8.0, targe
             if "lora_" in name:
                 p.normal_(0.0, 0.3)
     peft_model.save_pretrained(str(folder))
+    config_path = folder / "adapter_config.json"  # record the base model as a hub-trained adapter would
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = model.config._name_or_path
+    config_path.write_text(json.dumps(config))
     return folder
 
 

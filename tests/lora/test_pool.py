@@ -77,3 +77,14 @@ def test_model_with_other_shapes_is_refused(adapter_dirs):
     shallow.model.layers = shallow.model.layers[:1]
     with pytest.raises(AdapterError, match="does not have"):
         attach_adapters(shallow, adapter_dirs)
+
+
+def test_base_model_name_is_checked_against_the_model(adapter_dirs):
+    model = tiny_llama()
+    model.config._name_or_path = "/cache/hub/models--tessera--tiny-llama/snapshots/abc"  # same model, cached
+    attach_adapters(model, adapter_dirs)
+    other = tiny_llama()
+    other.config._name_or_path = "someone/else"
+    with pytest.raises(AdapterError, match="trained on 'tessera/tiny-llama' but the model is 'someone/else'"):
+        attach_adapters(other, adapter_dirs)
+    attach_adapters(other, AdapterPool(adapter_dirs, base_model="tessera/tiny-llama"))  # "it is that model"

@@ -115,3 +115,17 @@ def test_device_cuda_matches_cpu(config):
     cpu, gpu = load_file(config.parent / "cpu" / "model.safetensors"), load_file(config.parent / "gpu" / "model.safetensors")
     for n, t in cpu.items():
         torch.testing.assert_close(gpu[n], t, atol=1e-5, rtol=1e-4)
+
+
+def test_size_curve_linear_fast_path_equals_generic_path(config):
+    """The batched path of linear methods (errors from the Gram matrix) matches per-group merging."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(method="task_arithmetic", params={"lambda": 0.5})
+    config.write_text(yaml.safe_dump(cfg))
+    curves = []
+    for dare in (None, 1.0):  # `dare: 1.0` keeps every entry but forces the generic per-group path
+        extra = ["--param", f"dare={dare}"] if dare else []
+        out = config.parent / f"curve-{dare}"
+        assert main(["merge", str(config), "--size", "all", "--out", str(out), *extra]) == 0
+        curves.append([p["mean_relative_error"] for p in json.loads((out / "plan.json").read_text())["curve"]])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4, abs=1e-6)

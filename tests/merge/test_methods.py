@@ -219,3 +219,12 @@ def test_every_registered_method_runs_on_a_block(tvs):
         res = run(name, tvs, rng=shared_rng(0))
         for n, t in tvs.items():
             assert res.vector[n].shape == t.shape[1:] and torch.isfinite(res.vector[n]).all(), name
+
+
+@pytest.mark.parametrize("name, params", [("task_arithmetic", {"lambda": 0.7}), ("task_arithmetic", {"normalize": True}),
+                                          ("average", {}), ("linear", {})])
+def test_linear_coefficients_agree_with_the_method(tvs, name, params):
+    method = methods.get(name)
+    ctx = Context(methods.resolve_params(method, params), torch.tensor([1.0, 0.5, 2.0]))
+    c = method.coefficients(ctx)
+    torch.testing.assert_close(method.fn(tvs, ctx).vector["w"], torch.einsum("k,kij->ij", c, tvs["w"]))

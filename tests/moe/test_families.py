@@ -117,3 +117,16 @@ def test_experts_implementation_tessera_runs_our_backend(monkeypatch):
     got = run(model, "tiny-qwen3-moe", ids, mask)
     assert len(calls) == model.config.num_hidden_layers
     assert rel_err(got, run(hf_eager("tiny-qwen3-moe"), "tiny-qwen3-moe", ids, mask)) <= 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_cuda_parity_triton(name):
+    ids, mask = batch_with_padding()
+    ids, mask = ids.cuda(), mask.cuda()
+    want = run(hf_eager(name).cuda(), name, ids, mask)
+    model = engine.load(name, backend="triton", device="cuda")
+    assert rel_err(run(model, name, ids, mask), want) <= 1e-5
+    want16 = run(hf_eager(name, torch.bfloat16).cuda(), name, ids, mask)
+    model16 = engine.load(name, backend="triton", device="cuda", dtype="bfloat16")
+    assert rel_err(run(model16, name, ids, mask), want16) <= 3e-2
