@@ -134,20 +134,27 @@ class Session:
             return None
         return threshold_from_histogram(stats.histogram, float(self.params["density"]))
 
-    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], tvs: dict, thresholds) -> MergeResult:
-        """One group of one block, recomputed from its members' original task vectors."""
+    def context(self, block: blocks_mod.Block, members: tuple[int, ...], thresholds=None) -> Context:
         idx = list(members)
         names = [self.tasks[i] for i in idx]
-        ctx = Context(
+        return Context(
             params=self.params,
             weights=self.weights[idx].to(self.spec.device),
             thresholds=None if thresholds is None else thresholds[idx].to(self.spec.device),
             rng=methods.seeded_rng(int(self.params["seed"]), block.name, names),
             task_ids=names,
         )
-        index = torch.tensor(idx, device=self.spec.device)
+
+    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], tvs: dict, thresholds) -> MergeResult:
+        """One group of one block, recomputed from its members' original task vectors."""
+        index = torch.tensor(list(members), device=self.spec.device)
         floats = {n: t.index_select(0, index) for n, t in tvs.items() if self.base.dtype[n].is_floating_point}
-        return methods.apply(self.method, floats, ctx)
+        return methods.apply(self.method, floats, self.context(block, members, thresholds))
+
+    @property
+    def linear(self) -> bool:
+        """Merged groups are fixed combinations Σ c_k τ_k (no DARE, no data-dependent masks)."""
+        return self.method.coefficients is not None and self.params.get("dare") is None
 
     def steps_for(self, stats: Stats) -> list[greedy.Step]:
         if self.spec.plan is None:
@@ -347,14 +354,17 @@ def run_curve(session: Session) -> dict:
         else:
             sim = greedy.similarity(stats.grams[b], session.spec.similarity, stats.signs[b], stats.numels[b])
             steps = greedy.plan([sim])
-        errors = {}
-        for step in steps:
-            members = step.merged
-            res = session.merge_group(block, members, tvs, thresholds)
-            errs = []
-            for pos, k in enumerate(members):
-                errs.append(sum(float((res.task_vector(pos, n) - tvs[n][k]).pow(2).sum()) for n in res.vector))
-            errors[members] = errs
+        if session.linear:
+            errors = _merge_tree_linear(session, block, [s.merged for s in steps], tvs, stats.grams[b])
+        else:
+            errors = {}
+            for step in steps:
+                members = step.merged
+                res = session.merge_group(block, members, tvs, thresholds)
+                errors[members] = [
+                    sum(float((res.task_vector(pos, n) - tvs[n][k]).pow(2).sum()) for n in res.vector)
+                    for pos, k in enumerate(members)
+                ]
         local_steps.append([(s.a, s.b) for s in steps])
         node_errors.append(errors)
 
@@ -378,6 +388,28 @@ def run_curve(session: Session) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def _merge_tree_linear(session: Session, block, groups: list[tuple[int, ...]], tvs: dict, gram: np.ndarray,
+                       chunk: int = 1 << 20) -> dict[tuple, list[float]]:
+    """All merged groups of a block at once for a linear method: V = C T, one matrix product per column
+    chunk (C holds each group's coefficients), and each member's error ||v − τ_k||² from the Gram matrix:
+    cᵀGc − 2(Gc)_k + G_kk. The merged blocks are computed (this is the work of every size) and dropped."""
+    M = session.M
+    C = torch.zeros((len(groups), M), dtype=torch.float64)
+    for i, g in enumerate(groups):
+        C[i, list(g)] = session.method.coefficients(session.context(block, g)).double().cpu()
+    Cf = C.to(device=session.spec.device, dtype=torch.float32)
+    for n, t in tvs.items():
+        if not session.base.dtype[n].is_floating_point:
+            continue
+        flat = t.reshape(M, -1)
+        for start in range(0, flat.shape[1], chunk):
+            Cf @ flat[:, start : start + chunk]
+    G = torch.from_numpy(gram)
+    GC = C @ G
+    quad = (GC * C).sum(1)
+    return {g: [float(quad[i] - 2 * GC[i, k] + G[k, k]) for k in g] for i, g in enumerate(groups)}
 
 
 def _error_curve(session: Session, stats: Stats, steps, node_errors) -> list[list[float]]:

@@ -1,12 +1,15 @@
 """The single streaming pass over all checkpoints.
 
 For one block at a time it reads the base and every model, forms the task vectors τ_k = θ_k − θ_0 in one
-`[M, numel]` float32 buffer per tensor (each model's copy is dropped right after subtracting), checks the
-values, and accumulates what planning needs: the Gram matrix of the block (cosine and Euclidean
-similarities both follow from it), optionally the sign-agreement matrix and magnitude histograms for
-`scope: global`, the base's squared norm and a hash of the base. Peak memory is about (M + 2) blocks.
-A caller can also look at each block's task vectors while they are in memory (`on_block`), with the
-statistics gathered so far (including this block's Gram matrix).
+`[M, numel]` float32 buffer per tensor (each model's copy is dropped right after subtracting), and
+accumulates what planning needs: the Gram matrix of the block (cosine and Euclidean similarities both
+follow from it), optionally the sign-agreement matrix and magnitude histograms for `scope: global`, the
+squared norms used by the base-distance check and a hash of the base. Peak memory is about (M + 2)
+blocks. A caller can also look at each block's task vectors while they are in memory (`on_block`), with
+the statistics gathered so far (including this block's Gram matrix).
+
+Finiteness is checked through the Gram diagonal: Σ τ² is non-finite whenever any entry is, so the full
+element-wise check only runs to name the culprit.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from merge.sparsify import magnitude_histogram
 @dataclass
 class Stats:
     grams: list[np.ndarray] = field(default_factory=list)
-    signs: list[np.ndarray] = field(default_factory=list)
+    signs: list[np.ndarray | None] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
     # Squared norms over weight matrices only (dim >= 2): the base-distance check ignores norms and biases,
     # whose constant initialisation makes unrelated models look close.
@@ -40,21 +43,23 @@ class Stats:
 
 
 def read_task_vectors(base: Checkpoint, models: list[Checkpoint], block: Block, device: str) -> tuple[dict, dict]:
-    """`(base tensors, {name: τ [M, *shape] float32})` for one block; non-finite values are an error."""
+    """`(base tensors, {name: τ [M, *shape] float32})` for one block."""
     base_t = base.read(block.tensors)
     for n, t in base_t.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
             raise ValueError(f"{base.file_of[n]}: tensor {n} of the base has non-finite values")
     base_f = {n: t.to(device=device, dtype=torch.float32) for n, t in base_t.items()}
     tvs = {n: torch.empty((len(models), *t.shape), dtype=torch.float32, device=device) for n, t in base_t.items()}
     for k, ckpt in enumerate(models):
         for n, t in ckpt.read(block.tensors).items():
-            row = tvs[n][k]
-            row.copy_(t)
-            if not torch.isfinite(row).all():
-                raise ValueError(f"{ckpt.file_of[n]}: tensor {n} has non-finite values (NaN or Inf)")
-            row.sub_(base_f[n])
+            torch.sub(t.to(device=device, dtype=torch.float32), base_f[n], out=tvs[n][k])
     return base_t, tvs
+
+
+def check_finite(models: list[Checkpoint], name: str, tv: torch.Tensor, sq_norms: np.ndarray) -> None:
+    for k in np.flatnonzero(~np.isfinite(sq_norms)):
+        if not torch.isfinite(tv[k]).all():
+            raise ValueError(f"{models[k].file_of[name]}: tensor {name} has non-finite values (NaN or Inf)")
 
 
 def scan(
@@ -85,9 +90,11 @@ def scan(
             flat = tvs[n].reshape(M, -1)
             numel += flat.shape[1]
             g = (flat @ flat.T).double().cpu().numpy()
+            check_finite(models, n, tvs[n], np.diag(g))
             gram += g
             if t.dim() >= 2:
-                stats.base_sq_norm += float(t.double().pow(2).sum())
+                tf = t.reshape(-1).float()
+                stats.base_sq_norm += float(torch.dot(tf, tf))
                 stats.task_matrix_sq_norms += np.diag(g)
             if signs:
                 s = flat.sign()

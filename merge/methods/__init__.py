@@ -64,6 +64,9 @@ class Method:
     masks: bool = False
     scales: bool = False
     doc: str = ""
+    # For methods whose result is Σ_k c_k τ_k: the coefficients c for a group. Lets the size curve merge
+    # all groups of a block in one matrix product and get their errors from the Gram matrix.
+    coefficients: Callable[[Context], torch.Tensor] | None = None
 
     @property
     def modulated(self) -> bool:
@@ -76,13 +79,13 @@ COMMON_PARAMS = {"weight": 1.0, "dare": None, "seed": 0}
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False):
+def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False, coefficients=None):
     """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0})`."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, (fn.__doc__ or "").strip(), coefficients)
         return fn
 
     return wrap

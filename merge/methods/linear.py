@@ -3,15 +3,22 @@
 Registered as `linear` (mergekit's name) and `average` (the FlexMerge paper's)."""
 from __future__ import annotations
 
+import torch
+
 from merge.methods import Context, MergeResult, register, weighted
 
 
-def _average(tvs, ctx: Context) -> MergeResult:
+def coefficients(ctx: Context) -> torch.Tensor:
     total = float(ctx.weights.sum())
     if total == 0.0:
         raise ValueError("linear/average: the weights of the group sum to zero")
-    return MergeResult({n: weighted(t, ctx.weights).sum(0) / total for n, t in tvs.items()})
+    return ctx.weights / total
 
 
-register("linear")(_average)
-register("average")(_average)
+def _average(tvs, ctx: Context) -> MergeResult:
+    c = coefficients(ctx)
+    return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})
+
+
+register("linear", coefficients=coefficients)(_average)
+register("average", coefficients=coefficients)(_average)

@@ -3,12 +3,19 @@
 `normalize: true` divides by Σ w_k (mergekit's option), which turns it into a scaled average."""
 from __future__ import annotations
 
+import torch
+
 from merge.methods import Context, MergeResult, register, weighted
 
 
-@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False})
-def task_arithmetic(tvs, ctx: Context) -> MergeResult:
+def coefficients(ctx: Context) -> torch.Tensor:
     scale = float(ctx.params["lambda"])
     if ctx.params["normalize"]:
         scale /= float(ctx.weights.sum())
-    return MergeResult({n: scale * weighted(t, ctx.weights).sum(0) for n, t in tvs.items()})
+    return scale * ctx.weights
+
+
+@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False}, coefficients=coefficients)
+def task_arithmetic(tvs, ctx: Context) -> MergeResult:
+    c = coefficients(ctx)
+    return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})
