@@ -6,9 +6,10 @@ width of the hidden FFN dimension: a rank holding columns `[a, b)` of every expe
 `[a, b)` of its second computes an exact partial output, and the partial outputs of all slices sum to the full
 expert output. Nothing here assumes `F_s` is a multiple of a block size.
 
-`expert_up` computes `act(x @ w1[e].T) [* (x @ w3[e].T)]` for every pair, rows read from token `pair // top_k`,
-and writes row `pair` of the intermediate. `expert_down` computes `inter @ w2[e].T * weight[pair]` into row `pair`
-of the output. Row blocks come from `kernels.moe_align`; blocks past the device-side padded length exit at once.
+`expert_up` computes `act(x @ w1[e].T [+ b1[e]]) [* (x @ w3[e].T)]` for every pair, rows read from token
+`pair // top_k`, and writes row `pair` of the intermediate. `expert_down` computes
+`(inter @ w2[e].T [+ b2[e]]) * weight[pair]` into row `pair` of the output. The first bias is sliced with the
+columns; the second belongs to whole experts, so exactly one slice adds it. Row blocks come from `kernels.moe_align`; blocks past the device-side padded length exit at once.
 """
 from __future__ import annotations
 
@@ -43,11 +44,11 @@ if triton_importable():
 
     @triton.jit
     def _expert_up_kernel(
-        x_ptr, w1_ptr, w3_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+        x_ptr, w1_ptr, w3_ptr, b1_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
         num_pairs, top_k, N, K,
-        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GATED: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_om, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -73,6 +74,8 @@ if triton_importable():
                 acc_up = _dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), acc_up, PRECISION, UPCAST)
             x_ptrs += BLOCK_K * stride_xk
             w_offs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(b1_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         result = _activation(acc, ACTIVATION)
         if GATED:
             result = result * acc_up
@@ -81,11 +84,11 @@ if triton_importable():
 
     @triton.jit
     def _expert_down_kernel(
-        a_ptr, w2_ptr, out_ptr, pair_weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+        a_ptr, w2_ptr, b2_ptr, out_ptr, pair_weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
         num_pairs, N, K,
-        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -107,6 +110,8 @@ if triton_importable():
             acc = _dot(a, w, acc, PRECISION, UPCAST)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(b2_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if WEIGHTED:
             acc = acc * tl.load(pair_weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -122,13 +127,21 @@ def _upcast(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype != torch.float32
 
 
+def _bias_stride(bias: torch.Tensor | None) -> int:
+    if bias is None:
+        return 0
+    if bias.stride(1) != 1:
+        raise ValueError("expert biases must be contiguous along their last dimension")
+    return bias.stride(0)
+
+
 def _launch_options(config: dict) -> dict:
     return {k: config[k] for k in ("num_warps", "num_stages")}
 
 
 def expert_up(
     x: torch.Tensor, aligned: AlignedPairs, top_k: int, w1: torch.Tensor, w3: torch.Tensor | None,
-    activation: str, config: dict,
+    activation: str, config: dict, b1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """First projection for every pair, activation (and gate) fused: returns `(num_pairs, F_s)`."""
     if w3 is not None and w3.stride() != w1.stride():
@@ -137,12 +150,13 @@ def expert_up(
     out = torch.empty(aligned.num_pairs, n, dtype=x.dtype, device=x.device)
     grid = (aligned.max_blocks, triton.cdiv(n, config["BLOCK_N"]))
     _expert_up_kernel[grid](
-        x, w1, w3 if w3 is not None else w1, out,
+        x, w1, w3 if w3 is not None else w1, b1 if b1 is not None else w1, out,
         aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
         aligned.num_pairs, top_k, n, k,
-        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), _bias_stride(b1),
+        out.stride(0), out.stride(1),
         BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        GATED=w3 is not None, ACTIVATION=ACTIVATIONS[activation], PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
+        GATED=w3 is not None, HAS_BIAS=b1 is not None, ACTIVATION=ACTIVATIONS[activation], PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
         **_launch_options(config),
     )
     return out
@@ -150,19 +164,20 @@ def expert_up(
 
 def expert_down(
     inter: torch.Tensor, aligned: AlignedPairs, w2: torch.Tensor, pair_weights: torch.Tensor | None,
-    config: dict, out_dtype: torch.dtype | None = None,
+    config: dict, out_dtype: torch.dtype | None = None, b2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Second projection for every pair, routing weight fused: returns `(num_pairs, H)`."""
     num_experts, n, k = w2.shape
     out = torch.empty(aligned.num_pairs, n, dtype=out_dtype or inter.dtype, device=inter.device)
     grid = (aligned.max_blocks, triton.cdiv(n, config["BLOCK_N"]))
     _expert_down_kernel[grid](
-        inter, w2, out, pair_weights if pair_weights is not None else inter,
+        inter, w2, b2 if b2 is not None else w2, out, pair_weights if pair_weights is not None else inter,
         aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
         aligned.num_pairs, n, k,
-        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1),
+        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), _bias_stride(b2),
+        out.stride(0), out.stride(1),
         BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        WEIGHTED=pair_weights is not None, PRECISION=_precision(inter.dtype), UPCAST=_upcast(inter),
+        HAS_BIAS=b2 is not None, WEIGHTED=pair_weights is not None, PRECISION=_precision(inter.dtype), UPCAST=_upcast(inter),
         **_launch_options(config),
     )
     return out
@@ -180,7 +195,7 @@ def apply_activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor
     raise ValueError(f"unsupported expert activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
 
 
-def expert_up_reference(x, expert_ids, top_k, w1, w3, activation):
+def expert_up_reference(x, expert_ids, top_k, w1, w3, activation, b1=None):
     """Per-pair reference of `expert_up`: rows of pairs outside `[0, E)` are zero."""
     num_pairs, num_experts = expert_ids.numel(), w1.shape[0]
     out = torch.zeros(num_pairs, w1.shape[1], dtype=torch.float32, device=x.device)
@@ -188,20 +203,25 @@ def expert_up_reference(x, expert_ids, top_k, w1, w3, activation):
     for expert in range(num_experts):
         pairs = torch.nonzero(flat == expert).flatten()
         rows = x[pairs // top_k].float()
-        h = apply_activation_reference(rows @ w1[expert].float().T, activation)
+        pre = rows @ w1[expert].float().T
+        if b1 is not None:
+            pre = pre + b1[expert].float()
+        h = apply_activation_reference(pre, activation)
         if w3 is not None:
             h = h * (rows @ w3[expert].float().T)
         out[pairs] = h
     return out.to(x.dtype)
 
 
-def expert_down_reference(inter, expert_ids, w2, pair_weights):
+def expert_down_reference(inter, expert_ids, w2, pair_weights, b2=None):
     """Per-pair reference of `expert_down`."""
     flat = expert_ids.reshape(-1)
     out = torch.zeros(flat.numel(), w2.shape[1], dtype=torch.float32, device=inter.device)
     for expert in range(w2.shape[0]):
         pairs = torch.nonzero(flat == expert).flatten()
         y = inter[pairs].float() @ w2[expert].float().T
+        if b2 is not None:
+            y = y + b2[expert].float()
         if pair_weights is not None:
             y = y * pair_weights.reshape(-1)[pairs].float()[:, None]
         out[pairs] = y

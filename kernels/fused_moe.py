@@ -17,31 +17,38 @@ from kernels.moe_configs import moe_kernel_config
 def fused_experts(
     hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None,
     w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None = None, activation: str = "silu",
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`hidden (T, H)`, `topk_ids (T, k)` with ids outside `[0, E)` meaning "not computed here",
-    `topk_weights (T, k)` or None; returns `(T, H)` in `out_dtype` (default: hidden's dtype)."""
+    `topk_weights (T, k)` or None, optional biases `b1 (E, F_s)` and `b2 (E, H)`; returns `(T, H)` in
+    `out_dtype` (default: hidden's dtype)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w1.shape[0]
     config = moe_kernel_config(num_tokens * top_k, num_experts, hidden.device)
     aligned = moe_align(topk_ids, num_experts, config["BLOCK_M"])
-    inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config)
+    inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config, b1)
     pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
-    pair_out = expert_down(inter, aligned, w2, pair_weights, config)
+    pair_out = expert_down(inter, aligned, w2, pair_weights, config, b2=b2)
     return combine_topk(pair_out, topk_ids, num_experts, out_dtype or hidden.dtype)
 
 
-def fused_experts_reference(hidden, topk_ids, topk_weights, w1, w2, w3=None, activation="silu", out_dtype=None):
+def fused_experts_reference(hidden, topk_ids, topk_weights, w1, w2, w3=None, activation="silu", out_dtype=None,
+                            b1=None, b2=None):
     """Plain PyTorch, token by token through each expert, accumulated in fp32."""
     num_experts = w1.shape[0]
     out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
     for expert in range(num_experts):
         tokens, choice = torch.nonzero(topk_ids == expert, as_tuple=True)
         x = hidden[tokens].float()
-        h = apply_activation_reference(x @ w1[expert].float().T, activation)
+        pre = x @ w1[expert].float().T
+        if b1 is not None:
+            pre = pre + b1[expert].float()
+        h = apply_activation_reference(pre, activation)
         if w3 is not None:
             h = h * (x @ w3[expert].float().T)
         y = h @ w2[expert].float().T
+        if b2 is not None:
+            y = y + b2[expert].float()
         if topk_weights is not None:
             y = y * topk_weights[tokens, choice].float()[:, None]
         out.index_add_(0, tokens, y)

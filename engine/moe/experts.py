@@ -40,7 +40,8 @@ class ExpertWeights:
     """`w1 (E, F_s, H)`, optional `w3 (E, F_s, H)` (gated experts: act(x w1ᵀ) · x w3ᵀ), `w2 (E, H, F_s)`.
 
     `F_s` may be a slice `[start, stop)` of the full hidden FFN width: columns of every expert's first matrix
-    and the same rows of its second. The partial outputs of slices that cover `[0, F)` sum to the full output.
+    and the same rows of its second. The partial outputs of slices that cover `[0, F)` sum to the full output;
+    the second bias goes with the slice that starts at 0.
     """
 
     w1: torch.Tensor
@@ -48,6 +49,8 @@ class ExpertWeights:
     w3: torch.Tensor | None
     activation: str
     w13: torch.Tensor | None = None  # [w1; w3] as one (E, 2F_s, H) tensor when stored so: one GEMM for both
+    b1: torch.Tensor | None = None  # (E, F_s): bias of the first matrix, sliced with its columns
+    b2: torch.Tensor | None = None  # (E, H): bias of the second matrix, added by exactly one slice
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -73,10 +76,12 @@ class ExpertWeights:
 
     def slice(self, start: int, stop: int) -> "ExpertWeights":
         """Views (no copies) of FFN columns `[start, stop)` of every expert."""
-        return ExpertWeights(
+        return ExpertWeights(  # a slice of [w1; w3] is not one block any more: no w13
             self.w1[:, start:stop], self.w2[:, :, start:stop],
             None if self.w3 is None else self.w3[:, start:stop], self.activation,
-        )  # a slice of [w1; w3] is not one block any more: no w13
+            b1=None if self.b1 is None else self.b1[:, start:stop],
+            b2=self.b2 if start == 0 else None,
+        )
 
 
 def default_backend(device) -> str:
@@ -102,12 +107,12 @@ def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         from kernels.fused_moe import fused_experts
 
         return fused_experts(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
-                             weights.activation, out_dtype)
+                             weights.activation, out_dtype, weights.b1, weights.b2)
     if backend == "torch":
         return _torch_experts(hidden, topk_ids, topk_weights, weights, out_dtype)
     if backend == "reference":
         return fused_experts_reference(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
-                                       weights.activation, out_dtype)
+                                       weights.activation, out_dtype, weights.b1, weights.b2)
     raise ValueError(f"backend {backend!r} does not run expert weights directly")
 
 
@@ -129,7 +134,9 @@ def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_d
     tokens = order // top_k
     pair_weights = None if topk_weights is None else topk_weights.reshape(-1)[order]
     if _grouped_mm_works(hidden):
-        return _grouped_mm_experts(hidden, order, valid[order], counts, pair_weights, weights, out_dtype, top_k)
+        sorted_experts = flat[order].clamp(0, num_experts - 1)
+        return _grouped_mm_experts(hidden, order, sorted_experts, valid[order], counts, pair_weights, weights,
+                                   out_dtype, top_k)
     w1, w2, w3, w13 = weights.w1, weights.w2, weights.w3, weights.w13
     out = torch.zeros(num_tokens, weights.hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)
     start = 0
@@ -142,10 +149,11 @@ def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_d
             gate, up = (x @ w13[expert].T).chunk(2, dim=-1)
             h = apply_activation_reference(gate, weights.activation) * up
         else:
-            h = apply_activation_reference(x @ w1[expert].T, weights.activation)
+            pre = x @ w1[expert].T if weights.b1 is None else torch.addmm(weights.b1[expert], x, w1[expert].T)
+            h = apply_activation_reference(pre, weights.activation)
             if w3 is not None:
                 h = h * (x @ w3[expert].T)
-        y = h @ w2[expert].T
+        y = h @ w2[expert].T if weights.b2 is None else torch.addmm(weights.b2[expert], h, w2[expert].T)
         if pair_weights is not None:
             y = y * pair_weights[start : start + count, None]
         out.index_add_(0, rows, y.to(out.dtype))
@@ -153,7 +161,8 @@ def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_d
     return out
 
 
-def _grouped_mm_experts(hidden, order, valid_sorted, counts, pair_weights, weights, out_dtype, top_k):
+def _grouped_mm_experts(hidden, order, sorted_experts, valid_sorted, counts, pair_weights, weights, out_dtype,
+                        top_k):
     """One grouped GEMM per projection; no host synchronisation."""
     rows = hidden[order // top_k]
     offsets = torch.cumsum(counts, 0).to(torch.int32)
@@ -161,11 +170,17 @@ def _grouped_mm_experts(hidden, order, valid_sorted, counts, pair_weights, weigh
     def grouped(a, b):
         return torch._grouped_mm(a, b.to(a.dtype).transpose(1, 2), offs=offsets)
 
-    h = apply_activation_reference(grouped(rows, weights.w1), weights.activation)
+    pre = grouped(rows, weights.w1)
+    if weights.b1 is not None:
+        pre = pre + weights.b1[sorted_experts]
+    h = apply_activation_reference(pre, weights.activation)
     if weights.w3 is not None:
         h = h * grouped(rows, weights.w3)
+    pair_out = grouped(h, weights.w2)
+    if weights.b2 is not None:
+        pair_out = pair_out + weights.b2[sorted_experts]
     # Rows past the last offset are left uninitialised by grouped_mm: mask them without reading offsets.
-    pair_out = grouped(h, weights.w2).masked_fill(~valid_sorted[:, None], 0)
+    pair_out = pair_out.masked_fill(~valid_sorted[:, None], 0)
     if pair_weights is not None:
         pair_out = pair_out * pair_weights[:, None]
     out = torch.empty_like(pair_out)

@@ -135,3 +135,23 @@ def test_fused_experts_cuda_large_shapes_match_reference():
     got = fused_experts(x, ids, weights, w1, w2, w3, "silu").float()
     want = fused_experts_reference(x, ids, weights, w1, w2, w3, "silu").float()
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_expert_biases_and_their_slices(activation):
+    """BERT-style experts carry biases: the first is sliced with the columns, the second added by one slice."""
+    num_tokens, top_k, hidden, ffn, num_experts = 19, 2, 32, 30, 3
+    x = torch.randn(num_tokens, hidden, device=DEVICE)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), device=DEVICE)
+    weights = torch.rand(num_tokens, top_k, device=DEVICE)
+    w1, w2, _ = _weights(num_experts, ffn, hidden, gated=False)
+    b1, b2 = torch.randn(num_experts, ffn, device=DEVICE), torch.randn(num_experts, hidden, device=DEVICE)
+    want = fused_experts_reference(x, ids, weights, w1, w2, None, activation, b1=b1, b2=b2)
+    got = fused_experts(x, ids, weights, w1, w2, None, activation, b1=b1, b2=b2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    from engine.moe.experts import ExpertWeights, run_experts
+
+    full = ExpertWeights(w1, w2, None, activation, b1=b1, b2=b2)
+    torch.testing.assert_close(run_experts(x, ids, weights, full, "torch"), want, rtol=1e-5, atol=1e-5)
+    partial = sum(run_experts(x, ids, weights, full.slice(a, b), "triton") for a, b in [(0, 11), (11, 30)])
+    torch.testing.assert_close(partial, want, rtol=1e-5, atol=1e-5)
