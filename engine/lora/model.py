@@ -3,7 +3,8 @@
 The returned `LoRAModel` forwards everything to the wrapped model, and its `forward`/`generate` take either
 `adapter_weights=[{name: weight}, ...]` (one dict per row, `{}` = base model) or `route="auto"`, where the
 router decides per row from `queries=[...]` (one text per row) or, without queries, from the row's input ids
-decoded with the tokenizer (padding dropped). Inference only: calls run under `torch.no_grad()`.
+decoded with the tokenizer (padding dropped; the tokenizer is the one passed to attach_adapters, else the
+one saved beside the model's weights). Inference only: calls run under `torch.no_grad()`.
 """
 from __future__ import annotations
 
@@ -76,14 +77,28 @@ class LoRAModel:
         return [d.adapters for d in self.last_decisions]
 
     def _decode(self, input_ids, attention_mask) -> list[str]:
-        if self.tokenizer is None or input_ids is None:
-            raise RoutingError("route='auto' without queries= needs input_ids and a tokenizer "
-                               "(attach_adapters(..., tokenizer=...))")
+        if input_ids is None:
+            raise RoutingError("route='auto' without queries= needs input_ids to decode")
+        tokenizer = self._tokenizer()
         texts = []
         for b in range(input_ids.shape[0]):
             ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
-            texts.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+            texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
         return texts
+
+    def _tokenizer(self):
+        """The tokenizer given to attach_adapters, else the one saved beside the model's weights (local only)."""
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source = getattr(self.model.config, "_name_or_path", "")
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            except Exception as exc:
+                raise RoutingError(f"route='auto' without queries= needs a tokenizer and none was found beside "
+                                   f"the model ({source!r}); pass queries=[...] or "
+                                   f"attach_adapters(..., tokenizer=...)") from exc
+        return self.tokenizer
 
     def _activate(self, adapter_weights, rows) -> list[str]:
         """Pin the batch's adapters in the cache and publish slots/weights to the layers."""
