@@ -391,21 +391,24 @@ def run_curve(session: Session) -> dict:
 
 
 def _merge_tree_linear(session: Session, block, groups: list[tuple[int, ...]], tvs: dict, gram: np.ndarray,
-                       chunk: int = 1 << 20) -> dict[tuple, list[float]]:
+                       chunk: int = 1 << 17) -> dict[tuple, list[float]]:
     """All merged groups of a block at once for a linear method: V = C T, one matrix product per column
     chunk (C holds each group's coefficients), and each member's error ||v − τ_k||² from the Gram matrix:
-    cᵀGc − 2(Gc)_k + G_kk. The merged blocks are computed (this is the work of every size) and dropped."""
+    cᵀGc − 2(Gc)_k + G_kk. The merged blocks are computed (this is the work of every size) and dropped;
+    column chunks keep the product's output in cache instead of streaming all groups' blocks to memory."""
     M = session.M
     C = torch.zeros((len(groups), M), dtype=torch.float64)
     for i, g in enumerate(groups):
         C[i, list(g)] = session.method.coefficients(session.context(block, g)).double().cpu()
     Cf = C.to(device=session.spec.device, dtype=torch.float32)
+    out = torch.empty((len(groups), chunk), device=session.spec.device)
     for n, t in tvs.items():
         if not session.base.dtype[n].is_floating_point:
             continue
         flat = t.reshape(M, -1)
         for start in range(0, flat.shape[1], chunk):
-            Cf @ flat[:, start : start + chunk]
+            part = flat[:, start : start + chunk]
+            torch.mm(Cf, part, out=out[:, : part.shape[1]])
     G = torch.from_numpy(gram)
     GC = C @ G
     quad = (GC * C).sum(1)

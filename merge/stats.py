@@ -42,17 +42,43 @@ class Stats:
         return np.sum([np.diag(g) for g in self.grams], axis=0)
 
 
-def read_task_vectors(base: Checkpoint, models: list[Checkpoint], block: Block, device: str) -> tuple[dict, dict]:
-    """`(base tensors, {name: τ [M, *shape] float32})` for one block."""
+class Arena:
+    """One float32 buffer reused for every block's task vectors, so the pass allocates (and page-faults)
+    its largest block once instead of once per block. Views into it are valid until the next block."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.buffer = torch.empty(0, dtype=torch.float32, device=device)
+
+    def views(self, rows: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        total = rows * sum(int(np.prod(s)) for s in shapes.values())
+        if self.buffer.numel() < total:
+            self.buffer = torch.empty(0, dtype=torch.float32, device=self.device)  # free before growing
+            self.buffer = torch.empty(total, dtype=torch.float32, device=self.device)
+        out, start = {}, 0
+        for n, s in shapes.items():
+            size = rows * int(np.prod(s))
+            out[n] = self.buffer[start : start + size].view(rows, *s)
+            start += size
+        return out
+
+
+def read_task_vectors(base: Checkpoint, models: list[Checkpoint], block: Block, device: str,
+                      arena: Arena | None = None) -> tuple[dict, dict]:
+    """`(base tensors, {name: τ [M, *shape] float32})` for one block.
+
+    Each model's tensors are read straight into their row of the task-vector buffer (float32 files on
+    CPU) and the base is subtracted in place."""
     base_t = base.read(block.tensors)
     for n, t in base_t.items():
         if t.is_floating_point() and not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
             raise ValueError(f"{base.file_of[n]}: tensor {n} of the base has non-finite values")
-    base_f = {n: t.to(device=device, dtype=torch.float32) for n, t in base_t.items()}
-    tvs = {n: torch.empty((len(models), *t.shape), dtype=torch.float32, device=device) for n, t in base_t.items()}
+    shapes = {n: tuple(t.shape) for n, t in base_t.items()}
+    tvs = (arena or Arena(device)).views(len(models), shapes)
     for k, ckpt in enumerate(models):
-        for n, t in ckpt.read(block.tensors).items():
-            torch.sub(t.to(device=device, dtype=torch.float32), base_f[n], out=tvs[n][k])
+        ckpt.read_into({n: tvs[n][k] for n in block.tensors})
+    for n, t in base_t.items():
+        tvs[n].sub_(t.to(device=device, dtype=torch.float32))
     return base_t, tvs
 
 
@@ -78,8 +104,9 @@ def scan(
     stats.task_matrix_sq_norms = np.zeros(M)
     if histograms:
         stats.histogram = torch.zeros((M, 32768), dtype=torch.int64)
+    arena = Arena(device)
     for b, block in enumerate(tqdm(blocks, desc="scan", unit="block", disable=None, leave=False)):
-        base_t, tvs = read_task_vectors(base, models, block, device)
+        base_t, tvs = read_task_vectors(base, models, block, device, arena)
         gram = np.zeros((M, M))
         sign = np.zeros((M, M)) if signs else None
         numel = 0
