@@ -4,8 +4,10 @@ Each batch row carries its own list of adapter slots and weights (a router's dec
 adapters freely. Punica's SGMV groups tokens by adapter and applies one adapter per token; here a row may mix
 K adapters with arbitrary weights, and the whole heterogeneous batch runs in two launches:
 
-* shrink: grid (row tiles, K). Each program computes v[t, k, :] = w[b, k] * A[slot] x[t] for a tile of one
-  row's tokens, in fp32. Slot -1 means "no adapter" and the program does nothing.
+* shrink: grid (row tiles, K, split). Each program computes v[t, k, :] = w[b, k] * A[slot] x[t] for a tile of
+  one row's tokens, in fp32, over one slice of the input features (split > 1 only when rows x K programs
+  would leave the GPU idle, as in decode; slices then meet through fp32 atomic adds). Slot -1 means
+  "no adapter" and the program does nothing.
 * expand: grid (row tiles, output blocks). Each program sums over the K slots of its row,
   acc += v[t, k, :] @ B[slot]^T, and adds acc to y in place, so no atomics are needed and K adapters cost
   one pass over y.
@@ -28,12 +30,13 @@ if triton_importable():
     def _shrink_kernel(
         x_ptr, a_ptr, slot_ptr, w_ptr, v_ptr,
         L, IN, R, K,
-        stride_xt, stride_as, stride_ar, stride_ai,
+        stride_xt, stride_as, stride_ar, stride_ai, SPLIT_LEN,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         k = tl.program_id(1)
+        start = tl.program_id(2) * SPLIT_LEN
         tiles_per_row = tl.cdiv(L, BLOCK_M)
         row = pid_t // tiles_per_row
         offs_m = (pid_t % tiles_per_row) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -45,7 +48,7 @@ if triton_importable():
         if slot >= 0:
             weight = tl.load(w_ptr + row * K + k)
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for i0 in range(0, IN, BLOCK_K):
+            for i0 in range(start, start + SPLIT_LEN, BLOCK_K):
                 offs_i = i0 + tl.arange(0, BLOCK_K)
                 i_mask = offs_i < IN
                 xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_i[None, :],
@@ -57,8 +60,11 @@ if triton_importable():
                     at = at.to(tl.float32)
                 acc += tl.dot(xt, at, input_precision=PRECISION)
             acc = acc * weight
-            tl.store(v_ptr + tok[:, None] * (K * R) + k * R + offs_r[None, :], acc,
-                     mask=m_mask[:, None] & r_mask[None, :])
+            v_ptrs = v_ptr + tok[:, None] * (K * R) + k * R + offs_r[None, :]
+            if SPLIT_K == 1:
+                tl.store(v_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+            else:
+                tl.atomic_add(v_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
     @triton.jit
     def _expand_kernel(
@@ -146,8 +152,20 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def lora_mixture_triton(x, y, a_stack, b_stack, slots, weights):
-    """Two-launch Triton version of `lora_mixture_reference` (same contract)."""
+def _split_k(device, programs: int, chunks: int) -> int:
+    """Split the shrink's reduction over `in` when rows x K programs alone would leave SMs idle (decode)."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while programs * split < target and split * 4 <= chunks:
+        split *= 2
+    return split
+
+
+def lora_mixture_triton(x, y, a_stack, b_stack, slots, weights, split_k: int | None = None):
+    """Two-launch Triton version of `lora_mixture_reference` (same contract). `split_k` splits the shrink's
+    reduction over input features across programs (fp32 atomics); None picks it from the GPU's SM count."""
     x2, rows, per_row = _check(x, y, a_stack, b_stack, slots, weights)
     x2 = x2.contiguous()
     a_stack, b_stack = a_stack.contiguous(), b_stack.contiguous()
@@ -169,12 +187,18 @@ def lora_mixture_triton(x, y, a_stack, b_stack, slots, weights):
     if dot_fp32:
         precision = "ieee"
     tiles = rows * triton.cdiv(per_row, block_m)
-    v = torch.empty((x2.shape[0], k, rank), device=x.device, dtype=torch.float32)
-    _shrink_kernel[(tiles, k)](
+    chunks = triton.cdiv(d_in, block_k)
+    split = split_k if split_k is not None else _split_k(x.device, tiles * k, chunks)
+    if split < 1:
+        raise ValueError(f"split_k must be >= 1, got {split}")
+    split_len = triton.cdiv(chunks, split) * block_k
+    v = (torch.zeros if split > 1 else torch.empty)((x2.shape[0], k, rank), device=x.device, dtype=torch.float32)
+    _shrink_kernel[(tiles, k, split)](
         x2, a_stack, slots, weights, v,
         per_row, d_in, rank, k,
-        x2.stride(0), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+        x2.stride(0), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), split_len,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=precision, DOT_FP32=dot_fp32,
+        SPLIT_K=split,
     )
     _expand_kernel[(tiles, triton.cdiv(d_out, block_n))](
         v, b_stack, slots, y,

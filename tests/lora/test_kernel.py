@@ -51,6 +51,15 @@ def test_triton_matches_reference(dtype, tol, rows, per_row, d_in, d_out, rank, 
 
 
 @needs_triton
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_shrink_matches_reference(split_k):
+    x, y, a, b, slots, weights = _case(3, 2, 80, 24, 4, 4, 2, torch.float32)
+    expected = lora_mixture_reference(x, y.clone(), a, b, slots, weights)
+    got = lora_mixture_triton(x, y.clone(), a, b, slots, weights, split_k=split_k)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
 def test_empty_rows_leave_base_output_untouched():
     x, y, a, b, slots, weights = _case(3, 4, 16, 16, 4, 2, 2, torch.float32)
     slots.fill_(-1)
