@@ -354,9 +354,8 @@ def run_curve(session: Session) -> dict:
         else:
             sim = greedy.similarity(stats.grams[b], session.spec.similarity, stats.signs[b], stats.numels[b])
             steps = greedy.plan([sim])
-        if session.linear:
-            errors = _merge_tree_linear(session, block, [s.merged for s in steps], tvs, stats.grams[b])
-        else:
+        errors = _merge_tree_linear(session, block, steps, tvs, stats.grams[b]) if session.linear else None
+        if errors is None:
             errors = {}
             for step in steps:
                 members = step.merged
@@ -390,25 +389,51 @@ def run_curve(session: Session) -> dict:
     }
 
 
-def _merge_tree_linear(session: Session, block, groups: list[tuple[int, ...]], tvs: dict, gram: np.ndarray,
-                       chunk: int = 1 << 17) -> dict[tuple, list[float]]:
-    """All merged groups of a block at once for a linear method: V = C T, one matrix product per column
-    chunk (C holds each group's coefficients), and each member's error ||v − τ_k||² from the Gram matrix:
-    cᵀGc − 2(Gc)_k + G_kk. The merged blocks are computed (this is the work of every size) and dropped;
-    column chunks keep the product's output in cache instead of streaming all groups' blocks to memory."""
+def _merge_tree_linear(session: Session, block, steps: list[greedy.Step], tvs: dict, gram: np.ndarray,
+                       chunk: int = 1 << 17, collect: dict | None = None) -> dict[tuple, list[float]] | None:
+    """All merged groups of a block for a linear method, v_G = Σ_k c_{G,k} τ_k, with each member's error
+    ||v_G − τ_k||² taken from the Gram matrix: cᵀGc − 2(Gc)_k + G_kk.
+
+    When every group's coefficients are a per-group multiple r_G of the task weights (task arithmetic,
+    averaging), a group's weighted sum is its two children's sums added: each group costs one add and
+    one scale per entry instead of a product over all M tasks. Column chunks keep the working set in
+    cache. The merged blocks are computed — this is the work of every size — and dropped, unless
+    `collect` asks for them. Returns None when the coefficients are not of that form."""
     M = session.M
+    groups = [s.merged for s in steps]
     C = torch.zeros((len(groups), M), dtype=torch.float64)
     for i, g in enumerate(groups):
         C[i, list(g)] = session.method.coefficients(session.context(block, g)).double().cpu()
-    Cf = C.to(device=session.spec.device, dtype=torch.float32)
-    out = torch.empty((len(groups), chunk), device=session.spec.device)
+    w = session.weights.double()
+    ratios = [C[i, list(g)] / w[list(g)] for i, g in enumerate(groups)]
+    if not all(torch.allclose(r, r[0].expand_as(r)) for r in ratios):
+        return None
+    scale = [float(r[0]) for r in ratios]
+    position = {g: i for i, g in enumerate(groups)}
+    children = [(position.get(s.a, s.a), position.get(s.b, s.b)) for s in steps]
+    dev = session.spec.device
+    unit = bool(torch.all(w == 1))
+    weights = session.weights.to(dev)
+    sums = torch.empty((len(groups), chunk), device=dev)
+    merged = torch.empty(chunk, device=dev)
     for n, t in tvs.items():
         if not session.base.dtype[n].is_floating_point:
             continue
         flat = t.reshape(M, -1)
         for start in range(0, flat.shape[1], chunk):
             part = flat[:, start : start + chunk]
-            torch.mm(Cf, part, out=out[:, : part.shape[1]])
+            width = part.shape[1]
+
+            def operand(ref):
+                if isinstance(ref, int):  # an earlier group of this block
+                    return sums[ref, :width]
+                return part[ref[0]] if unit else part[ref[0]] * weights[ref[0]]
+
+            for i, (a, b) in enumerate(children):
+                torch.add(operand(a), operand(b), out=sums[i, :width])
+                torch.mul(sums[i, :width], scale[i], out=merged[:width])
+                if collect is not None:
+                    collect.setdefault((groups[i], n), []).append(merged[:width].clone())
     G = torch.from_numpy(gram)
     GC = C @ G
     quad = (GC * C).sum(1)

@@ -14,6 +14,7 @@ element-wise check only runs to name the culprit.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -104,35 +105,47 @@ def scan(
     stats.task_matrix_sq_norms = np.zeros(M)
     if histograms:
         stats.histogram = torch.zeros((M, 32768), dtype=torch.int64)
-    arena = Arena(device)
-    for b, block in enumerate(tqdm(blocks, desc="scan", unit="block", disable=None, leave=False)):
-        base_t, tvs = read_task_vectors(base, models, block, device, arena)
-        gram = np.zeros((M, M))
-        sign = np.zeros((M, M)) if signs else None
-        numel = 0
-        for n in block.tensors:
-            t = base_t[n]
-            digest.update(f"{n}|{t.dtype}|{tuple(t.shape)}".encode())
-            digest.update(tensor_bytes(t))
-            flat = tvs[n].reshape(M, -1)
-            numel += flat.shape[1]
-            g = (flat @ flat.T).double().cpu().numpy()
-            check_finite(models, n, tvs[n], np.diag(g))
-            gram += g
-            if t.dim() >= 2:
-                tf = t.reshape(-1).float()
-                stats.base_sq_norm += float(torch.dot(tf, tf))
-                stats.task_matrix_sq_norms += np.diag(g)
-            if signs:
-                s = flat.sign()
-                sign += (s @ s.T).double().cpu().numpy()
-            if histograms:
-                stats.histogram += magnitude_histogram(flat).cpu()
-        stats.grams.append(gram)
-        stats.signs.append(sign)
-        stats.numels.append(numel)
-        if on_block is not None:
-            on_block(b, block, base_t, tvs, stats)
-        del base_t, tvs
+    # Two arenas: a reader thread fills the next block's while this one is being processed (file reads
+    # and torch kernels release the GIL), so I/O overlaps the Gram products.
+    arenas = [Arena(device), Arena(device)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read_task_vectors, base, models, blocks[0], device, arenas[0]) if blocks else None
+        for b, block in enumerate(tqdm(blocks, desc="scan", unit="block", disable=None, leave=False)):
+            base_t, tvs = future.result()
+            if b + 1 < len(blocks):
+                future = pool.submit(read_task_vectors, base, models, blocks[b + 1], device, arenas[(b + 1) % 2])
+            _accumulate(stats, digest, models, block, base_t, tvs, signs, histograms)
+            if on_block is not None:
+                on_block(b, block, base_t, tvs, stats)
+            del base_t, tvs
     stats.base_hash = digest.hexdigest()
     return stats
+
+
+def _accumulate(stats: Stats, digest, models, block: Block, base_t: dict, tvs: dict, signs: bool, histograms: bool) -> None:
+    """One block's Gram (and optional sign) matrix, norms, histograms and base hash."""
+    M = len(models)
+    gram = np.zeros((M, M))
+    sign = np.zeros((M, M)) if signs else None
+    numel = 0
+    for n in block.tensors:
+        t = base_t[n]
+        digest.update(f"{n}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(tensor_bytes(t))
+        flat = tvs[n].reshape(M, -1)
+        numel += flat.shape[1]
+        g = (flat @ flat.T).double().cpu().numpy()
+        check_finite(models, n, tvs[n], np.diag(g))
+        gram += g
+        if t.dim() >= 2:
+            tf = t.reshape(-1).float()
+            stats.base_sq_norm += float(torch.dot(tf, tf))
+            stats.task_matrix_sq_norms += np.diag(g)
+        if signs:
+            s = flat.sign()
+            sign += (s @ s.T).double().cpu().numpy()
+        if histograms:
+            stats.histogram += magnitude_histogram(flat).cpu()
+    stats.grams.append(gram)
+    stats.signs.append(sign)
+    stats.numels.append(numel)

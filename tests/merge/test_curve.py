@@ -1,0 +1,38 @@
+"""The streaming `size: all` pass: the batched linear tree computes the same blocks as per-group merging."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_family
+
+from merge import greedy
+from merge.config import load_spec
+from merge.flexmerge import Session, _merge_tree_linear
+
+
+@pytest.mark.parametrize("method, params, weights", [
+    ("task_arithmetic", {"lambda": 0.4}, {}),
+    ("average", {}, {"b": 2.0, "d": 0.5}),
+])
+def test_linear_tree_equals_per_group_merge(tmp_path, method, params, weights):
+    base, models = make_family(tmp_path, "clip", tasks=("a", "b", "c", "d", "e"))
+    entries = {t: {"path": str(p), "weight": weights.get(t, 1.0)} for t, p in models.items()}
+    session = Session(load_spec(None, {"base": str(base), "models": entries, "method": method, "params": params}))
+    checked = []
+
+    def on_block(b, block, base_t, tvs, stats):
+        steps = greedy.plan([greedy.similarity(stats.grams[b])])
+        collected = {}
+        errors = _merge_tree_linear(session, block, steps, tvs, stats.grams[b], chunk=100, collect=collected)
+        for step in steps:
+            ref = session.merge_group(block, step.merged, tvs, None)
+            for n in ref.vector:
+                got = torch.cat(collected[(step.merged, n)]).view_as(ref.vector[n])
+                torch.testing.assert_close(got, ref.vector[n], rtol=1e-5, atol=1e-7)
+            for pos, k in enumerate(step.merged):
+                direct = sum(float((ref.vector[n] - tvs[n][k]).pow(2).sum()) for n in ref.vector)
+                assert errors[step.merged][pos] == pytest.approx(direct, rel=1e-4, abs=1e-9)
+        checked.append(block.name)
+
+    session.scan(on_block=on_block)
+    assert len(checked) == len(session.blocks)
