@@ -193,7 +193,7 @@ class AdapterPool:
         return self._host[name]
 
     def paths(self) -> dict[str, str]:
-        return {name: str(spec.path) for name, spec in self._specs.items()}
+        return {name: str(spec.path.resolve()) for name, spec in self._specs.items()}
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Every adapted module must be an nn.Linear of the adapter's shape in `model`, and each adapter's

@@ -33,7 +33,7 @@ def _loss(model, tokenizer, text):
         return float(model(**batch, labels=batch["input_ids"]).loss)
 
 
-def test_affinity_scores_by_loss_and_maps_tasks(llama, adapter_dirs):
+def test_affinity_scores_by_loss_and_maps_tasks(llama, adapter_dirs, tmp_path):
     pool = AdapterPool(adapter_dirs)
     tasks = {"sum": Task("sum", [{"input": "2+2=", "output": "4"}, {"input": "1+5=", "output": "6"}]),
              "greet": Task("greet", ["hello there", {"question": "hi?", "answer": "hey"}])}
@@ -49,3 +49,7 @@ def test_affinity_scores_by_loss_and_maps_tasks(llama, adapter_dirs):
     table = {"2+2=": [1, 0], "1+5=": [1, 0], "hello there": [0, 1], "hi?": [0, 1]}
     router = TaskRouter.build(tasks, encoder=LookupEncoder(table), adapters=pool, affinity=matrix)
     assert router.task_adapters["greet"] == {best: 1.0}
+    router.save(tmp_path / "router")
+    loaded = TaskRouter.load(tmp_path / "router", encoder=LookupEncoder(table))
+    torch.testing.assert_close(loaded.affinity.loss, matrix.loss)
+    assert sorted(loaded.pool) == sorted(pool) and loaded.task_adapters == router.task_adapters

@@ -1,5 +1,6 @@
 """Adapter cache: byte accounting, LRU eviction, pins, and identical outputs after eviction and reload."""
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -52,3 +53,16 @@ def test_eviction_and_reload_give_identical_outputs(llama, adapter_dirs):
     assert small.cache.evictions == 4 and small.cache.bytes_used == budget
     with pytest.raises(CacheFullError):
         small(input_ids=ids, adapter_weights=[{"alpha": 0.3, "beta": 0.3, "gamma": 0.4}, {}])
+
+
+def test_concurrent_requests_with_evictions_match_serial_results(llama, adapter_dirs):
+    pool = AdapterPool(adapter_dirs)
+    lm = attach_adapters(copy.deepcopy(llama), pool, cache_bytes=2 * AdapterCache.adapter_bytes(pool, torch.float32))
+    ids = torch.randint(3, 96, (1, 5))
+    requests = [[{name: 1.0}] for name in ["alpha", "beta", "gamma", "delta"] * 3]
+    serial = [lm(input_ids=ids, adapter_weights=r).logits for r in requests]
+    with ThreadPoolExecutor(max_workers=4) as pool_:
+        threaded = list(pool_.map(lambda r: lm(input_ids=ids, adapter_weights=r).logits, requests))
+    for got, expected in zip(threaded, serial):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert lm.cache.evictions > 0
