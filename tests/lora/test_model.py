@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.lora import AdapterPool, RoutingError, attach_adapters, peft_weighted_model
+from kernels import triton_available
 
 from lora_helpers import save_adapter, tiny_mixtral
 
@@ -20,14 +21,19 @@ def _peft_row(model, pool, mix, ids):
         return oracle(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_mixed_batch_matches_peft_per_row(llama, adapter_dirs, backend):
+@pytest.mark.parametrize("backend,device", [
+    ("torch", "cpu"),
+    pytest.param("triton", "cpu", marks=pytest.mark.skipif(not triton_available("cpu"), reason="no interpreter")),
+    pytest.param("triton", "cuda", marks=pytest.mark.cuda),
+])
+def test_mixed_batch_matches_peft_per_row(llama, adapter_dirs, backend, device):
     pool = AdapterPool(adapter_dirs, base_model="tessera/tiny-llama")
-    ids = torch.randint(3, 96, (len(MIXES), 7))
-    lm = attach_adapters(copy.deepcopy(llama), pool, backend=backend)
+    model = copy.deepcopy(llama).to(device)
+    ids = torch.randint(3, 96, (len(MIXES), 7), device=device)
+    lm = attach_adapters(copy.deepcopy(model), pool, backend=backend)
     got = lm(input_ids=ids, adapter_weights=MIXES).logits
     for row, mix in enumerate(MIXES):
-        expected = _peft_row(llama, pool, mix, ids[row:row + 1])
+        expected = _peft_row(model, pool, mix, ids[row:row + 1])
         torch.testing.assert_close(got[row:row + 1], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -63,7 +69,7 @@ def test_mixtral_attention_lora_matches_peft(tmp_path):
     pool = AdapterPool(dirs)
     ids = torch.randint(3, 96, (2, 6))
     mixes = [{"a": 0.7, "b": 0.3}, {"b": 1.0}]
-    got = attach_adapters(copy.deepcopy(model), pool, backend="triton")(input_ids=ids, adapter_weights=mixes)
+    got = attach_adapters(copy.deepcopy(model), pool, backend="auto")(input_ids=ids, adapter_weights=mixes)
     for row, mix in enumerate(mixes):
         torch.testing.assert_close(got.logits[row:row + 1], _peft_row(model, pool, mix, ids[row:row + 1]),
                                    rtol=1e-4, atol=1e-4)
