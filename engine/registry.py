@@ -229,7 +229,7 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
         model = load_parallel(folder, family, strategy=strategy, backend=backend, dtype=dtype, device=device,
                               capacity=capacity, model_class=model_class)
     else:
-        extra = {"experts_implementation": "eager"} if backend == "eager" and _has_experts_interface(family) else {}
+        extra = {"experts_implementation": "eager"} if backend == "eager" and family.uses_experts_interface else {}
         _check_weights_present(folder)
         model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
         model = patch_moe(model.to(device).eval(), backend=backend, capacity=capacity)
@@ -239,10 +239,6 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
 
         return attach_adapters(model, adapters)
     return model
-
-
-def _has_experts_interface(family) -> bool:
-    return family.name != "switch_transformers"
 
 
 def _is_merge_artifact(folder: Path) -> bool:

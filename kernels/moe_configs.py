@@ -26,7 +26,7 @@ _SM90_TABLE = [
 ]
 
 # Triton's interpreter runs each program in numpy: larger tiles mean fewer programs; padding cost is small.
-_INTERPRETER_TABLE = [(float("inf"), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1))]
+_INTERPRETER_TABLE = [(float("inf"), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1))]
 
 
 def _table_for(device: torch.device):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from engine.families.base import Family
-from engine.families import mixtral, olmoe, qwen2_moe, qwen3_moe, switch
+from engine.families import bert_moe, mixtral, olmoe, qwen2_moe, qwen3_moe, switch
 
 FAMILIES: dict[str, Family] = {}
 
@@ -12,7 +12,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _module in (switch, mixtral, qwen2_moe, qwen3_moe, olmoe):
+for _module in (switch, mixtral, qwen2_moe, qwen3_moe, olmoe, bert_moe):
     register_family(_module.FAMILY)
 
 

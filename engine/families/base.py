@@ -20,6 +20,7 @@ class Family:
     tiny_config: Callable[..., object]
     auto_class: str = "AutoModelForCausalLM"
     description: str = ""
+    uses_experts_interface: bool = False  # its experts go through transformers' ExpertsInterface
     options: dict = field(default_factory=dict)
 
     def find_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:

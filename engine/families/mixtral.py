@@ -19,4 +19,4 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("mixtral", ("mixtral",), ("MixtralSparseMoeBlock",), _convert, _tiny_config,
-                description="Mixtral-style decoder, top-2 of 8 experts")
+                description="Mixtral-style decoder, top-2 of 8 experts", uses_experts_interface=True)

@@ -19,4 +19,4 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("olmoe", ("olmoe",), ("OlmoeSparseMoeBlock",), _convert, _tiny_config,
-                description="OLMoE decoder, top-8 of 64 experts")
+                description="OLMoE decoder, top-8 of 64 experts", uses_experts_interface=True)

@@ -21,4 +21,4 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("qwen2_moe", ("qwen2_moe",), ("Qwen2MoeSparseMoeBlock",), _convert, _tiny_config,
-                description="Qwen2-MoE decoder with a gated shared expert")
+                description="Qwen2-MoE decoder with a gated shared expert", uses_experts_interface=True)

@@ -19,4 +19,4 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("qwen3_moe", ("qwen3_moe",), ("Qwen3MoeSparseMoeBlock",), _convert, _tiny_config,
-                description="Qwen3-MoE decoder")
+                description="Qwen3-MoE decoder", uses_experts_interface=True)

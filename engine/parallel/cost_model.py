@@ -116,7 +116,7 @@ def _inputs(shape: LayerShape, tokens: int, skewed: bool, device):
 _MEASURED: dict = {}
 
 
-def calibrate(dist: Dist, layers: dict, backend: str, *, token_sizes=(1024, 8192), repeats: int = 3) -> CostModel:
+def calibrate(dist: Dist, layers: dict, backend: str, *, token_sizes=(1024, 16384), repeats: int = 3) -> CostModel:
     """Measure once per process. `layers` maps each distinct `LayerShape` to this rank's (ffn part, experts
     part) weights. Every rank runs the same calls in the same order (they are collectives); the fitted numbers
     are max-reduced so every rank holds the same model."""

@@ -15,30 +15,37 @@ from torch import nn
 from engine.moe.experts import check_backend, default_backend
 from engine.moe.patch import patch_moe, set_backend
 from engine.parallel.checkpoint import CheckpointReader
-from engine.parallel.layout import ShardedExperts
-from engine.parallel.runtime import Dist
+from engine.moe.experts import ExpertWeights
+from engine.parallel.layout import ShardedExperts, fill
+from engine.parallel.runtime import init_distributed
 from engine.parallel.strategy import check_strategy, install_executors, plan_parts
 
 
 def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, device, dtype) -> None:
+    if part.b1 is not None or part.b2 is not None:
+        raise ValueError(f"{block_name}: rank-local loading of expert biases is not supported for family "
+                         f"{reader.family_name!r} yet")
     ffn = part.kind == "ffn"
     experts = range(part.num_experts) if ffn else range(part.start, part.stop)
     cut = (part.start, part.stop)
-    stacks = {"w1": [], "w2": [], "w3": []}
+    first, second, partner = [], [], []
     for expert in experts:
-        first, second, partner = reader.expert_keys(block_name, expert)
-        stacks["w1"].append(reader.read(first, rows=cut) if ffn else reader.read(first))
-        stacks["w2"].append(reader.read(second, cols=cut) if ffn else reader.read(second))
-        if partner is not None:
-            stacks["w3"].append(reader.read(partner, rows=cut) if ffn else reader.read(partner))
-    for name, tensors in stacks.items():
-        if getattr(part, name) is None:
-            continue
-        stacked = torch.stack(tensors).to(device=device, dtype=dtype or tensors[0].dtype)
-        if stacked.shape != getattr(part, name).shape:
-            raise ValueError(f"{block_name}.{name}: checkpoint gives {tuple(stacked.shape)}, the config implies "
-                             f"{tuple(getattr(part, name).shape)}")
-        setattr(part, name, nn.Parameter(stacked, requires_grad=False))
+        k1, k2, k3 = reader.expert_keys(block_name, expert)
+        first.append(reader.read(k1, rows=cut) if ffn else reader.read(k1))
+        second.append(reader.read(k2, cols=cut) if ffn else reader.read(k2))
+        if k3 is not None:
+            partner.append(reader.read(k3, rows=cut) if ffn else reader.read(k3))
+    dtype = dtype or first[0].dtype
+    read = ExpertWeights(torch.stack(first), torch.stack(second), torch.stack(partner) if partner else None,
+                         part.activation)
+    expected = part.weights()
+    for name in ("w1", "w2", "w3"):
+        got, want = getattr(read, name), getattr(expected, name)
+        if (got is None) != (want is None) or (got is not None and got.shape != want.shape):
+            raise ValueError(f"{block_name}.{name}: checkpoint gives {None if got is None else tuple(got.shape)}, "
+                             f"the config implies {None if want is None else tuple(want.shape)}")
+    part.to_empty(device=device).to(dtype)
+    fill(part, read)
 
 
 def _fill_dense(model: nn.Module, reader: CheckpointReader, skip: set[int], device, dtype) -> None:
@@ -79,8 +86,11 @@ def load_parallel(source: str, family, *, strategy: str, backend: str | None = N
     check_strategy(strategy)
     if strategy == "single":
         raise ValueError("strategy 'single' loads the whole model on one process: use engine.load without a strategy")
-    dist = Dist.current()
-    device = torch.device(device) if device is not None else dist.device
+    if backend == "eager":
+        raise ValueError("distributed strategies run tessera's expert backends (triton, torch, reference), not 'eager'")
+    dist = init_distributed()
+    # Each rank computes on its own device: under NCCL that is cuda:LOCAL_RANK whatever device was asked for.
+    device = dist.device if device is None or torch.device(device).type == "cuda" else torch.device(device)
     backend = check_backend(backend or default_backend(device), device)
     config = AutoConfig.from_pretrained(source)
     with init_empty_weights():

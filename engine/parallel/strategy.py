@@ -64,12 +64,12 @@ def plan_parts(model: nn.Module, strategy: str, dist: Dist, *, meta: bool) -> li
 
 
 def layer_shape(block) -> LayerShape:
-    part = block.moeshard_part
+    weights = block.moeshard_part.weights()
     spec = block.spec
-    dtype = part.w1.dtype
+    dtype = weights.w1.dtype
     routing = torch.float32 if spec.kind == "softmax_topk" and spec.weights_in_fp32 else dtype
-    return LayerShape(spec.num_experts, spec.top_k, part.w1.shape[2], part.ffn_width, part.w3 is not None, dtype,
-                      routing)
+    return LayerShape(spec.num_experts, spec.top_k, weights.hidden_size, block.moeshard_part.ffn_width,
+                      weights.w3 is not None, dtype, routing)
 
 
 def _first_tensor_rows(args, kwargs) -> dict:

@@ -4,21 +4,21 @@ import torch
 import transformers
 
 import engine
+from engine.families import family_for
 from engine.moe.patch import moe_blocks, patch_moe
 from engine.registry import get_model_entry, materialize_tiny
 
 FAMILY_MODELS = ["tiny-switch", "tiny-switch-encoder", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe",
-                 "tiny-olmoe"]
+                 "tiny-olmoe", "tiny-bert-moe"]
 BACKENDS = ["torch", "triton", "reference"]
 
 
 def hf_eager(name, dtype=torch.float32):
     entry = get_model_entry(name)
-    folder = materialize_tiny(entry)
-    cls = getattr(transformers, entry.model_class or engine.registry._model_class(
-        engine.families.family_for(entry.family), None).__name__)
-    kwargs = {} if entry.family == "switch_transformers" else {"experts_implementation": "eager"}
-    return cls.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    family = family_for(entry.family)
+    cls = getattr(transformers, entry.model_class or family.auto_class)
+    kwargs = {"experts_implementation": "eager"} if family.uses_experts_interface else {}
+    return cls.from_pretrained(materialize_tiny(entry), dtype=dtype, **kwargs).eval()
 
 
 def batch_with_padding(vocab=90):
@@ -33,7 +33,7 @@ def run(model, name, ids, mask):
     with torch.no_grad():
         if name == "tiny-switch":
             return model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4]).logits
-        if name == "tiny-switch-encoder":
+        if name in ("tiny-switch-encoder", "tiny-bert-moe"):
             return model(input_ids=ids, attention_mask=mask).last_hidden_state
         return model(input_ids=ids, attention_mask=mask).logits
 
@@ -53,7 +53,7 @@ def test_fp32_parity_with_hugging_face(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", ["tiny-switch-encoder", "tiny-mixtral", "tiny-qwen2-moe"])
+@pytest.mark.parametrize("name", ["tiny-switch-encoder", "tiny-mixtral", "tiny-qwen2-moe", "tiny-bert-moe"])
 def test_bf16_within_documented_bound(name, backend):
     """bf16 bound: 3e-2 of the output's max magnitude (different summation orders over a 2-layer model)."""
     ids, mask = batch_with_padding()

@@ -1,0 +1,1 @@
+"""Model definitions tessera adds to transformers' own (registered with its Auto classes on import)."""
