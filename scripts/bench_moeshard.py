@@ -3,7 +3,7 @@
 A Switch-base-like stack of MoE layers (top-1 router, ReLU experts, residual between layers), E experts, every
 rank running its own batch of `batch × seq` tokens (seq 120, as in the MoEShard paper), router skew from none to
 severe (a router bias `-skew · ln(1 + e)`: expert 0 gets most tokens at high skew). Per configuration and
-strategy: latency of one forward pass of the stack (slowest rank, median of repeats), per-rank expert-compute
+strategy: latency of one forward pass of the stack (slowest rank, best of repeats), per-rank expert-compute
 balance (max/mean of time, and of rows computed), bytes moved per rank, tokens dropped, auto's choices; and time
 to first token of `generate` on a small Switch encoder-decoder with the same E.
 
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import socket
-import statistics
 import sys
 import time
 
@@ -93,32 +92,44 @@ def gather_floats(values: list[float], device) -> torch.Tensor:
     return out.cpu()
 
 
-def time_pass(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_once(fn, device) -> float:
+    """One call, timed on every rank; the slowest rank's time is the pass's latency."""
+    dist.barrier()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return slowest(time.perf_counter() - start, device)
+
+
+def time_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
+    """Best-of-N latency of each callable (slowest rank per call), measured round-robin so drifts in machine
+    load hit all alike; the minimum discards interference from other work on the machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        dist.barrier()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(slowest(time.perf_counter() - start, device))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
+    return {name: min(t) for name, t in times.items()}
 
 
 def measure_stack(args, device, backend, num_experts, skew_name, batch, base_stack):
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(batch, args.seq, args.hidden, generator=g).to(device=device, dtype=args.torch_dtype)
+    stacks = {s: apply_strategy(copy.deepcopy(base_stack), s, capacity_factor=args.capacity_factor, stats=True)
+              for s in STRATEGIES}
+    with torch.no_grad():
+        latency = time_interleaved({s: (lambda m=m: m(x)) for s, m in stacks.items()}, device, args.warmup,
+                                   args.repeats)
     results = []
-    for strategy in STRATEGIES:
-        stack = apply_strategy(copy.deepcopy(base_stack), strategy, capacity_factor=args.capacity_factor, stats=True)
+    for strategy, stack in stacks.items():
         stats = stack.tessera_parallel.stats
+        stats.reset()
+        stats.time_compute = True
         with torch.no_grad():
-            latency = time_pass(lambda: stack(x), device, args.warmup, args.repeats)
-            stats.reset()
-            stats.time_compute = True
             stack(x)
         s = stats.summary()
         per_rank = gather_floats([s["compute_s"], s["rows_computed"], s["bytes_sent"] + s["bytes_received"],
@@ -126,14 +137,13 @@ def measure_stack(args, device, backend, num_experts, skew_name, batch, base_sta
         compute, rows = per_rank[:, 0], per_rank[:, 1]
         results.append({
             "experts": num_experts, "skew": skew_name, "batch": batch, "tokens_per_rank": batch * args.seq,
-            "strategy": strategy, "latency_s": latency,
+            "strategy": strategy, "latency_s": latency[strategy],
             "compute_balance": (compute.max() / compute.mean()).item() if compute.mean() > 0 else 1.0,
             "rows_balance": (rows.max() / rows.mean()).item() if rows.mean() > 0 else 1.0,
             "bytes_moved_per_rank_max": int(per_rank[:, 2].max()),
             "tokens_dropped": int(per_rank[:, 3].sum()),
             "auto_choices": s["choices"] if strategy == "auto" else None,
         })
-        del stack
     return results
 
 
@@ -147,14 +157,14 @@ def measure_ttft(args, device, backend, num_experts, batch):
     base = patch_moe(base.to(device=device, dtype=args.torch_dtype), backend=backend)
     g = torch.Generator().manual_seed(2000 + dist.get_rank())
     ids = torch.randint(2, 256, (batch, args.seq), generator=g).to(device)
-    out = {}
-    for strategy in STRATEGIES:
-        model = apply_strategy(copy.deepcopy(base), strategy, capacity_factor=args.capacity_factor)
-        with torch.no_grad():
-            out[strategy] = time_pass(lambda: generate_lockstep(model, ids, torch.ones_like(ids), max_new_tokens=1,
-                                                                do_sample=False), device, 1, args.repeats)
-        del model
-    return out
+    models = {s: apply_strategy(copy.deepcopy(base), s, capacity_factor=args.capacity_factor) for s in STRATEGIES}
+
+    def first_token(model):
+        return generate_lockstep(model, ids, torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+
+    with torch.no_grad():
+        return time_interleaved({s: (lambda m=m: first_token(m)) for s, m in models.items()}, device, 1,
+                                args.repeats)
 
 
 def run_grid(args):
@@ -183,7 +193,7 @@ def run_grid(args):
                   "summary": summary}
         write(result, args.out, f"moeshard_{device.type}")
         plot(rows, os.path.join(args.out, f"moeshard_{device.type}.png"), result["device"], state.size)
-        print(json.dumps(summary, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_config"}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -282,8 +292,9 @@ def single_gpu_overhead(args):
         for batch in args.batches:
             x = torch.randn(batch, args.seq, args.hidden, device=device, dtype=args.torch_dtype)
             with torch.no_grad():
-                single = time_pass(lambda: base(x), device, args.warmup, args.repeats)
-                shard = time_pass(lambda: sharded(x), device, args.warmup, args.repeats)
+                t = time_interleaved({"single": lambda: base(x), "moeshard": lambda: sharded(x)}, device,
+                                     args.warmup, args.repeats)
+                single, shard = t["single"], t["moeshard"]
                 error = ((sharded(x) - base(x)).abs().max() / base(x).abs().max()).item()
             results.append({"experts": num_experts, "batch": batch, "single_s": single, "moeshard_g1_s": shard,
                             "overhead": shard / single - 1, "max_rel_error": error})
@@ -314,7 +325,7 @@ def parse_args():
     p.add_argument("--backend", default=None, help="expert backend (default: triton on CUDA, torch on CPU)")
     p.add_argument("--capacity-factor", type=float, default=1.0, help="ep-capacity (DeepSpeed default 1.0)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ttft-batches", type=int, nargs="*", default=[10, 60])
     p.add_argument("--single-gpu-overhead", action="store_true",
                    help="G = 1 only: sharded path vs single-process layer (for scripts/gpu_check.sh)")

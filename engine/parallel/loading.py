@@ -70,8 +70,11 @@ def _fill_dense(model: nn.Module, reader: CheckpointReader, skip: set[int], devi
         param = nn.Parameter(tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False)
         for _, module, attr, _ in group:
             module._parameters[attr] = param
-    if missing:
-        raise KeyError(f"{len(missing)} parameters are not in the checkpoint, e.g. {missing[:5]}")
+    if missing:  # tied copies (embeddings, LM head) are not stored: transformers ties them to the loaded one
+        model.tie_weights()
+        still = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+        if still:
+            raise KeyError(f"{len(still)} parameters are not in the checkpoint, e.g. {still[:5]}")
 
 
 def load_parallel(source: str, family, *, strategy: str, backend: str | None = None, dtype=None, device=None,

@@ -8,8 +8,9 @@ from engine.families import FAMILIES
 from engine.moe.patch import patch_moe
 
 
-def build(family_name: str, backend: str = "torch", seed: int = 0, **config_overrides):
-    """A tiny model with random weights (routers included: Qwen's start at zero), patched with `backend`."""
+def build(family_name: str, backend: str | None = "torch", seed: int = 0, **config_overrides):
+    """A tiny model with random weights (routers included: Qwen's start at zero), patched with `backend`
+    (None: left as Hugging Face built it, e.g. to save a standard checkpoint)."""
     family = FAMILIES[family_name]
     config = family.tiny_config(**config_overrides)
     torch.manual_seed(seed)
@@ -18,7 +19,7 @@ def build(family_name: str, backend: str = "torch", seed: int = 0, **config_over
         for name, param in model.named_parameters():
             if "gate.weight" in name or "router" in name or not param.abs().sum():
                 param.normal_(0, 0.2)
-    return patch_moe(model, backend=backend)
+    return model if backend is None else patch_moe(model, backend=backend)
 
 
 def rank_inputs(family_name: str, rank: int, vocab: int = 90) -> dict:
@@ -31,5 +32,7 @@ def rank_inputs(family_name: str, rank: int, vocab: int = 90) -> dict:
 
 
 def forward(model, inputs: dict) -> torch.Tensor:
+    """Logits, or the last hidden states of an encoder without a head."""
     with torch.no_grad():
-        return model(**inputs).logits
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -1,0 +1,161 @@
+"""What each rank runs in the multi-process tests. Every function takes (rank, world, ...) and returns plain
+values for the parent test to assert on; several checks share one process group to keep CI time low."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+from engine.families import FAMILIES
+from models import build, forward, rank_inputs
+
+STRATEGIES = ("moeshard", "ep", "ep-capacity", "auto")
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out - reference).abs().max() / reference.abs().max()).item()
+
+
+def equivalence(rank, world, strategies=STRATEGIES, families=tuple(FAMILIES)):
+    """(family, strategy) → (relative error against the single-process model on this rank's batch,
+    host synchronisations in the pass, tokens dropped)."""
+    from engine.parallel import apply_strategy
+
+    results = {}
+    for family in families:
+        inputs = rank_inputs(family, rank)
+        reference = forward(build(family), inputs)
+        for strategy in strategies:
+            # A capacity factor this large drops nothing, so ep-capacity must match too.
+            model = apply_strategy(build(family), strategy, capacity_factor=100.0, stats=True)
+            out = forward(model, inputs)
+            state = model.tessera_parallel
+            results[(family, strategy)] = (relative_error(out, reference), state.sync.host_syncs,
+                                           state.stats.tokens_dropped)
+    return results
+
+
+def moeshard_triton(rank, world):
+    from engine.parallel import apply_strategy
+
+    inputs = {"input_ids": rank_inputs("qwen3_moe", rank)["input_ids"][:, :3]}
+    reference = forward(build("qwen3_moe", "reference"), inputs)
+    return relative_error(forward(apply_strategy(build("qwen3_moe", "triton"), "moeshard"), inputs), reference)
+
+
+def empty_rank_layer(rank, world):
+    """The last rank calls an MoE layer with no tokens: it still joins every collective. (Whole Hugging Face
+    models cannot run an empty batch; generation gives such a rank a dummy row.) → {strategy: (shape, error)}"""
+    from engine.parallel import apply_strategy
+
+    hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(7))
+    if rank == world - 1:
+        hidden = hidden[:0]
+    reference = build("mixtral").model.layers[0].mlp(hidden)
+    results = {}
+    for strategy in STRATEGIES:
+        block = apply_strategy(build("mixtral"), strategy, capacity_factor=100.0).model.layers[0].mlp
+        out = block(hidden)
+        results[strategy] = (tuple(out.shape), (out - reference).abs().max().item() if out.numel() else 0.0)
+    return results
+
+
+def deepspeed_keep(ids: list[list[int]], num_experts: int, capacity: int) -> list[list[bool]]:
+    """DeepSpeed-MoE's drop rule written out by hand: choice j of all tokens ranks after choices < j, then
+    token order; a pair is kept if fewer than `capacity` pairs ranked before it on its expert."""
+    seen = [0] * num_experts
+    keep = [[False] * len(row) for row in ids]
+    for j in range(len(ids[0]) if ids else 0):
+        for t, row in enumerate(ids):
+            e = row[j]
+            if 0 <= e < num_experts:
+                keep[t][j] = seen[e] < capacity
+                seen[e] += 1
+    return keep
+
+
+def ep_capacity_drops(rank, world, capacity_factor):
+    """An over-subscribed Mixtral layer under ep-capacity against the single-process layer with exactly
+    DeepSpeed's dropped pairs removed. → (error, dropped counted, dropped expected, capacity)"""
+    from engine.moe.experts import run_experts
+    from engine.moe.router import route, router_logits
+    from engine.parallel import apply_strategy
+    from engine.parallel.expert_parallel import deepspeed_capacity
+
+    tokens = [(2, 9), (3, 7), (1, 5)][: world]
+    batch, seq = tokens[rank]
+    rows = max(b * s for b, s in tokens)
+    hidden = torch.randn(batch, seq, 32, generator=torch.Generator().manual_seed(rank))
+    block = build("mixtral").model.layers[0].mlp
+    x = hidden.reshape(-1, 32)
+    ids, weights = route(block.spec, router_logits(block.spec, x, *block.router_parameters()), x.dtype)
+    capacity = deepspeed_capacity(rows, block.spec.num_experts, block.spec.top_k, capacity_factor, 4)
+    keep = torch.tensor(deepspeed_keep(ids.tolist(), block.spec.num_experts, capacity))
+    kept_ids = torch.where(keep, ids, block.spec.num_experts)
+    reference = run_experts(x, kept_ids, weights, block.expert_weights(), "reference")
+    model = apply_strategy(build("mixtral"), "ep-capacity", capacity_factor=capacity_factor, stats=True)
+    out = model.model.layers[0].mlp(hidden).reshape(-1, 32)
+    return ((out - reference).abs().max().item(), model.tessera_parallel.stats.tokens_dropped,
+            int((~keep).sum()), capacity)
+
+
+def rank_local_loading(rank, world, folders: dict, strategies=("moeshard", "ep")):
+    """Load each saved checkpoint rank-locally; → {(family, strategy): (error, reads, loaded bytes, split)}."""
+    from engine.parallel import load_parallel
+    from engine.parallel.runtime import split_range
+
+    results = {}
+    for family_name, folder in folders.items():
+        family = FAMILIES[family_name]
+        model_class = getattr(transformers, family.auto_class)
+        full = model_class.from_pretrained(folder).eval()
+        from engine.moe.patch import patch_moe
+
+        inputs = rank_inputs(family_name, rank)
+        reference = forward(patch_moe(full, backend="torch"), inputs)
+        config = full.config
+        ffn = {"switch_transformers": "d_ff", "mixtral": "intermediate_size"}.get(family_name, "moe_intermediate_size")
+        num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+        for strategy in strategies:
+            model = load_parallel(folder, family, strategy=strategy, backend="torch", model_class=model_class)
+            state = model.tessera_parallel
+            total = getattr(config, ffn) if strategy == "moeshard" else num_experts
+            results[(family_name, strategy)] = (
+                relative_error(forward(model, inputs), reference),
+                [(r.key, r.index, r.nbytes) for r in state.reads], state.loaded_bytes,
+                split_range(total, world, rank))
+    return results
+
+
+def lockstep_generation(rank, world, family_name, plans):
+    """Greedy generation with a different number of prompts, prompt length and new-token budget on every
+    rank (`plans[rank] = (prompts, length, max_new_tokens)`, 0 prompts allowed). → (sequences, reference)"""
+    from engine.parallel import apply_strategy, generate_lockstep
+
+    prompts, length, new_tokens = plans[rank]
+    ids = torch.randint(3, 90, (prompts, length), generator=torch.Generator().manual_seed(50 + rank))
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    results = {}
+    reference = build(family_name).generate(input_ids=ids, **kwargs) if prompts else ids[:0]
+    for strategy in ("moeshard", "ep", "auto"):
+        model = apply_strategy(build(family_name), strategy)
+        results[strategy] = generate_lockstep(model, ids, torch.ones_like(ids), **kwargs)
+    return results, reference
+
+
+def fail_or_stall(rank, world, mode):
+    """Rank 1 dies (`raise`) or stalls (`stall`) instead of running its forward pass; rank 0 must raise."""
+    import time
+
+    from engine.parallel import apply_strategy
+
+    model = apply_strategy(build("mixtral"), "moeshard")
+    if rank == 1:
+        if mode == "raise":
+            raise RuntimeError("injected failure on rank 1")
+        time.sleep(120)
+    start = time.monotonic()
+    try:
+        forward(model, rank_inputs("mixtral", rank))
+    except Exception as e:  # what the surviving rank sees, and how long it took to see it
+        return ("raised", type(e).__name__, time.monotonic() - start)
+    return ("returned", None, time.monotonic() - start)
