@@ -88,7 +88,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--model", action="append", type=_kv, metavar="TASK=DIR", help="a fine-tuned model (repeatable)")
     p.add_argument("--method", help="merge algorithm, e.g. task_arithmetic, ties, dare_ties, emr, tsv_m")
     p.add_argument("--param", action="append", type=_kv, metavar="KEY=VALUE", help="algorithm parameter (repeatable)")
-    p.add_argument("--size", help="multiplier (2.25), byte budget (800MB) or 'all' for the whole size curve")
+    p.add_argument("--size", help="multiplier (2.25), byte budget (800MB), 'min' (everything merged) or 'all' (the whole size curve)")
     p.add_argument("--blocks", help="block layout: auto, clip, vit, bert, t5, llama, mistral, qwen")
     p.add_argument("--similarity", choices=["cosine", "euclidean", "sign"])
     p.add_argument("--out", help="artifact folder (written atomically)")
@@ -107,3 +107,21 @@ def add_commands(subparsers) -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m merge.cli merge|export ...`: the same commands without the rest of the `tessera` CLI."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m merge.cli")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -236,13 +236,14 @@ def run(spec: MergeSpec) -> dict:
     stats = session.scan()
     steps = session.steps_for(stats)
     sizes = sizing.curve(session.costs, steps, session.M, session.method.modulated)
-    if kind == "multiplier":
+    if kind == "min":
+        state = len(sizes) - 1
+    elif kind == "multiplier":
         if value < 1.0:
             raise ValueError(f"size must be at least 1 (one merged model), got {value}")
-        budget = value * session.base_bytes
+        state = sizing.choose_state(sizes, value * session.base_bytes)
     else:
-        budget = value
-    state = sizing.choose_state(sizes, budget)
+        state = sizing.choose_state(sizes, value)
     parts = greedy.partitions_at(steps, len(session.blocks), session.M, state)
     manifest = write_artifact(session, stats, parts, sizes[state], Path(spec.out), plan_json(session, steps, sizes), state)
     return {

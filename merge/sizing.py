@@ -79,18 +79,18 @@ def parse_bytes(text) -> float:
 
 
 def parse_size(text) -> tuple[str, float]:
-    """`all`, a multiplier (`2.25`, `2.25x`) or a byte budget (`800MB`, `1.5GiB`, `123456B`)."""
+    """`all`, `min` (one group per block), a multiplier (`2.25`, `2.25x`) or a byte budget (`800MB`)."""
     if isinstance(text, (int, float)):
         return "multiplier", float(text)
     s = str(text).strip().lower()
-    if s == "all":
-        return "all", 0.0
+    if s in ("all", "min"):
+        return s, 0.0
     if s.endswith("b"):
         return "bytes", parse_bytes(s)
     try:
         return "multiplier", float(s.rstrip("x×"))
     except ValueError:
-        raise ValueError(f"size must be 'all', a multiplier like 2.25 or a byte budget like 800MB, got {text!r}") from None
+        raise ValueError(f"size must be 'all', 'min', a multiplier like 2.25 or a byte budget like 800MB, got {text!r}") from None
 
 
 def choose_state(sizes: list[int], budget: float) -> int:

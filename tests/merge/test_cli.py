@@ -48,6 +48,16 @@ def test_merge_produces_any_requested_size(config, size, capsys):
         assert all(len(b["groups"]) == 1 for b in m["blocks"])
 
 
+def test_min_size_merges_every_block_even_with_modulators(config):
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(method="emr", params={}, size="min")
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(config)]) == 0
+    m = manifest(config.parent / "merged")
+    assert all(len(b["groups"]) == 1 and b["groups"][0]["kind"] == "modulated" for b in m["blocks"])
+    assert m["size"]["state"] == m["size"]["states"] - 1 and m["size"]["multiplier"] > 2
+
+
 def test_config_relative_paths_byte_budget_and_flags_override(config):
     assert main(["merge", str(config), "--size", "50KB", "--method", "dare_ties", "--param", "seed=3"]) == 0
     m = manifest(config.parent / "merged")

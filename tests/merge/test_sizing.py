@@ -24,7 +24,7 @@ def test_modulated_curve_counts_base_once_masks_as_bits_and_scales():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("all", ("all", 0.0)), ("2.25", ("multiplier", 2.25)), ("3x", ("multiplier", 3.0)), (1, ("multiplier", 1.0)),
+    [("all", ("all", 0.0)), ("min", ("min", 0.0)), ("2.25", ("multiplier", 2.25)), ("3x", ("multiplier", 3.0)), (1, ("multiplier", 1.0)),
      ("800MB", ("bytes", 8e8)), ("1.5GiB", ("bytes", 1.5 * 1024**3)), ("1234B", ("bytes", 1234.0))],
 )
 def test_parse_size(text, expected):
