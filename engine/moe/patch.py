@@ -53,6 +53,26 @@ def set_backend(model: nn.Module, backend: str) -> None:
         block.backend = backend
 
 
+def track_routing(model: nn.Module, enabled: bool = True) -> None:
+    """Start (or stop) counting routed pairs per expert in every MoE block, on the device."""
+    for _, block in moe_blocks(model):
+        if enabled:
+            device = next(iter(block.parameters())).device
+            block.routed_counts = torch.zeros(block.spec.num_experts + 1, dtype=torch.int64, device=device)
+        else:
+            block.routed_counts = None
+
+
+def take_routing_counts(model: nn.Module) -> dict[str, list[int]]:
+    """Per block: routed pairs per expert plus dropped pairs (last entry) since the last call; resets them."""
+    counts = {}
+    for name, block in moe_blocks(model):
+        if block.routed_counts is not None:
+            counts[name] = block.routed_counts.tolist()
+            block.routed_counts.zero_()
+    return counts
+
+
 def _install_health_check(model: nn.Module) -> None:
     from engine.moe.layer import RouterHealth
 

@@ -1,0 +1,193 @@
+"""Dynamic batching on rank 0: a bounded queue of requests, a thread that forms batches (up to a token and a
+sequence budget, waiting at most `max_wait_ms` for company) and runs them on all ranks.
+
+The queue is bounded, so memory does not grow with load: a full queue is answered 503 at once. A streaming
+request is placed on rank 0, whose generation loop hands each new token to the client as it is made; other
+requests are spread over the ranks by prompt tokens, longest first. A client that goes away is marked cancelled:
+its slot is freed at once and its row stops generating at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.serving.coordinator import Coordinator, RankFailure
+from engine.serving.metrics import Metrics
+
+_STOP = object()
+
+
+class Overloaded(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    kind: str  # "embed" or "generate"
+    token_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    params: dict = field(default_factory=dict)  # generate: max_tokens, temperature, top_p, seed
+    stream: bool = False
+    future: asyncio.Future | None = None
+    tokens: asyncio.Queue | None = None  # streaming: new tokens per step, then None
+    cancelled: bool = False
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def batch_key(self):
+        if self.kind == "embed":
+            return ("embed",)
+        return ("generate", self.params["temperature"], self.params["top_p"])
+
+
+class BatchEngine:
+    def __init__(self, coordinator: Coordinator, config, metrics: Metrics):
+        self.coordinator, self.config, self.metrics = coordinator, config, metrics
+        self.queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
+        self.held: collections.deque = collections.deque()  # taken from the queue, waiting for a fitting batch
+        self.healthy = True
+        self.failure: str | None = None
+        self._inflight: list[Request] = []
+        self._thread = threading.Thread(target=self._run, name="tessera-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        if not self.healthy:
+            raise RankFailure(self.failure or "a worker rank failed")
+        try:
+            self.queue.put_nowait(request)
+        except queue.Full:
+            raise Overloaded from None
+        self.metrics.queue_depth.set(self.queue.qsize() + len(self.held))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, tell the other ranks to stop, and end the thread."""
+        self.queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _next(self, timeout: float):
+        if self.held:
+            return self.held.popleft()
+        return self.queue.get(timeout=timeout)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    first = self._next(self.config.heartbeat_s)
+                except queue.Empty:
+                    self.coordinator.execute({"type": "ping"})
+                    continue
+                if first is _STOP:
+                    break
+                if first.cancelled:
+                    continue
+                batch = self._collect(first)
+                self.metrics.queue_depth.set(self.queue.qsize() + len(self.held))
+                self._execute(batch)
+            self.coordinator.stop()
+        except RankFailure as err:
+            self._fail(str(err))
+
+    def _collect(self, first: Request) -> list[Request]:
+        batch, tokens = [first], len(first.token_ids)
+        deadline = time.perf_counter() + self.config.max_wait_ms / 1e3
+        while len(batch) < self.config.max_batch_size:
+            try:
+                request = self.queue.get(timeout=max(deadline - time.perf_counter(), 0))
+            except queue.Empty:
+                break
+            if request is _STOP:
+                self.held.append(request)
+                break
+            if request.cancelled:
+                continue
+            if request.batch_key() != first.batch_key() or tokens + len(request.token_ids) > self.config.max_batch_tokens:
+                self.held.append(request)
+                break
+            batch.append(request)
+            tokens += len(request.token_ids)
+        return batch
+
+    def _assign(self, batch: list[Request]) -> list[list[int]]:
+        """Row indices per rank: streaming rows on rank 0, the rest longest-first to the least-loaded rank."""
+        world = self.coordinator.world
+        shares, load = [[] for _ in range(world)], [0] * world
+        order = sorted(range(len(batch)), key=lambda i: (not batch[i].stream, -len(batch[i].token_ids)))
+        for i in order:
+            rank = 0 if batch[i].stream else min(range(world), key=lambda r: load[r])
+            shares[rank].append(i)
+            load[rank] += len(batch[i].token_ids)
+        return shares
+
+    def _execute(self, batch: list[Request]) -> None:
+        shares = self._assign(batch)
+        work = [[batch[i].token_ids for i in share] for share in shares]
+        op = {"type": batch[0].kind, "work": work}
+        streamer = cancelled = None
+        if batch[0].kind == "generate":
+            limits = [[batch[i].params["max_tokens"] for i in share] for share in shares]
+            op.update(limits=limits, params=dict(max_new_tokens=max(map(max, filter(None, limits))),
+                                                 temperature=batch[0].params["temperature"],
+                                                 top_p=batch[0].params["top_p"], seed=batch[0].params["seed"]))
+            local = [batch[i] for i in shares[0]]
+            cancelled = lambda: [r.cancelled for r in local]  # noqa: E731
+            streamer = lambda step: self._stream_step(local, step)  # noqa: E731
+        self.metrics.batch_size.observe(len(batch))
+        prompt_tokens = sum(len(r.token_ids) for r in batch)
+        self.metrics.batch_tokens.observe(prompt_tokens)
+        self.metrics.tokens_in.inc(prompt_tokens)
+        self._inflight = batch
+        try:
+            results = self.coordinator.execute(op, streamer, cancelled)
+        except RankFailure:
+            raise
+        except Exception as err:  # a bad batch fails its requests, not the server
+            for request in batch:
+                self._finish(request, err)
+            return
+        self.metrics.record_results(results)
+        key = "embeddings" if op["type"] == "embed" else "tokens"
+        for share, result in zip(shares, results):
+            for i, value in zip(share, result[key]):
+                if op["type"] == "generate":
+                    self.metrics.tokens_out.inc(len(value))
+                self._finish(batch[i], value)
+
+    def _stream_step(self, requests: list[Request], step: list[int]) -> None:
+        now = time.perf_counter()
+        for request, token in zip(requests, step):
+            if request.stream and not request.cancelled:
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                    self.metrics.time_to_first_token.observe(now - request.enqueued_at)
+                request.loop.call_soon_threadsafe(request.tokens.put_nowait, token)
+
+    def _finish(self, request: Request, value) -> None:
+        if request.stream:
+            request.loop.call_soon_threadsafe(request.tokens.put_nowait, value if isinstance(value, Exception)
+                                              else None)
+        elif not request.future.done():
+            setter = request.future.set_exception if isinstance(value, Exception) else request.future.set_result
+            request.loop.call_soon_threadsafe(lambda: request.future.done() or setter(value))
+
+    def _fail(self, message: str) -> None:
+        """A rank is gone: report unhealthy, fail everything waiting, and exit non-zero shortly after."""
+        self.healthy, self.failure = False, message
+        self.metrics.healthy.set(0)
+        error = RankFailure(message)
+        pending = self._inflight + list(self.held)
+        while not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        for request in pending:
+            if request is not _STOP:
+                self._finish(request, error)
+        print(f"tessera serve: {message}; exiting", flush=True)
+        threading.Timer(2.0, lambda: os._exit(1)).start()

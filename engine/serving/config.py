@@ -1,0 +1,41 @@
+"""Server settings: defaults, overridden by a YAML file (`--config configs/serve/X.yaml`), overridden by flags."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ServeConfig:
+    model: str = "minilm-moe"
+    strategy: str = "auto"  # single | moeshard | ep | ep-capacity | auto (one rank: always single)
+    backend: str | None = None
+    dtype: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_tokens: int = 8192  # prompt tokens in one batch, over all ranks
+    max_batch_size: int = 64  # sequences in one batch
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_queue: int = 256  # requests waiting; past it, 503 with Retry-After
+    max_input_tokens: int = 512  # per input text; past it, 413
+    max_new_tokens: int = 256  # the largest `max_tokens` a completion may ask for
+    heartbeat_s: float = 2.0  # idle ranks are pinged this often, so a dead rank is noticed
+    rank_timeout_s: float = 60.0  # a collective that waits longer means a rank is gone
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides) -> "ServeConfig":
+        values = {}
+        if path:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            unknown = set(data) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+            values.update(data)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

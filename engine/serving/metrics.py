@@ -1,0 +1,44 @@
+"""Prometheus metrics of the server (GET /metrics), in a registry of their own."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.request_latency = Histogram("tessera_request_latency_seconds", "Request latency, arrival to answer",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("tessera_time_to_first_token_seconds",
+                                             "Arrival to first generated token", buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("tessera_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
+                                registry=r)
+        self.queue_depth = Gauge("tessera_queue_depth", "Requests waiting for a batch", registry=r)
+        self.batch_size = Histogram("tessera_batch_size", "Sequences per batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_tokens = Histogram("tessera_batch_tokens", "Prompt tokens per batch",
+                                      buckets=(16, 64, 256, 1024, 4096, 16384, 65536), registry=r)
+        self.tokens_in = Counter("tessera_tokens_in", "Prompt tokens processed", registry=r)
+        self.tokens_out = Counter("tessera_tokens_out", "Tokens generated", registry=r)
+        self.expert_load = Counter("tessera_expert_tokens", "Token-expert pairs routed, per MoE layer and expert",
+                                   ["layer", "expert"], registry=r)
+        self.tokens_dropped = Counter("tessera_tokens_dropped", "Token-expert pairs dropped by a capacity limit",
+                                      registry=r)
+        self.rank_compute = Counter("tessera_rank_compute_seconds", "Compute time per rank", ["rank"], registry=r)
+        self.healthy = Gauge("tessera_healthy", "1 while every rank answers", registry=r)
+        self.healthy.set(1)
+
+    def record_results(self, results: list[dict]) -> None:
+        """Per-rank compute time and routing statistics of one executed operation."""
+        for rank, result in enumerate(results):
+            self.rank_compute.labels(str(rank)).inc(result["seconds"])
+            for layer, counts in result["routing"].items():
+                for expert, count in enumerate(counts[:-1]):
+                    if count:
+                        self.expert_load.labels(layer, str(expert)).inc(count)
+                self.tokens_dropped.inc(counts[-1])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,125 @@
+"""What every rank does with its share of a batch: embed texts, or generate continuations.
+
+Rank 0 decides the batches and sends each rank its rows (`engine.serving.coordinator`); every rank runs its rows
+through the model, whose MoE layers exchange tokens with the other ranks according to the strategy. A rank with
+no rows still runs one dummy row, so it joins every collective and nothing waits for it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from engine.models.bert_moe import mean_pool_normalized
+from engine.moe.patch import take_routing_counts, track_routing
+
+
+def model_kind(model) -> str:
+    if not model.can_generate():
+        return "encoder"
+    return "seq2seq" if model.config.is_encoder_decoder else "decoder"
+
+
+class RowLimits(StoppingCriteria):
+    """Each row stops at its own token limit, or when its client has gone (`cancelled()` says which)."""
+
+    def __init__(self, prompt_len: int, limits: list[int], cancelled=None):
+        self.prompt_len, self.limits, self.cancelled = prompt_len, limits, cancelled
+
+    def __call__(self, input_ids, scores, **kwargs):
+        generated = input_ids.shape[1] - self.prompt_len
+        gone = self.cancelled() if self.cancelled else [False] * len(self.limits)
+        done = [generated >= limit or stop for limit, stop in zip(self.limits, gone)]
+        done += [True] * (input_ids.shape[0] - len(done))  # a rank's dummy row
+        return torch.tensor(done, device=input_ids.device)
+
+
+class StepStreamer(BaseStreamer):
+    """Calls `on_step(tokens)` with each step's new token per row (the first `put` is the prompt: skipped)."""
+
+    def __init__(self, on_step):
+        self.on_step, self._started = on_step, False
+
+    def put(self, value):
+        if not self._started:
+            self._started = True
+            return
+        self.on_step(value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
+class Runner:
+    def __init__(self, model, tokenizer, rank: int = 0, world: int = 1):
+        self.model, self.tokenizer, self.rank, self.world = model, tokenizer, rank, world
+        self.kind = model_kind(model)
+        self.device = next(model.parameters()).device
+        track_routing(model)
+
+    def run(self, op: dict, streamer=None, cancelled=None) -> dict:
+        start = time.perf_counter()
+        rows = op["work"][self.rank] if op.get("work") else []
+        if op["type"] == "embed":
+            out = {"embeddings": self._embed(rows)}
+        elif op["type"] == "generate":
+            out = {"tokens": self._generate(rows, op["params"], op["limits"][self.rank], streamer, cancelled)}
+        elif op["type"] == "ping":
+            out = {}
+        else:
+            raise ValueError(f"unknown operation {op['type']!r}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out["seconds"] = time.perf_counter() - start
+        out["routing"] = take_routing_counts(self.model)
+        return out
+
+    def _pad(self, rows: list[list[int]], left: bool):
+        rows = rows or [[self.tokenizer.pad_token_id]]  # a rank without work runs a dummy row
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row)
+            mask[i, span] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _embed(self, rows):
+        ids, mask = self._pad(rows, left=False)
+        with torch.no_grad():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return mean_pool_normalized(hidden.float(), mask)[: len(rows)].cpu().tolist()
+
+    def _generate(self, rows, params, limits, streamer, cancelled):
+        from engine.parallel import generate_lockstep
+
+        ids, mask = self._pad(rows, left=self.kind == "decoder")
+        prompt_len = ids.shape[1] if self.kind == "decoder" else 1  # seq2seq: the decoder start token
+        sampling = params["temperature"] > 0
+        if sampling:
+            torch.manual_seed(params["seed"] + self.rank)
+        kwargs = dict(max_new_tokens=params["max_new_tokens"], do_sample=sampling,
+                      pad_token_id=self.tokenizer.pad_token_id,
+                      stopping_criteria=StoppingCriteriaList([RowLimits(prompt_len, limits or [0], cancelled)]))
+        if sampling:
+            kwargs.update(temperature=params["temperature"], top_p=params["top_p"], top_k=0)
+        if streamer is not None:
+            kwargs["streamer"] = StepStreamer(streamer)
+        with torch.no_grad():
+            if self.world > 1:
+                out = generate_lockstep(self.model, ids[: len(rows)] if rows else ids[:0], mask[: len(rows)] if rows
+                                        else mask[:0], **kwargs)
+            else:
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for row, limit in zip(out[:, prompt_len:].tolist(), limits):
+            row = row[:limit]
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            result.append(row)
+        return result

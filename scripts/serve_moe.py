@@ -1,0 +1,99 @@
+"""Serve a MoE model over HTTP on one node's GPUs (or CPU worker processes), one rank per device.
+
+    torchrun --nproc-per-node 4 scripts/serve_moe.py [--model NAME] [--config configs/serve/X.yaml]
+             [--strategy auto] [--host 127.0.0.1] [--port 8000]
+    python scripts/serve_moe.py ...          # one process, no torchrun
+
+Rank 0 runs the HTTP server and the batch scheduler; every rank runs its share of each batch through attention,
+and the MoE layers use the chosen strategy across ranks. With no model named, it serves `minilm-moe`: the real
+all-MiniLM-L6-v2 upcycled into 8 experts per layer, built offline in seconds and cached. SIGTERM drains the
+requests in flight, then exits 0; a rank that dies makes the server exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML settings (configs/serve/default.yaml); flags override them")
+    parser.add_argument("--model")
+    parser.add_argument("--strategy", choices=["single", "moeshard", "ep", "ep-capacity", "auto"])
+    parser.add_argument("--backend", choices=["triton", "torch", "reference", "eager"])
+    parser.add_argument("--dtype")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--max-batch-tokens", type=int)
+    parser.add_argument("--max-batch-size", type=int)
+    parser.add_argument("--max-wait-ms", type=float)
+    parser.add_argument("--max-queue", type=int)
+    parser.add_argument("--max-input-tokens", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from engine.registry import _entry_for, load
+    from engine.serving.config import ServeConfig
+    from engine.serving.coordinator import Coordinator, follow
+    from engine.serving.runner import Runner, model_kind
+    from engine.serving.tokenizer import load_tokenizer
+
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    config = ServeConfig.load(args.config, **overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    strategy = "single"
+    if world > 1:
+        from engine.parallel import init_distributed
+
+        dist_info = init_distributed(timeout_s=config.rank_timeout_s)
+        rank, strategy = dist_info.rank, config.strategy
+        device = dist_info.device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, folder = _entry_for(config.model)
+    model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
+    tokenizer = load_tokenizer(folder, model.config.vocab_size)
+    runner = Runner(model, tokenizer, rank, world)
+    coordinator = Coordinator(runner, world, config.rank_timeout_s)
+    if rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
+        follow(coordinator)
+        return 0
+    return serve(config, coordinator, tokenizer, model_kind(model))
+
+
+def serve(config, coordinator, tokenizer, kind: str) -> int:
+    import uvicorn
+
+    from engine.serving.app import create_app
+    from engine.serving.batcher import BatchEngine
+    from engine.serving.metrics import Metrics
+
+    metrics = Metrics()
+    engine = BatchEngine(coordinator, config, metrics)
+    engine.start()
+    app = create_app(engine, config, tokenizer, config.model, kind, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           timeout_graceful_shutdown=config.drain_timeout_s))
+    print(f"tessera serving {config.model} ({kind}) on http://{config.host}:{config.port} "
+          f"with {coordinator.world} rank(s)", flush=True)
+    server.run()  # returns after SIGTERM/SIGINT, once requests in flight have finished
+    engine.stop(timeout=config.drain_timeout_s)
+    print("tessera: drained, exiting", flush=True)
+    return 0 if engine.healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
