@@ -101,24 +101,22 @@ def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[s
 
 
 def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Module:
-    """A transformers model for `task`, sharing its unmodulated tensors with the artifact's other tasks."""
+    """A transformers model for `task`, sharing its unmodulated tensors with the artifact's other tasks.
+
+    The state dict goes through `from_pretrained(None, config=..., state_dict=...)`, so checkpoint-format
+    renames (e.g. ViT's legacy names in transformers 5) are applied the way transformers loads any
+    checkpoint, and the tensors are used as they are: no copies."""
     import transformers
-    from accelerate import init_empty_weights
 
     state, store = task_state_dict(path, task, dtype=dtype, device=device)
     config = transformers.AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     if not archs or not hasattr(transformers, archs[0]):
         raise RuntimeError(f"{path}/config.json names no transformers architecture ({archs}); cannot build a model")
-    with init_empty_weights(include_buffers=False):
-        model = getattr(transformers, archs[0])(config)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise RuntimeError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to {archs[0]}")
-    model.tie_weights()
-    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_empty:
-        raise RuntimeError(f"{path}: no weights for {still_empty[:5]} of {archs[0]}")
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    model = getattr(transformers, archs[0]).from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype or (floating[0] if floating else None)
+    )
     if device is not None:
         model.to(device)
     model._tessera_store = store  # keeps the shared tensors alive (and shared) while any task model lives

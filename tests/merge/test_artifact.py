@@ -136,3 +136,15 @@ def test_modulated_accounting_matches_stored_bytes(tmp_path):
     assert manifest["size"]["bytes"] <= full * 0.8
     assert sum(stored.nbytes(n) for n in stored.names) == manifest["size"]["bytes"]
     assert any(n.endswith("::mask") for n in stored.names) and any(n.endswith("::base") for n in stored.names)
+
+
+def test_checkpoint_format_renames_are_applied_and_tensors_still_shared(tmp_path):
+    """transformers 5 saves ViT under legacy names and renames them on load; so must load_task_model."""
+    base, models = make_family(tmp_path, "vit")
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in Checkpoint(base).names
+    out = merge_to(tmp_path, base, models, size=1)
+    a, b = load_task_model(out, "a"), load_task_model(out, "b")
+    assert all(p.data_ptr() == q.data_ptr() for p, q in zip(a.parameters(), b.parameters()))
+    hf = T.ViTForImageClassification.from_pretrained(out).eval()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(a(pixel_values=x).logits, hf(pixel_values=x).logits)
