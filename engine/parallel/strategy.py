@@ -78,7 +78,8 @@ def _first_tensor_rows(args, kwargs) -> dict:
 
 
 def install_executors(model: nn.Module, strategy: str, dist: Dist, *, capacity_factor: float = 1.0,
-                      min_capacity: int = 4, stats: bool = False) -> ParallelState:
+                      min_capacity: int = 4, stats: bool = False,
+                      calibration_tokens: tuple[int, int] = (1024, 16384)) -> ParallelState:
     """Hook the pass synchronisation and give every MoE block its strategy's executor. Models without a
     Hugging Face config (e.g. a bare layer stack) count tokens from their first input `(..., H)`."""
     sync = PassSync(dist)
@@ -93,7 +94,7 @@ def install_executors(model: nn.Module, strategy: str, dist: Dist, *, capacity_f
         shapes = {}
         for _, block in blocks:
             shapes.setdefault(layer_shape(block), (block.moeshard_part.weights(), block.ep_part.weights()))
-        state.cost_model = calibrate(dist, shapes, blocks[0][1].backend)
+        state.cost_model = calibrate(dist, shapes, blocks[0][1].backend, token_sizes=calibration_tokens)
     for name, block in blocks:
         stream = stream_of(name, model)
         if strategy == "moeshard":
@@ -111,12 +112,14 @@ def install_executors(model: nn.Module, strategy: str, dist: Dist, *, capacity_f
 
 
 def apply_strategy(model: nn.Module, strategy: str, group=None, *, capacity_factor: float = 1.0,
-                   min_capacity: int = 4, stats: bool = False, backend: str | None = None) -> nn.Module:
+                   min_capacity: int = 4, stats: bool = False, backend: str | None = None,
+                   calibration_tokens: tuple[int, int] = (1024, 16384)) -> nn.Module:
     """Distribute a model that every rank holds whole in memory (patched by `patch_moe`, or patched here with
     `backend`): keep this rank's expert part, free the rest, install the executors. Returns the model.
 
     `capacity_factor`/`min_capacity` apply to `ep-capacity` (DeepSpeed's defaults: 1.0 and 4). `stats` keeps
-    byte/row/drop counters in `model.tessera_parallel.stats`.
+    byte/row/drop counters in `model.tessera_parallel.stats`. `calibration_tokens`: the two per-rank token
+    counts at which `auto` measures both paths at start-up (pick sizes near the batches you will run).
     """
     check_strategy(strategy)
     if not moe_blocks(model):
@@ -126,5 +129,5 @@ def apply_strategy(model: nn.Module, strategy: str, group=None, *, capacity_fact
     dist = Dist.current(group)
     plan_parts(model, strategy, dist, meta=False)
     install_executors(model, strategy, dist, capacity_factor=capacity_factor, min_capacity=min_capacity,
-                      stats=stats)
+                      stats=stats, calibration_tokens=calibration_tokens)
     return model

@@ -9,6 +9,13 @@ from engine.families import FAMILIES
 from models import build, forward, rank_inputs
 
 STRATEGIES = ("moeshard", "ep", "ep-capacity", "auto")
+SMALL_CALIBRATION = (64, 512)  # auto's start-up measurement, sized for the tiny test models
+
+
+def distribute(model, strategy, **kwargs):
+    from engine.parallel import apply_strategy
+
+    return apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, **kwargs)
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -18,15 +25,13 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 def equivalence(rank, world, strategies=STRATEGIES, families=tuple(FAMILIES)):
     """(family, strategy) → (relative error against the single-process model on this rank's batch,
     host synchronisations in the pass, tokens dropped)."""
-    from engine.parallel import apply_strategy
-
     results = {}
     for family in families:
         inputs = rank_inputs(family, rank)
         reference = forward(build(family), inputs)
         for strategy in strategies:
             # A capacity factor this large drops nothing, so ep-capacity must match too.
-            model = apply_strategy(build(family), strategy, capacity_factor=100.0, stats=True)
+            model = distribute(build(family), strategy, capacity_factor=100.0, stats=True)
             out = forward(model, inputs)
             state = model.tessera_parallel
             results[(family, strategy)] = (relative_error(out, reference), state.sync.host_syncs,
@@ -35,25 +40,21 @@ def equivalence(rank, world, strategies=STRATEGIES, families=tuple(FAMILIES)):
 
 
 def moeshard_triton(rank, world):
-    from engine.parallel import apply_strategy
-
     inputs = {"input_ids": rank_inputs("qwen3_moe", rank)["input_ids"][:, :3]}
     reference = forward(build("qwen3_moe", "reference"), inputs)
-    return relative_error(forward(apply_strategy(build("qwen3_moe", "triton"), "moeshard"), inputs), reference)
+    return relative_error(forward(distribute(build("qwen3_moe", "triton"), "moeshard"), inputs), reference)
 
 
 def empty_rank_layer(rank, world):
     """The last rank calls an MoE layer with no tokens: it still joins every collective. (Whole Hugging Face
     models cannot run an empty batch; generation gives such a rank a dummy row.) → {strategy: (shape, error)}"""
-    from engine.parallel import apply_strategy
-
     hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(7))
     if rank == world - 1:
         hidden = hidden[:0]
     reference = build("mixtral").model.layers[0].mlp(hidden)
     results = {}
     for strategy in STRATEGIES:
-        block = apply_strategy(build("mixtral"), strategy, capacity_factor=100.0).model.layers[0].mlp
+        block = distribute(build("mixtral"), strategy, capacity_factor=100.0).model.layers[0].mlp
         out = block(hidden)
         results[strategy] = (tuple(out.shape), (out - reference).abs().max().item() if out.numel() else 0.0)
     return results
@@ -78,7 +79,6 @@ def ep_capacity_drops(rank, world, capacity_factor):
     DeepSpeed's dropped pairs removed. → (error, dropped counted, dropped expected, capacity)"""
     from engine.moe.experts import run_experts
     from engine.moe.router import route, router_logits
-    from engine.parallel import apply_strategy
     from engine.parallel.expert_parallel import deepspeed_capacity
 
     tokens = [(2, 9), (3, 7), (1, 5)][: world]
@@ -92,7 +92,7 @@ def ep_capacity_drops(rank, world, capacity_factor):
     keep = torch.tensor(deepspeed_keep(ids.tolist(), block.spec.num_experts, capacity))
     kept_ids = torch.where(keep, ids, block.spec.num_experts)
     reference = run_experts(x, kept_ids, weights, block.expert_weights(), "reference")
-    model = apply_strategy(build("mixtral"), "ep-capacity", capacity_factor=capacity_factor, stats=True)
+    model = distribute(build("mixtral"), "ep-capacity", capacity_factor=capacity_factor, stats=True)
     out = model.model.layers[0].mlp(hidden).reshape(-1, 32)
     return ((out - reference).abs().max().item(), model.tessera_parallel.stats.tokens_dropped,
             int((~keep).sum()), capacity)
@@ -129,7 +129,7 @@ def rank_local_loading(rank, world, folders: dict, strategies=("moeshard", "ep")
 def lockstep_generation(rank, world, family_name, plans):
     """Greedy generation with a different number of prompts, prompt length and new-token budget on every
     rank (`plans[rank] = (prompts, length, max_new_tokens)`, 0 prompts allowed). → (sequences, reference)"""
-    from engine.parallel import apply_strategy, generate_lockstep
+    from engine.parallel import generate_lockstep
 
     prompts, length, new_tokens = plans[rank]
     ids = torch.randint(3, 90, (prompts, length), generator=torch.Generator().manual_seed(50 + rank))
@@ -137,25 +137,47 @@ def lockstep_generation(rank, world, family_name, plans):
     results = {}
     reference = build(family_name).generate(input_ids=ids, **kwargs) if prompts else ids[:0]
     for strategy in ("moeshard", "ep", "auto"):
-        model = apply_strategy(build(family_name), strategy)
+        model = distribute(build(family_name), strategy)
         results[strategy] = generate_lockstep(model, ids, torch.ones_like(ids), **kwargs)
     return results, reference
 
 
-def fail_or_stall(rank, world, mode):
-    """Rank 1 dies (`raise`) or stalls (`stall`) instead of running its forward pass; rank 0 must raise."""
+def fail_or_stall(rank, world, mode, stall_s=0.0):
+    """Rank 1 dies (`raise`) or stalls for `stall_s` (`stall`, longer than the collective timeout) before its
+    forward pass; rank 0 must raise, and so must rank 1 once it wakes up to a group that has gone."""
     import time
 
-    from engine.parallel import apply_strategy
-
-    model = apply_strategy(build("mixtral"), "moeshard")
+    model = distribute(build("mixtral"), "moeshard")
     if rank == 1:
         if mode == "raise":
             raise RuntimeError("injected failure on rank 1")
-        time.sleep(120)
+        time.sleep(stall_s)
     start = time.monotonic()
     try:
         forward(model, rank_inputs("mixtral", rank))
     except Exception as e:  # what the surviving rank sees, and how long it took to see it
         return ("raised", type(e).__name__, time.monotonic() - start)
     return ("returned", None, time.monotonic() - start)
+
+
+def two_rank_session(rank, world, folders):
+    """Everything the two-rank tests check, in one process group (one start-up instead of six)."""
+    return {
+        "equivalence": equivalence(rank, world),
+        "triton": moeshard_triton(rank, world),
+        "empty_rank": empty_rank_layer(rank, world),
+        "capacity": ep_capacity_drops(rank, world, 0.5),
+        "loading": rank_local_loading(rank, world, folders),
+        "generation": {f: lockstep_generation(rank, world, f, [(2, 5, 3), (1, 7, 6)])
+                       for f in ("qwen3_moe", "switch_transformers")},
+    }
+
+
+def three_rank_session(rank, world, folders):
+    """Uneven remainders (F = 40 or 24 over 3 ranks, 4 to 8 experts over 3), loading included, and a rank
+    without prompts in generation."""
+    return {
+        "equivalence": equivalence(rank, world, ("moeshard", "ep", "auto")),
+        "loading": rank_local_loading(rank, world, folders),
+        "generation": lockstep_generation(rank, world, "mixtral", [(2, 4, 3), (1, 6, 5), (0, 4, 3)]),
+    }
