@@ -85,7 +85,17 @@ def serve(config, coordinator, tokenizer, kind: str) -> int:
     engine = BatchEngine(coordinator, config, metrics)
     engine.start()
     app = create_app(engine, config, tokenizer, config.model, kind, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
+        graceful shutdown, which would end the process with -15 instead)."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", [])
+            if sig == signal.SIGTERM and sig in captured:
+                captured.remove(sig)
+
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=config.drain_timeout_s))
     print(f"tessera serving {config.model} ({kind}) on http://{config.host}:{config.port} "
           f"with {coordinator.world} rank(s)", flush=True)

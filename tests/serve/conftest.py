@@ -1,0 +1,90 @@
+"""Real server processes on loopback: `torchrun --nproc-per-node 2` (gloo ranks) running scripts/serve_moe.py."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args, ranks: int = 2, startup_s: float = 240):
+        self.port = free_port()
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                   f"--master-port={free_port()}", str(ROOT / "scripts" / "serve_moe.py"),
+                   "--port", str(self.port), *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TESSERA_DIST_TIMEOUT": "60"}
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tessera-serve-{self.port}.log", "w+")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+        deadline = time.time() + startup_s
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not come up in {startup_s} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-6000:]
+
+    def worker_pids(self) -> dict[int, int]:
+        """rank -> pid of the worker processes torchrun started."""
+        pids = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != self.process.pid:
+                    continue
+                environ = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+            except (OSError, IndexError, ValueError):
+                continue
+            if "RANK" in environ:
+                pids[int(environ["RANK"])] = int(entry.name)
+        return pids
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.client.close()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server_factory():
+    started = []
+
+    def start(*args, **kwargs):
+        server = Server(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

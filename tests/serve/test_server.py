@@ -1,0 +1,150 @@
+"""scripts/serve_moe.py as users meet it: a real server over loopback with 2 gloo ranks."""
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import engine
+
+TEXTS = ["A man is eating food.", "The new movie is awesome", "tessera shards every expert over all GPUs"]
+
+
+@pytest.fixture(scope="module")
+def minilm(server_factory):
+    return server_factory("--strategy", "moeshard", "--max-queue", "4", "--max-batch-size", "2",
+                          "--max-input-tokens", "64")
+
+
+@pytest.fixture(scope="module")
+def mixtral(server_factory):
+    return server_factory("--model", "tiny-mixtral", "--strategy", "ep")
+
+
+def test_embeddings_equal_sentence_transformers(minilm):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from engine.models.minilm_moe import minilm_path
+
+    want = torch.tensor(sentence_transformers.SentenceTransformer(str(minilm_path()), device="cpu").encode(TEXTS))
+    response = minilm.client.post("/v1/embeddings", json={"input": TEXTS, "model": "minilm-moe"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    got = torch.tensor([item["embedding"] for item in sorted(body["data"], key=lambda d: d["index"])])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert body["usage"]["prompt_tokens"] > len(TEXTS)
+
+
+def test_health_and_metrics(minilm):
+    health = minilm.client.get("/health").json()
+    assert health["status"] == "ok" and health["ranks"] == 2
+    minilm.client.post("/v1/embeddings", json={"input": "warm the counters"})
+    families = {f.name: f for f in text_string_to_metric_families(minilm.client.get("/metrics").text)}
+    for name in ("tessera_request_latency_seconds", "tessera_queue_depth", "tessera_batch_size",
+                 "tessera_tokens_in", "tessera_expert_tokens", "tessera_rank_compute_seconds",
+                 "tessera_tokens_dropped", "tessera_time_to_first_token_seconds"):
+        assert name in families, name
+    ranks = {s.labels["rank"] for s in families["tessera_rank_compute_seconds"].samples}
+    assert ranks == {"0", "1"}
+    experts = {s.labels["expert"] for s in families["tessera_expert_tokens"].samples if s.value > 0}
+    assert len(experts) > 1
+
+
+@pytest.mark.parametrize("payload,status,param", [
+    (b"{not json", 400, None),
+    (json.dumps({"inputs": "typo in the field name"}).encode(), 400, "inputs"),
+    (json.dumps({"input": 42}).encode(), 400, "input"),
+    (json.dumps({"input": "x", "encoding_format": "base64"}).encode(), 400, "encoding_format"),
+    (json.dumps({"input": "x", "model": "other"}).encode(), 404, "model"),
+])
+def test_bad_requests_name_the_problem(minilm, payload, status, param):
+    response = minilm.client.post("/v1/embeddings", content=payload, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"]
+    if param:
+        assert error["param"] == param or param in error["message"]
+
+
+def test_oversize_input_is_413(minilm):
+    response = minilm.client.post("/v1/embeddings", json={"input": "word " * 200})
+    assert response.status_code == 413
+    assert "over this server's limit of 64" in response.json()["error"]["message"]
+
+
+def test_wrong_endpoint_for_the_model(minilm):
+    response = minilm.client.post("/v1/completions", json={"prompt": "hi"})
+    assert response.status_code == 400 and "encoder model" in response.json()["error"]["message"]
+
+
+def test_overload_is_503_with_retry_after_not_a_timeout(minilm):
+    async def flood():
+        async with httpx.AsyncClient(base_url=minilm.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/embeddings", json={"input": [f"text {i} " * 20]})
+                                          for i in range(60)))
+
+    responses = asyncio.run(flood())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}
+    assert 503 in statuses and 200 in statuses
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    assert minilm.client.get("/health").json()["status"] == "ok"
+
+
+def test_completions_match_single_process_generation(mixtral):
+    from engine.serving.tokenizer import ByteTokenizer
+
+    prompt = "hello tessera"
+    response = mixtral.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    model = engine.load("tiny-mixtral", device="cpu")
+    tokenizer = ByteTokenizer(model.config.vocab_size)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    want = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert choice["text"] == tokenizer.decode(want)
+    assert choice["finish_reason"] == "length"
+
+    with mixtral.client.stream("POST", "/v1/completions",
+                               json={"prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}) as stream:
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["finish_reason"] == "length"
+
+
+def test_completion_bad_fields(mixtral):
+    response = mixtral.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+    response = mixtral.client.post("/v1/completions", json={"prompt": "x", "temperature": 7})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(mixtral):
+    with mixtral.client.stream("POST", "/v1/completions",
+                               json={"prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}) as stream:
+        next(stream.iter_lines())  # the first token arrived; now hang up
+    response = mixtral.client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
+    assert response.status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory):
+    server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
+    with server.client.stream("POST", "/v1/completions",
+                              json={"prompt": "drain", "max_tokens": 40, "temperature": 0, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        os.kill(server.worker_pids()[0], signal.SIGTERM)  # rank 0: the HTTP server
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert server.wait(timeout=90) == 0, server.output()
+
+
+def test_a_killed_worker_makes_the_server_exit_non_zero(server_factory):
+    server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
+    os.kill(server.worker_pids()[1], signal.SIGKILL)
+    assert server.wait(timeout=120) != 0
