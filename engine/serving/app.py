@@ -103,7 +103,7 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
     async def health():
         if not engine.healthy:
             return JSONResponse({"status": "unhealthy", "reason": engine.failure}, status_code=503)
-        return {"status": "ok", "model": model_name, "ranks": engine.coordinator.world,
+        return {"status": "ok", "model": model_name, "kind": model_kind, "ranks": engine.coordinator.world,
                 "queue_depth": engine.queue.qsize()}
 
     @app.get("/metrics")
