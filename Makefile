@@ -1,11 +1,15 @@
-# Two entry points that work on a fresh machine with only Python: `make demo` and `make test`.
+# Two entry points that work on a fresh machine with only Python: `make serve` (the main job) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch first and pinned: an unpinned "torch" requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test venv clean
+# One rank per local GPU; two CPU worker processes where there is none.
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); if [ "$${n:-0}" -gt 0 ]; then echo $$n; else echo 2; fi)
+PORT ?= 8000
+
+.PHONY: serve demo test venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,6 +19,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+serve: venv
+	$(BIN)/torchrun --nproc-per-node $(NPROC) scripts/serve_moe.py --port $(PORT)
 
 demo: venv
 	$(BIN)/python scripts/demo.py
