@@ -54,17 +54,6 @@ class LayerShape:
     dtype: torch.dtype
     routing_dtype: torch.dtype
 
-    @property
-    def act_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    def gathered_row_bytes(self) -> int:
-        """One token's packed row in MoEShard's all-gather (hidden, ids, weights, each 8-byte aligned)."""
-        def aligned(n):
-            return n + (-n % 8)
-        w = torch.empty((), dtype=self.routing_dtype).element_size()
-        return aligned(self.hidden * self.act_bytes) + 8 * self.top_k + aligned(w * self.top_k)
-
 
 @dataclass
 class Prediction:

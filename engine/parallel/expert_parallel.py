@@ -94,8 +94,8 @@ def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
         stats.calls += 1
         stats.bytes_sent += (others + mine_out) * row_bytes
         stats.bytes_received += (mine_out + others) * row_bytes
-        stats.add_rows(torch.tensor(received.shape[0]))
-        stats.add_dropped(((topk_ids >= 0) & (topk_ids < num_experts) & ~kept)[:num_tokens].sum())
+        stats.add_rows(received.shape[0])
+        stats.add_dropped(((topk_ids >= 0) & (topk_ids < num_experts) & ~kept).sum())
     return pair_out.sum(1).to(hidden.dtype)
 
 
@@ -126,7 +126,7 @@ def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
         stats.calls += 1
         stats.bytes_sent += (sum(send) - send[me]) * packed.shape[1] + (sum(recv) - recv[me]) * hidden_size * returned.element_size()
         stats.bytes_received += (sum(recv) - recv[me]) * packed.shape[1] + (sum(send) - send[me]) * hidden_size * returned.element_size()
-        stats.add_rows(torch.tensor(sum(recv)))
+        stats.add_rows(sum(recv))
     return weighted.sum(1).to(hidden.dtype)
 
 

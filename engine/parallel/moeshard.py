@@ -2,7 +2,8 @@
 
 Per MoE layer, with `rows` the token count agreed for this pass (`pass_sync`):
 1. pad this rank's tokens to `rows`; padded rows get expert id `E`, which every backend skips;
-2. one all-gather of hidden states, expert ids and routing weights packed into one byte row per token;
+2. all-gather hidden states, expert ids and routing weights: packed into one byte row per token (one collective)
+   while the batch is small, as two collectives (hidden states gathered in place) once copying would cost more;
 3. this rank's slice of all experts on all gathered tokens: one expert-backend call (one launch per GEMM);
 4. one reduce-scatter of the partial outputs: each rank receives the sum over ranks for its own tokens.
 
@@ -20,6 +21,10 @@ from engine.parallel.rows import pack_rows, unpack_rows
 from engine.parallel.runtime import Dist
 from engine.parallel.stats import ExchangeStats, maybe_timing
 
+# Below this many bytes of hidden states per rank, one packed all-gather (hidden, ids, weights) beats two
+# collectives; above it, copying the hidden states into the packed buffer costs more than a collective's latency.
+PACK_LIMIT_BYTES = 1 << 20
+
 
 def moeshard_forward(dist: Dist, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      rows: int, part: ExpertWeights, backend: str, stats: ExchangeStats | None = None) -> torch.Tensor:
@@ -34,17 +39,25 @@ def moeshard_forward(dist: Dist, hidden: torch.Tensor, topk_ids: torch.Tensor, t
         hidden = F.pad(hidden, (0, 0, 0, pad))
         ids = F.pad(ids, (0, 0, 0, pad), value=part.num_experts)
         topk_weights = F.pad(topk_weights, (0, 0, 0, pad))
-    packed = pack_rows(hidden, ids, topk_weights)
-    gathered = dist.all_gather(packed)
-    x_all, ids_all, w_all = unpack_rows(gathered, [(hidden_size, hidden.dtype), (top_k, torch.int64),
-                                                   (top_k, topk_weights.dtype)])
+    routing_specs = [(top_k, torch.int64), (top_k, topk_weights.dtype)]
+    if dist.size == 1:  # nothing to exchange, so nothing to pack
+        x_all, ids_all, w_all, row_bytes = hidden, ids, topk_weights, 0
+    elif hidden.numel() * hidden.element_size() <= PACK_LIMIT_BYTES:  # latency-bound: one collective
+        packed = pack_rows(hidden, ids, topk_weights)
+        x_all, ids_all, w_all = unpack_rows(dist.all_gather(packed), [(hidden_size, hidden.dtype), *routing_specs])
+        row_bytes = packed.shape[1]
+    else:  # bandwidth-bound: gather the hidden states in place rather than copy them into a packed buffer
+        packed = pack_rows(ids, topk_weights)
+        x_all = dist.all_gather(hidden)
+        ids_all, w_all = unpack_rows(dist.all_gather(packed), routing_specs)
+        row_bytes = packed.shape[1] + hidden_size * hidden.element_size()
     with maybe_timing(stats, hidden.device):
         partial = run_experts(x_all, ids_all.contiguous(), w_all, part, backend, out_dtype=hidden.dtype)
     out = dist.reduce_scatter(partial)
     if stats is not None:
         others = dist.size - 1
         stats.calls += 1
-        moved = others * packed.numel() + others * rows * hidden_size * partial.element_size()
+        moved = others * rows * (row_bytes + hidden_size * partial.element_size())
         stats.bytes_sent += moved
         stats.bytes_received += moved
         stats.add_rows(((ids_all >= 0) & (ids_all < part.num_experts)).sum())

@@ -20,22 +20,26 @@ class ExchangeStats:
         self.calls = 0
         self.compute_s = 0.0
         self._rows: list[torch.Tensor] = []
+        self._host_rows = 0
         self._dropped: list[torch.Tensor] = []
         self.choices: dict[str, int] = {}
 
-    def add_rows(self, rows: torch.Tensor) -> None:
-        self._rows.append(rows.detach().reshape(()).to(torch.int64))
+    def add_rows(self, rows: "torch.Tensor | int") -> None:
+        if isinstance(rows, int):
+            self._host_rows += rows
+        else:
+            self._rows.append(rows.detach().reshape(()).to(torch.int64))
 
     def add_dropped(self, dropped: torch.Tensor) -> None:
         self._dropped.append(dropped.detach().reshape(()).to(torch.int64))
 
     @property
     def rows_computed(self) -> int:
-        return int(torch.stack(self._rows).sum()) if self._rows else 0
+        return self._host_rows + sum(int(r) for r in self._rows)
 
     @property
     def tokens_dropped(self) -> int:
-        return int(torch.stack(self._dropped).sum()) if self._dropped else 0
+        return sum(int(d) for d in self._dropped)
 
     @contextmanager
     def timing(self, device: torch.device):

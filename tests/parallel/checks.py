@@ -45,6 +45,19 @@ def moeshard_triton(rank, world):
     return relative_error(forward(distribute(build("qwen3_moe", "triton"), "moeshard"), inputs), reference)
 
 
+def moeshard_unpacked(rank, world):
+    """MoEShard's large-batch path (hidden states gathered on their own, not packed) on a small model."""
+    from engine.parallel import moeshard
+
+    inputs = rank_inputs("mixtral", rank)
+    reference = forward(build("mixtral"), inputs)
+    limit, moeshard.PACK_LIMIT_BYTES = moeshard.PACK_LIMIT_BYTES, 0
+    try:
+        return relative_error(forward(distribute(build("mixtral"), "moeshard"), inputs), reference)
+    finally:
+        moeshard.PACK_LIMIT_BYTES = limit
+
+
 def empty_rank_layer(rank, world):
     """The last rank calls an MoE layer with no tokens: it still joins every collective. (Whole Hugging Face
     models cannot run an empty batch; generation gives such a rank a dummy row.) → {strategy: (shape, error)}"""
@@ -165,6 +178,7 @@ def two_rank_session(rank, world, folders):
     return {
         "equivalence": equivalence(rank, world),
         "triton": moeshard_triton(rank, world),
+        "unpacked": moeshard_unpacked(rank, world),
         "empty_rank": empty_rank_layer(rank, world),
         "capacity": ep_capacity_drops(rank, world, 0.5),
         "loading": rank_local_loading(rank, world, folders),

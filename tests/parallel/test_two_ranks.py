@@ -28,6 +28,11 @@ def test_moeshard_runs_the_triton_slice_kernels(ranks):
         assert rank["triton"] < 1e-5
 
 
+def test_moeshard_large_batch_path_gathers_hidden_states_unpacked(ranks):
+    for rank in ranks:
+        assert rank["unpacked"] < 1e-5
+
+
 def test_rank_without_tokens_still_joins_the_collectives(ranks):
     rank0, rank1 = (r["empty_rank"] for r in ranks)
     for strategy in checks.STRATEGIES:
