@@ -36,6 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int)
     parser.add_argument("--max-input-tokens", type=int)
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--adapters", help="a saved TaskRouter folder (enables \"adapter\": \"auto\")")
     return parser.parse_args(argv)
 
 
@@ -65,16 +66,29 @@ def main(argv=None) -> int:
     _, folder = _entry_for(config.model)
     model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
     tokenizer = load_tokenizer(folder, model.config.vocab_size)
+    model, router = attach_pool(model, config.adapters)
     runner = Runner(model, tokenizer, rank, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
         follow(coordinator)
         return 0
-    return serve(config, coordinator, tokenizer, model_kind(model))
+    names = frozenset(model.pool.names) if router is not None or config.adapters else frozenset()
+    return serve(config, coordinator, tokenizer, model_kind(model), router, names)
 
 
-def serve(config, coordinator, tokenizer, kind: str) -> int:
+def attach_pool(model, adapters):
+    """LoRA adapters for completions: a TaskRouter folder, or a mapping adapter name -> PEFT folder."""
+    if not adapters:
+        return model, None
+    from engine.lora import attach_adapters
+    from engine.lora.router import TaskRouter
+
+    router = TaskRouter.load(adapters) if isinstance(adapters, str) else None
+    return attach_adapters(model, router if router is not None else adapters), router
+
+
+def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset()) -> int:
     import uvicorn
 
     from engine.serving.app import create_app
@@ -82,9 +96,9 @@ def serve(config, coordinator, tokenizer, kind: str) -> int:
     from engine.serving.metrics import Metrics
 
     metrics = Metrics()
-    engine = BatchEngine(coordinator, config, metrics)
+    engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
-    app = create_app(engine, config, tokenizer, config.model, kind, metrics)
+    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)
     class DrainingServer(uvicorn.Server):
         """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
         graceful shutdown, which would end the process with -15 instead)."""

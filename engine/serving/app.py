@@ -38,6 +38,7 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
+    adapter: str | None = None  # an adapter of the server's pool, or "auto" (the task router decides)
     user: str | None = None
 
 
@@ -52,7 +53,8 @@ def _error(status, message, param=None, kind="invalid_request_error", headers=No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_kind: str, metrics) -> FastAPI:
+def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_kind: str, metrics,
+               adapter_names: frozenset = frozenset()) -> FastAPI:
     app = FastAPI(title="tessera", version="0.1.0")
 
     @app.exception_handler(APIError)
@@ -137,11 +139,18 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
             raise APIError(400, f"{model_name} is an encoder model: it serves /v1/embeddings", "model")
         if body.max_tokens > config.max_new_tokens:
             raise APIError(400, f"max_tokens: at most {config.max_new_tokens} on this server", "max_tokens")
+        if body.adapter == "auto" and engine.router is None:
+            raise APIError(400, "adapter: 'auto' needs a server started with a task router (--adapters DIR)",
+                           "adapter")
+        if body.adapter not in (None, "auto") and body.adapter not in adapter_names:
+            raise APIError(400, f"adapter: {body.adapter!r} is not in this server's pool "
+                                f"{sorted(adapter_names) or '(none configured)'}", "adapter")
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         loop = asyncio.get_running_loop()
         params = dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                       seed=body.seed if body.seed is not None else 0)
-        request = Request("generate", encode(body.prompt, "prompt"), loop, params=params, stream=body.stream)
+        request = Request("generate", encode(body.prompt, "prompt"), loop, params=params, stream=body.stream,
+                          text=body.prompt, adapter=body.adapter)
         if body.stream:
             request.tokens = asyncio.Queue()
         else:

@@ -32,6 +32,8 @@ class Request:
     token_ids: list[int]
     loop: asyncio.AbstractEventLoop
     params: dict = field(default_factory=dict)  # generate: max_tokens, temperature, top_p, seed
+    text: str = ""
+    adapter: str | None = None  # None: the base model; "auto": the router decides; else an adapter name
     stream: bool = False
     future: asyncio.Future | None = None
     tokens: asyncio.Queue | None = None  # streaming: new tokens per step, then None
@@ -46,8 +48,8 @@ class Request:
 
 
 class BatchEngine:
-    def __init__(self, coordinator: Coordinator, config, metrics: Metrics):
-        self.coordinator, self.config, self.metrics = coordinator, config, metrics
+    def __init__(self, coordinator: Coordinator, config, metrics: Metrics, router=None):
+        self.coordinator, self.config, self.metrics, self.router = coordinator, config, metrics, router
         self.queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
         self.held: collections.deque = collections.deque()  # taken from the queue, waiting for a fitting batch
         self.healthy = True
@@ -134,6 +136,9 @@ class BatchEngine:
         streamer = cancelled = None
         if batch[0].kind == "generate":
             limits = [[batch[i].params["max_tokens"] for i in share] for share in shares]
+            if any(batch[i].adapter for i in range(len(batch))):
+                mixtures = self._adapter_mixtures(batch)
+                op["adapters"] = [[mixtures[i] for i in share] for share in shares]
             op.update(limits=limits, params=dict(max_new_tokens=max(map(max, filter(None, limits))),
                                                  temperature=batch[0].params["temperature"],
                                                  top_p=batch[0].params["top_p"], seed=batch[0].params["seed"]))
@@ -160,6 +165,15 @@ class BatchEngine:
                 if op["type"] == "generate":
                     self.metrics.tokens_out.inc(len(value))
                 self._finish(batch[i], value)
+
+    def _adapter_mixtures(self, batch: list[Request]) -> list[dict]:
+        """Each row's adapter mixture: named adapters as they are, "auto" rows routed together here on rank 0."""
+        mixtures = [{} if r.adapter in (None, "auto") else {r.adapter: 1.0} for r in batch]
+        auto = [i for i, r in enumerate(batch) if r.adapter == "auto"]
+        if auto:
+            for i, decision in zip(auto, self.router.route([batch[i].text for i in auto])):
+                mixtures[i] = dict(decision.adapters)
+        return mixtures
 
     def _stream_step(self, requests: list[Request], step: list[int]) -> None:
         now = time.perf_counter()

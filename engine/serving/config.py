@@ -13,6 +13,9 @@ class ServeConfig:
     strategy: str = "auto"  # single | moeshard | ep | ep-capacity | auto (one rank: always single)
     backend: str | None = None
     dtype: str | None = None
+    # LoRA adapters for completions: a saved TaskRouter folder (enables "adapter": "auto"), or a mapping
+    # adapter name -> PEFT folder (requests then name their adapter).
+    adapters: str | dict | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_tokens: int = 8192  # prompt tokens in one batch, over all ranks

@@ -65,7 +65,7 @@ class Runner:
         if op["type"] == "embed":
             out = {"embeddings": self._embed(rows)}
         elif op["type"] == "generate":
-            out = {"tokens": self._generate(rows, op["params"], op["limits"][self.rank], streamer, cancelled)}
+            out = {"tokens": self._generate(rows, op["params"], op["limits"][self.rank], streamer, cancelled, op)}
         elif op["type"] == "ping":
             out = {}
         else:
@@ -94,7 +94,7 @@ class Runner:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return mean_pool_normalized(hidden.float(), mask)[: len(rows)].cpu().tolist()
 
-    def _generate(self, rows, params, limits, streamer, cancelled):
+    def _generate(self, rows, params, limits, streamer, cancelled, op_extra):
         from engine.parallel import generate_lockstep
 
         ids, mask = self._pad(rows, left=self.kind == "decoder")
@@ -109,6 +109,8 @@ class Runner:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"], top_k=0)
         if streamer is not None:
             kwargs["streamer"] = StepStreamer(streamer)
+        if "adapters" in op_extra:
+            kwargs["adapter_weights"] = op_extra["adapters"][self.rank] or [{}]  # a rank's dummy row: base model
         with torch.no_grad():
             if self.world > 1:
                 out = generate_lockstep(self.model, ids[: len(rows)] if rows else ids[:0], mask[: len(rows)] if rows
