@@ -192,13 +192,15 @@ def _entry_for(name_or_path: str) -> tuple[ModelEntry | None, Path]:
 
 
 def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, capacity: str | None = None,
-         strategy: str | None = None, task: str | None = None, adapters=None):
+         strategy: str | None = None, task: str | None = None, adapters=None, adapter_options: dict | None = None):
     """A ready model: weights loaded, MoE blocks on tessera's layer, eval mode.
 
     `name_or_path`: a registered name, a local folder (a Hugging Face checkpoint or a FlexMerge artifact), or a
     hub id already in the local cache. `backend`: "triton", "torch", "reference" or "eager" (Hugging Face's own
     modules). `capacity`: None (dropless) or "hf". `strategy` (under torchrun): "single", "moeshard", "ep",
-    "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact. `adapters`: LoRA adapters to attach.
+    "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact. `adapters`: LoRA adapters to attach (a
+    dict name -> PEFT folder, an `AdapterPool` or a `TaskRouter`), with `adapter_options` passed on to
+    `engine.lora.attach_adapters` (tokenizer, cache_bytes, backend).
     """
     from engine.families import family_for
     from engine.moe.patch import patch_moe
@@ -237,7 +239,7 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     if adapters is not None:
         from engine.lora import attach_adapters
 
-        return attach_adapters(model, adapters)
+        return attach_adapters(model, adapters, **(adapter_options or {}))
     return model
 
 
