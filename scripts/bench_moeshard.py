@@ -167,16 +167,45 @@ def measure_ttft(args, device, backend, num_experts, batch):
                                 args.repeats)
 
 
+def switch_points(base_stack, args, world: int) -> dict:
+    """Where the calibrated cost model switches: with EP's busiest rank carrying `f` times its even share of
+    pairs, the tokens per rank (powers of two, 16 to 2^17) from which each path is predicted faster, e.g.
+    `[[16, "moeshard"], [2048, "ep"]]`: MoEShard below 2048 tokens per rank, EP from there on."""
+    from engine.parallel.strategy import layer_shape
+
+    stack = apply_strategy(copy.deepcopy(base_stack), "auto")
+    model = stack.tessera_parallel.cost_model
+    shape = layer_shape(stack.blocks[0])
+    grid = [2 ** i for i in range(4, 18)]
+    points = {}
+    for factor in (1.0, 1.25, 1.5, float(world)):
+        transitions = []
+        for rows in grid:
+            choice = model.predict(shape, rows, world * rows * shape.top_k, factor * rows * shape.top_k).choice
+            if not transitions or transitions[-1][1] != choice:
+                transitions.append([rows, choice])
+        points[f"busiest_x{factor:g}"] = transitions
+    a, b, c = model.ep[shape]
+    fit = model.moeshard[shape]
+    return {"choice_from_tokens_per_rank": points,
+            "coefficients": {"moeshard": {"a_s": fit.fixed, "b_s": fit.slope}, "ep": {"a_e": a, "b_e": b, "c_e": c}}}
+
+
 def run_grid(args):
     state = init_distributed()
     device = state.device
     backend = args.backend or ("triton" if device.type == "cuda" else "torch")
-    rows, ttft = [], []
+    rows, ttft, switches = [], [], {}
     for num_experts in args.experts:
         for skew_name in args.skews:
             torch.manual_seed(0)
             base = SwitchStack(switch_config(args, num_experts, args.layers), backend, SKEWS[skew_name])
             base = base.to(device=device, dtype=args.torch_dtype)
+            if num_experts not in switches:
+                switches[num_experts] = switch_points(base, args, state.size)
+                if state.rank == 0:
+                    print(f"E={num_experts}: cost model's choice from (tokens per rank), by EP's busiest-rank load: "
+                          f"{switches[num_experts]['choice_from_tokens_per_rank']}")
             for batch in args.batches:
                 rows += measure_stack(args, device, backend, num_experts, skew_name, batch, base)
                 if state.rank == 0:
@@ -189,7 +218,7 @@ def run_grid(args):
     if state.rank == 0:
         summary = summarise(rows)
         result = {"device": device_name(device), "world_size": state.size, "backend": backend, "comm": state.backend,
-                  "config": {k: v for k, v in vars(args).items() if k != "torch_dtype"}, "rows": rows, "ttft": ttft,
+                  "config": {k: v for k, v in vars(args).items() if k != "torch_dtype"}, "rows": rows, "ttft": ttft, "switch_points": switches,
                   "summary": summary}
         write(result, args.out, f"moeshard_{device.type}")
         plot(rows, os.path.join(args.out, f"moeshard_{device.type}.png"), result["device"], state.size)
@@ -206,12 +235,18 @@ def summarise(rows):
     auto_gap = []
     for key, c in by_config.items():
         best = min(c["moeshard"]["latency_s"], c["ep"]["latency_s"])
+        choices = c["auto"]["auto_choices"] or {}
+        chosen = max(choices, key=choices.get) if choices else None
         auto_gap.append({"config": list(key), "auto_over_best": c["auto"]["latency_s"] / best - 1,
+                         # decision quality apart from timing noise: the measured latency of the path auto chose
+                         "choice_regret": c[chosen]["latency_s"] / best - 1 if chosen else None,
                          "winner": "moeshard" if c["moeshard"]["latency_s"] <= c["ep"]["latency_s"] else "ep",
                          "auto_choices": c["auto"]["auto_choices"]})
     return {
         "auto_worst_over_best": max(a["auto_over_best"] for a in auto_gap),
         "auto_within_5pct": sum(a["auto_over_best"] <= 0.05 for a in auto_gap), "configs": len(auto_gap),
+        "auto_chose_faster_path": sum(a["choice_regret"] == 0 for a in auto_gap),
+        "auto_worst_choice_regret": max(a["choice_regret"] or 0.0 for a in auto_gap),
         "moeshard_worst_rows_balance": max(r["rows_balance"] for r in rows if r["strategy"] == "moeshard"),
         "moeshard_worst_time_balance": max(r["compute_balance"] for r in rows if r["strategy"] == "moeshard"),
         "dropless_tokens_dropped": sum(r["tokens_dropped"] for r in rows if r["strategy"] != "ep-capacity"),

@@ -76,18 +76,22 @@ class CostModel:
         return Prediction(self.moeshard[shape](rows), a + b * pairs / self.world + c * busiest)
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
+def _best_times(fns: list, device: torch.device, repeats: int) -> list[float]:
+    """Best-of-`repeats` wall time of each callable, run round-robin: interference from other work on the
+    machine only ever adds time, and hits every path alike."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def _inputs(shape: LayerShape, tokens: int, skewed: bool, device):
@@ -105,7 +109,7 @@ def _inputs(shape: LayerShape, tokens: int, skewed: bool, device):
 _MEASURED: dict = {}
 
 
-def calibrate(dist: Dist, layers: dict, backend: str, *, token_sizes=(1024, 16384), repeats: int = 3) -> CostModel:
+def calibrate(dist: Dist, layers: dict, backend: str, *, token_sizes=(1024, 16384), repeats: int = 5) -> CostModel:
     """Measure once per process. `layers` maps each distinct `LayerShape` to this rank's (ffn part, experts
     part) weights. Every rank runs the same calls in the same order (they are collectives); the fitted numbers
     are max-reduced so every rank holds the same model."""
@@ -127,21 +131,21 @@ def _measure(dist: Dist, layers: dict, backend: str, token_sizes, repeats: int, 
         ffn_part, expert_part = layers[shape]
         owners = ExpertOwners(shape.num_experts, dist.size, dist.device)
 
-        def shard(tokens):
+        def paths(tokens):
+            """MoEShard, EP with even routing, EP with every pair on one expert, at `tokens` per rank."""
             x, ids, w = _inputs(shape, tokens, False, dist.device)
-            return _timed(lambda: moeshard_forward(dist, x, ids, w, tokens, ffn_part, backend), dist.device, repeats)
+            _, hot, _ = _inputs(shape, tokens, True, dist.device)
+            return [lambda: moeshard_forward(dist, x, ids, w, tokens, ffn_part, backend),
+                    lambda: ep_dropless_forward(dist, owners, x, ids, w, expert_part, backend),
+                    lambda: ep_dropless_forward(dist, owners, x, hot, w, expert_part, backend)]
 
-        def ep(tokens, skewed):
-            x, ids, w = _inputs(shape, tokens, skewed, dist.device)
-            return _timed(lambda: ep_dropless_forward(dist, owners, x, ids, w, expert_part, backend), dist.device,
-                          repeats)
-
-        moeshard = Linear.fit(small, shard(small), large, shard(large))
-        # Uniform routing: busiest ≈ pairs/G, so t = a + (b + c)·pairs/G; all on one expert: busiest = pairs.
+        (shard_small, ep_small, _), (shard_large, ep_large, ep_hot) = (
+            _best_times(paths(n), dist.device, repeats) for n in (small, large))
+        moeshard = Linear.fit(small, shard_small, large, shard_large)
+        # Even routing: busiest ≈ pairs/G, so t = a + (b + c)·pairs/G; all on one expert: busiest = pairs.
         k, g = shape.top_k, dist.size
-        even = Linear.fit(small * k, ep(small, False), large * k, ep(large, False))
-        skew_time = ep(large, True)
-        c = max((skew_time - even(large * k)) / (g * large * k - large * k), 0.0) if g > 1 else 0.0
+        even = Linear.fit(small * k, ep_small, large * k, ep_large)
+        c = max((ep_hot - even(large * k)) / ((g - 1) * large * k), 0.0) if g > 1 else 0.0
         numbers += [moeshard.fixed, moeshard.slope, even.fixed, max(even.slope - c, 0.0), c]
     agreed = dist.all_reduce_max(torch.tensor(numbers, dtype=torch.float64, device=dist.device)).tolist()
     fits = {}

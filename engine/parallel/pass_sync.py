@@ -121,12 +121,12 @@ def attach_hf(sync: PassSync, model: nn.Module, streams: set[str]) -> None:
             sync.attach(stack, lambda a, k, s=stream, sb=stack_bind: {s: _token_count(sb(a, k), "input_ids",
                                                                                         "inputs_embeds")})
     else:
-        sync.attach(model, lambda a, k: {"decoder": _token_count(bind(a, k), "input_ids", "inputs_embeds")})
+        sync.attach(model, lambda a, k: {"tokens": _token_count(bind(a, k), "input_ids", "inputs_embeds")})
 
 
 def stream_of(block_name: str, model: nn.Module) -> str:
-    """Which token stream a block sees: the encoder's or the decoder's tokens."""
+    """Which token stream a block sees: an encoder-decoder's encoder or decoder tokens, else the model's."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         head = block_name.split(".")[0]
         return "encoder" if head == "encoder" or ".encoder." in f".{block_name}" else "decoder"
-    return "decoder"
+    return "tokens"

@@ -74,7 +74,7 @@ def layer_shape(block) -> LayerShape:
 
 def _first_tensor_rows(args, kwargs) -> dict:
     x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-    return {"decoder": x.numel() // x.shape[-1]}
+    return {"tokens": x.numel() // x.shape[-1]}
 
 
 def install_executors(model: nn.Module, strategy: str, dist: Dist, *, capacity_factor: float = 1.0,
