@@ -22,7 +22,7 @@ import torch
 from merge import blocks as blocks_mod
 from merge import greedy, methods, sizing
 from merge.config import MergeSpec
-from merge.io import DTYPES, Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
+from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
 from merge.methods import Context, MergeResult
 from merge.sparsify import threshold_from_histogram
 from merge.stats import Stats, read_task_vectors, scan
@@ -217,8 +217,9 @@ def dry_run(spec: MergeSpec) -> dict:
             "smallest_step": min(c.param_bytes for c in s.costs) / s.base_bytes,
             "steps": len(s.blocks) * (M - 1),
         },
-        # (M + 2) float32 copies of the largest block: the task vectors, the base and one model being read.
-        "expected_peak_memory_bytes": int((M + 2) * largest * 4),
+        # Two float32 task-vector buffers of the largest block (one processed, one read ahead) and the
+        # base, plus ~300 MB for Python and torch.
+        "expected_peak_memory_bytes": int((2 * M + 2) * largest * 4 + 300e6),
         # Rough: disk/page-cache reads at ~1 GB/s and Gram matrices at ~20 GFLOP/s per pass.
         "expected_seconds": round(passes * (read_bytes / 1e9 + flops / 2e10), 1),
         "passes": passes,

@@ -4,8 +4,8 @@ For one block at a time it reads the base and every model, forms the task vector
 `[M, numel]` float32 buffer per tensor (each model's copy is dropped right after subtracting), and
 accumulates what planning needs: the Gram matrix of the block (cosine and Euclidean similarities both
 follow from it), optionally the sign-agreement matrix and magnitude histograms for `scope: global`, the
-squared norms used by the base-distance check and a hash of the base. Peak memory is about (M + 2)
-blocks. A caller can also look at each block's task vectors while they are in memory (`on_block`), with
+squared norms used by the base-distance check and a hash of the base. Peak memory is about 2(M + 1)
+blocks in float32: this block's task vectors and base, and the next block's, read ahead. A caller can also look at each block's task vectors while they are in memory (`on_block`), with
 the statistics gathered so far (including this block's Gram matrix).
 
 Finiteness is checked through the Gram diagonal: Σ τ² is non-finite whenever any entry is, so the full
