@@ -78,6 +78,9 @@ class Session:
         self.models = [self.ckpts[t] for t in self.tasks]
         w = {t: 1.0 for t in self.tasks}
         if isinstance(weight, dict):
+            unknown = sorted(set(map(str, weight)) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"params.weight names unknown task(s) {unknown}; tasks are {self.tasks}")
             w.update({str(k): float(v) for k, v in weight.items()})
         elif weight is not None:
             w = {t: float(weight) for t in self.tasks}

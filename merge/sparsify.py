@@ -77,5 +77,6 @@ def drop_and_rescale(x: torch.Tensor, density: float, generator: torch.Generator
         raise ValueError(f"DARE density must be in (0, 1], got {density}")
     if density == 1.0:
         return x
-    keep = torch.bernoulli(torch.full_like(x, density), generator=generator)
+    # drawn on the CPU generator (same stream on any device), then moved next to x
+    keep = torch.bernoulli(torch.full(x.shape, density), generator=generator).to(x.device)
     return x * keep / density

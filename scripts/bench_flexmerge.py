@@ -252,6 +252,9 @@ def bench_quality(sizes: list[float], methods: list[str], pre_epochs: int, ft_ep
     # on the shared 2-core machine). The speed part runs in its own processes with torch's default.
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     data = digits_data()
     tmp = Path(tempfile.mkdtemp(prefix="flexmerge-quality-", dir=workdir))
     try:

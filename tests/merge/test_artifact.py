@@ -148,3 +148,17 @@ def test_checkpoint_format_renames_are_applied_and_tensors_still_shared(tmp_path
     hf = T.ViTForImageClassification.from_pretrained(out).eval()
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(a(pixel_values=x).logits, hf(pixel_values=x).logits)
+
+
+def test_engine_load_builds_the_task_model_from_an_artifact(tmp_path):
+    import engine
+
+    base, models = make_family(tmp_path, "bert")
+    out = merge_to(tmp_path, base, models, size=2)
+    model = engine.load(str(out), task="b", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    ref = load_task_model(out, "b")
+    x = torch.randint(0, 64, (1, 6))
+    torch.testing.assert_close(model(x).logits.float(), ref(x).logits, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="pass task=<name>"):
+        engine.load(str(out))

@@ -118,6 +118,8 @@ def test_config_errors_and_cli_exit_code(tmp_path, capsys):
         run(spec(base, {"a": models["a"], "b": tmp_path / "missing"}, tmp_path / "out"))
     with pytest.raises(ValueError, match="no parameter"):
         run(spec(base, models, tmp_path / "out", method="ties", params={"densty": 0.3}))
+    with pytest.raises(ValueError, match=r"params.weight names unknown task\(s\) \['zz'\]"):
+        run(spec(base, models, tmp_path / "out", params={"weight": {"zz": 2.0}}))
     with pytest.raises(ValueError, match="smallest reachable"):
         run(spec(base, models, tmp_path / "out", method="emr", size=1))
     code = main(["merge", "--base", str(base), "--model", f"a={models['a']}", "--model", f"b={models['b']}",
