@@ -129,8 +129,10 @@ def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_d
     flat = topk_ids.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
     # Out-of-range ids sort to the end and fall outside every expert's run, so they are never computed.
-    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)
-    counts = torch.bincount(torch.where(valid, flat, num_experts), minlength=num_experts + 1)[:num_experts]
+    slot = torch.where(valid, flat, num_experts)
+    order = torch.argsort(slot, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    counts = counts.index_add_(0, slot, torch.ones_like(slot))[:num_experts]  # bincount would sync on CUDA
     tokens = order // top_k
     pair_weights = None if topk_weights is None else topk_weights.reshape(-1)[order]
     if _grouped_mm_works(hidden):
