@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 def checkpoints(tmp_path_factory):
     """Standard Hugging Face checkpoints: Switch (encoder-decoder), Mixtral (on-disk names differ from module
     names), Qwen2-MoE (shared expert) written as several safetensors shards with an index."""
-    from models import build
+    from parallel_models import build
 
     folders = {}
     for family, shard in (("switch_transformers", None), ("mixtral", None), ("qwen2_moe", "40KB")):
@@ -25,34 +25,3 @@ def checkpoints(tmp_path_factory):
         build(family, backend=None).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
         folders[family] = str(folder)
     return folders
-
-
-def checkpoint_expert_bytes(folder: str) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "pt") as f:
-                total += sum(f.get_tensor(k).nbytes for k in f.keys() if ".experts." in k)
-    return total
-
-
-def assert_rank_local_reads(results: list, checkpoints: dict) -> None:
-    """Every rank read expert tensors only as its own slice (MoEShard: rows [start, stop) of first matrices,
-    the same columns of second ones) or its own whole experts (EP), the model it built matches the full one,
-    and the ranks together read each expert byte exactly once: memory per rank = dense + experts / G."""
-    for rank, rank_results in enumerate(results):
-        for (family, strategy), (error, reads, loaded, (start, stop)) in rank_results.items():
-            assert error < 1e-5, f"{family}/{strategy}: relative error {error}"
-            expert_reads = [(k, index, n) for k, index, n in reads if ".experts." in k]
-            assert expert_reads and sum(n for *_, n in expert_reads) == loaded["experts"]
-            for key, index, _ in expert_reads:
-                if strategy == "moeshard":
-                    assert (start, stop) in index, f"{key} read {index}, rank {rank} owns {start}:{stop}"
-                else:
-                    expert = int(key.split(".experts.")[1].split(".")[0].removeprefix("expert_"))
-                    assert index == () and start <= expert < stop, f"{key} read by rank {rank}"
-    for family, folder in checkpoints.items():
-        for strategy in ("moeshard", "ep"):
-            assert sum(r[(family, strategy)][2]["experts"] for r in results) == checkpoint_expert_bytes(folder)

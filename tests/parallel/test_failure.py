@@ -1,8 +1,8 @@
 """A rank that dies or stalls makes every rank raise within the collective timeout instead of hanging."""
 import pytest
 
-import checks
-from harness import run_ranks_raw
+import parallel_checks as checks
+from parallel_harness import run_ranks_raw
 
 TIMEOUT_S = 3
 

@@ -2,10 +2,10 @@
 with no prompts joining generation (`checks.three_rank_session`)."""
 import pytest
 
-import checks
-from conftest import assert_rank_local_reads
+import parallel_checks as checks
+from parallel_expect import assert_rank_local_reads
 from engine.families import FAMILIES
-from harness import run_ranks
+from parallel_harness import run_ranks
 
 
 @pytest.fixture(scope="module")

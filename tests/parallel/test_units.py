@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from checks import deepspeed_keep
+from parallel_checks import deepspeed_keep
 from engine.parallel.cost_model import CostModel, LayerShape, Linear
 from engine.parallel.expert_parallel import capacity_slots, deepspeed_capacity
 from engine.parallel.rows import pack_rows, unpack_rows

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from engine.families import FAMILIES
-from models import build, forward, rank_inputs
+from parallel_models import build, forward, rank_inputs
 
 STRATEGIES = ("moeshard", "ep", "ep-capacity", "auto")
 SMALL_CALIBRATION = (64, 512)  # auto's start-up measurement, sized for the tiny test models
