@@ -99,6 +99,8 @@ class Session:
         ]
         self.base_bytes = sum(c.param_bytes for c in self.costs)
         self.global_scope = self.params.get("scope") == "global"
+        if self.global_scope and "density" not in self.params:
+            raise ValueError(f"scope: global trims by magnitude; {self.method.name} does not (use ties or magnitude_prune)")
 
     @property
     def M(self) -> int:
@@ -145,7 +147,6 @@ class Session:
             weights=self.weights[idx].to(self.spec.device),
             thresholds=None if thresholds is None else thresholds[idx].to(self.spec.device),
             rng=methods.seeded_rng(int(self.params["seed"]), block.name, names),
-            task_ids=names,
         )
 
     def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], tvs: dict, thresholds) -> MergeResult:

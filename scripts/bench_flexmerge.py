@@ -88,20 +88,28 @@ def write_synthetic(root: Path, tasks: int, target_params: float, clusters: int 
     return root / "base", models, n_params
 
 
+# A small helper process starts the measured command and reports its peak RSS. Measuring from this
+# (large) process would be wrong: a forked child's maxrss starts from its parent's resident size.
+_HELPER = """
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+code = subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], "w"))
+wall = time.perf_counter() - t0
+print(json.dumps({"code": code, "wall": wall, "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
 def timed_run(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak resident bytes and stdout of one fresh process (`wait4` gives its own maxrss)."""
+    """Wall seconds, peak resident bytes and stdout of one fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
+    with tempfile.NamedTemporaryFile("r", suffix=".out") as out:
+        proc = subprocess.run([sys.executable, "-c", _HELPER, out.name, *cmd], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:5])} failed:\n{err.read()[-3000:]}")
-        return wall, usage.ru_maxrss * 1024, out.read()
+            raise RuntimeError(f"measurement helper failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if result["code"] != 0:
+            raise RuntimeError(f"{' '.join(cmd[:5])} failed:\n{proc.stderr[-3000:]}")
+        return result["wall"], result["maxrss_kb"] * 1024, out.read()
 
 
 def bench_speed(tasks: int, params: float, method: str, workdir: str | None) -> dict:
@@ -165,7 +173,7 @@ METHODS = {
     "tsv_m": {},
     "iso_c": {},
 }
-LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5)
+LAMBDAS = (0.1, 0.3, 0.5, 1.0)
 
 
 def digits_data(seed: int = 0):
@@ -267,7 +275,7 @@ def bench_quality(sizes: list[float], methods: list[str], pre_epochs: int, ft_ep
             zero_shot[task] = accuracy(base_model, x, y, classes)
             model = tiny_vit()
             model.load_state_dict(base_model.state_dict())
-            model = train(model, *task_split(data, task, "train"), classes, ft_epochs, 3e-4, seed=i + 1)
+            model = train(model, *task_split(data, task, "train"), classes, ft_epochs, 5e-4, seed=i + 1)
             finetuned[task] = accuracy(model, x, y, classes)
             models[task] = tmp / task
             model.save_pretrained(models[task])
@@ -343,9 +351,10 @@ def plot(q: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, res in q["results"].items():
+    colors = plt.cm.tab20.colors
+    for i, (method, res) in enumerate(q["results"].items()):
         pts = [(r["size"], 100 * r["mean_normalized"]) for r in res["sizes"] if r["size"] is not None]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=method)
+        ax.plot(*zip(*pts), marker="os^"[i % 3], ms=3, color=colors[(2 * i) % 20 + (i >= 10)], label=method)
     zs = sum(q["zero_shot"][t] / q["finetuned"][t] for t in q["tasks"]) / len(q["tasks"])
     ax.axhline(100 * zs, color="gray", ls=":", label="pretrained")
     ax.axhline(100, color="black", ls="--", lw=0.8)
@@ -372,13 +381,16 @@ def main() -> int:
     suffix = "_quick" if args.quick else ""
     args.out = args.out or str(RESULTS / f"flexmerge_cpu{suffix}.json")
     args.png = args.png or str(RESULTS / f"flexmerge_accuracy_size{suffix}.png")
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "python": platform.python_version()}, "quick": args.quick}
+    # Running one part keeps the other part's last results in the same file.
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    result = {**previous, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                      "torch": torch.__version__, "python": platform.python_version()},
+              "quick": args.quick}
     if args.part in ("all", "quality"):
-        sizes = [1, 2, 4, 8] if args.quick else [1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8]
+        sizes = [1, 2, 4, 8] if args.quick else [1, 1.5, 2, 3, 4, 5, 6, 8]
         methods = ["task_arithmetic", "ties", "emr"] if args.quick else list(METHODS)
         t0 = time.perf_counter()
-        result["quality"] = bench_quality(sizes, methods, 10 if args.quick else 40, 5 if args.quick else 15, args.workdir)
+        result["quality"] = bench_quality(sizes, methods, 10 if args.quick else 30, 5 if args.quick else 10, args.workdir)
         result["quality"]["seconds"] = round(time.perf_counter() - t0, 1)
         print_quality(result["quality"])
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,7 +53,6 @@ class Context:
     weights: torch.Tensor
     thresholds: torch.Tensor | None = None
     rng: Callable[[int, str], torch.Generator] | None = None
-    task_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,6 @@ class Method:
     defaults: dict
     masks: bool = False
     scales: bool = False
-    doc: str = ""
     # For methods whose result is Σ_k c_k τ_k: the coefficients c for a group. Lets the size curve merge
     # all groups of a block in one matrix product and get their errors from the Gram matrix.
     coefficients: Callable[[Context], torch.Tensor] | None = None
@@ -85,7 +83,7 @@ def register(name: str, *, defaults: dict | None = None, masks: bool = False, sc
     def wrap(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, (fn.__doc__ or "").strip(), coefficients)
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients)
         return fn
 
     return wrap
