@@ -11,7 +11,7 @@ to first token of `generate` on a small Switch encoder-decoder with the same E.
     torchrun --nproc-per-node=4 scripts/bench_moeshard.py --hidden 768 --ffn 3072 --dtype float32   # GPUs
     python scripts/bench_moeshard.py --single-gpu-overhead --out DIR   # G = 1: sharded path vs plain layer
 
-Writes `moeshard_<device>.json` and `.png` into --out and prints a table.
+Writes `moeshard_<device>.json` and `.png` (or `--name`) into --out and prints a table.
 """
 from __future__ import annotations
 
@@ -220,8 +220,9 @@ def run_grid(args):
         result = {"device": device_name(device), "world_size": state.size, "backend": backend, "comm": state.backend,
                   "config": {k: v for k, v in vars(args).items() if k != "torch_dtype"}, "rows": rows, "ttft": ttft, "switch_points": switches,
                   "summary": summary}
-        write(result, args.out, f"moeshard_{device.type}")
-        plot(rows, os.path.join(args.out, f"moeshard_{device.type}.png"), result["device"], state.size)
+        stem = args.name or f"moeshard_{device.type}"
+        write(result, args.out, stem)
+        plot(rows, os.path.join(args.out, f"{stem}.png"), result["device"], state.size)
         print(json.dumps({k: v for k, v in summary.items() if k != "per_config"}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
@@ -348,6 +349,7 @@ def parse_args():
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default=None, help="output file stem (default moeshard_<device>)")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--batches", type=int, nargs="+", default=[10, 50, 150, 450] if on_gpu else [10, 60, 450],
                    help="sequences per rank")

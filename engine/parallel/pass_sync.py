@@ -41,10 +41,10 @@ class PassSync:
         agreed by an enclosing forward; forget them when the outermost forward ends (even if it raises)."""
 
         def pre(_module, args, kwargs):
+            self._depth += 1  # first: `post` runs even when agreeing fails
             counts = {s: n for s, n in count_fn(args, kwargs).items() if n is not None and s not in self.agreed}
             if counts:
                 self._agree(counts)
-            self._depth += 1
 
         def post(_module, _args, _kwargs, _output):
             self._depth -= 1
