@@ -73,6 +73,27 @@ def empty_rank_layer(rank, world):
     return results
 
 
+def auto_switching(rank, world):
+    """`auto` follows its cost model per layer (forced both ways here), every rank makes the same choice, both
+    paths give the single-process output, and the previous pass's global expert counts reach every rank.
+    → {"ep"/"moeshard": (choices, error)}, (global pairs seen by layer 0, this rank's pairs)"""
+    from engine.parallel.cost_model import CostModel, Linear
+
+    inputs = rank_inputs("mixtral", rank)
+    reference = forward(build("mixtral"), inputs)
+    model = distribute(build("mixtral"), "auto")
+    executors = list(model.tessera_parallel.executors.values())
+    results = {}
+    for favoured, shard_cost, ep_cost in (("ep", 1.0, 0.0), ("moeshard", 0.0, 1.0)):
+        for ex in executors:
+            ex.model = CostModel(world, {ex.shape: Linear(shard_cost, 0.0)}, {ex.shape: (ep_cost, 0.0, 0.0)})
+        out = forward(model, inputs)
+        results[favoured] = ([ex.last_choice for ex in executors], relative_error(out, reference))
+    forward(model, inputs)  # the gather at the start of this pass delivered the last pass's counts
+    pairs_seen = sum(executors[0]._last[0])
+    return results, (pairs_seen, inputs["input_ids"].numel() * 2)
+
+
 def deepspeed_keep(ids: list[list[int]], num_experts: int, capacity: int) -> list[list[bool]]:
     """DeepSpeed-MoE's drop rule written out by hand: choice j of all tokens ranks after choices < j, then
     token order; a pair is kept if fewer than `capacity` pairs ranked before it on its expert."""
@@ -179,6 +200,7 @@ def two_rank_session(rank, world, folders):
         "equivalence": equivalence(rank, world),
         "triton": moeshard_triton(rank, world),
         "unpacked": moeshard_unpacked(rank, world),
+        "auto": auto_switching(rank, world),
         "empty_rank": empty_rank_layer(rank, world),
         "capacity": ep_capacity_drops(rank, world, 0.5),
         "loading": rank_local_loading(rank, world, folders),

@@ -33,6 +33,16 @@ def test_moeshard_large_batch_path_gathers_hidden_states_unpacked(ranks):
         assert rank["unpacked"] < 1e-5
 
 
+def test_auto_runs_the_path_its_cost_model_picks_with_global_expert_counts(ranks):
+    total_pairs = sum(rank["auto"][1][1] for rank in ranks)
+    for rank in ranks:
+        results, (pairs_seen, _) = rank["auto"]
+        for favoured, (choices, error) in results.items():
+            assert set(choices) == {favoured}
+            assert error < 1e-5
+        assert pairs_seen == total_pairs  # Mixtral is top-2: every rank sees both ranks' pairs
+
+
 def test_rank_without_tokens_still_joins_the_collectives(ranks):
     rank0, rank1 = (r["empty_rank"] for r in ranks)
     for strategy in checks.STRATEGIES:
