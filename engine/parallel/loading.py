@@ -7,6 +7,7 @@ weights / G (2/G under `auto`, which keeps both parts), and the bytes read are r
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import torch
@@ -114,5 +115,8 @@ def load_parallel(source: str, family, *, strategy: str, backend: str | None = N
     state = install_executors(model, strategy, dist, capacity_factor=capacity_factor, stats=stats)
     state.loaded_bytes = {"experts": expert_bytes, "dense": sum(r.nbytes for r in reader.reads) - expert_bytes}
     state.reads = reader.reads
+    logging.getLogger("tessera.parallel").info(
+        "rank %d/%d (%s): read %.1f MB dense + %.1f MB experts", dist.rank, dist.size, strategy,
+        state.loaded_bytes["dense"] / 1e6, state.loaded_bytes["experts"] / 1e6)
     model.eval()
     return model
