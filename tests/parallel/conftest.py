@@ -1,4 +1,5 @@
-"""Make this folder's helpers (harness, models) importable by the tests and by the spawned rank processes."""
+"""Make this folder's helpers importable by the tests (spawned rank processes inherit `sys.path` from the
+parent through multiprocessing), and checkpoints shared by the two- and three-rank tests."""
 import os
 import sys
 
@@ -7,7 +8,6 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 for path in (HERE, ROOT):
     if path not in sys.path:
         sys.path.insert(0, path)
-os.environ["PYTHONPATH"] = os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")])
 
 
 import pytest  # noqa: E402
