@@ -19,9 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ranks are CPU processes on gloo even on a GPU machine, with Triton through its interpreter; set before the
+# child starts, since unpickling the rank function imports torch and the kernels.
+CHILD_ENV = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def _entry(fn, rank, world, port, queue, args, timeout_s):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
+                      MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
 
@@ -54,8 +59,17 @@ def run_ranks_raw(fn, world: int, *args, limit_s: float = 120, timeout_s: float 
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, timeout_s)) for r in range(world)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in CHILD_ENV}
+    os.environ.update(CHILD_ENV)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results = {}
     import queue as queue_module
     import time
