@@ -192,13 +192,15 @@ def _entry_for(name_or_path: str) -> tuple[ModelEntry | None, Path]:
 
 
 def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, capacity: str | None = None,
-         strategy: str | None = None, task: str | None = None, adapters=None, adapter_options: dict | None = None):
+         strategy: str | None = None, task: str | None = None, tasks=None, adapters=None,
+         adapter_options: dict | None = None):
     """A ready model: weights loaded, MoE blocks on tessera's layer, eval mode.
 
     `name_or_path`: a registered name, a local folder (a Hugging Face checkpoint or a FlexMerge artifact), or a
     hub id already in the local cache. `backend`: "triton", "torch", "reference" or "eager" (Hugging Face's own
     modules). `capacity`: None (dropless) or "hf". `strategy` (under torchrun): "single", "moeshard", "ep",
-    "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact. `adapters`: LoRA adapters to attach (a
+    "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact, or "auto" to route each query to its
+    nearest task by `tasks` (task -> validation examples, a task folder, or a `TaskRouter`). `adapters`: LoRA adapters to attach (a
     dict name -> PEFT folder, an `AdapterPool` or a `TaskRouter`), with `adapter_options` passed on to
     `engine.lora.attach_adapters` (tokenizer, cache_bytes, backend).
     """
@@ -210,7 +212,14 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
         from merge.artifact import load_task_model
 
         if task is None:
-            raise ValueError(f"{folder} is a FlexMerge artifact: pass task=<name> to choose the task's model")
+            raise ValueError(f"{folder} is a FlexMerge artifact: pass task=<name> to choose the task's model, "
+                             "or task='auto' with tasks=<validation examples per task>")
+        if task == "auto":
+            from engine.lora.task_paths import load_task_routed
+
+            if tasks is None:
+                raise ValueError("task='auto' routes queries by the tasks' validation examples: pass tasks=")
+            return load_task_routed(folder, tasks, dtype=dtype, device=device)
         return load_task_model(folder, task, dtype=dtype, device=device)
     dtype = parse_dtype(dtype or (entry.dtype if entry else "float32"))
     device = torch.device(device) if device is not None else default_device()
