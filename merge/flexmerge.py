@@ -149,11 +149,16 @@ class Session:
             rng=methods.seeded_rng(int(self.params["seed"]), block.name, names),
         )
 
-    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], tvs: dict, thresholds) -> MergeResult:
-        """One group of one block, recomputed from its members' original task vectors."""
+    def prepare_block(self, block: blocks_mod.Block, tvs: dict, thresholds) -> dict:
+        """The method's per-task step (trimming, drops) for every task of the block, done once."""
+        floats = {n: t for n, t in tvs.items() if self.base.dtype[n].is_floating_point}
+        return methods.prepare(self.method, floats, self.context(block, tuple(range(self.M)), thresholds))
+
+    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], prepared: dict) -> MergeResult:
+        """One group of one block, recomputed from its members' (prepared) original task vectors."""
         index = torch.tensor(list(members), device=self.spec.device)
-        floats = {n: t.index_select(0, index) for n, t in tvs.items() if self.base.dtype[n].is_floating_point}
-        return methods.apply(self.method, floats, self.context(block, members, thresholds))
+        rows = {n: t.index_select(0, index) for n, t in prepared.items()}
+        return self.method.fn(rows, self.context(block, members))
 
     @property
     def linear(self) -> bool:
@@ -282,6 +287,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         for block, groups in zip(session.blocks, parts):
             merged = any(len(g) > 1 for g in groups)
             base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
+            prepared = session.prepare_block(block, tvs, thresholds) if merged else None
             plain = len(groups) == 1 and not (merged and method.modulated)
             entries = []
             for j, g in enumerate(groups):
@@ -292,7 +298,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                     for n, t in session.models[g[0]].read(block.tensors).items():
                         writer.add(n + suffix, t.to(session.out_dtype(n)))
                 else:
-                    res = session.merge_group(block, g, tvs, thresholds)
+                    res = session.merge_group(block, g, prepared)
                     entry["kind"] = "modulated" if method.modulated else "merged"
                     for n in block.tensors:
                         dtype = session.out_dtype(n)
@@ -312,7 +318,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                 for n, t in base_t.items():
                     writer.add(f"{n}::base", t.to(session.out_dtype(n)))
             block_entries.append({"name": block.name, "tensors": block.tensors, "groups": entries})
-            del base_t, tvs
+            del base_t, tvs, prepared
         files = writer.close()
         copy_side_files(session.base.folder, tmp)
         manifest = {
@@ -363,9 +369,10 @@ def run_curve(session: Session) -> dict:
         errors = _merge_tree_linear(session, block, steps, tvs, stats.grams[b]) if session.linear else None
         if errors is None:
             errors = {}
+            prepared = session.prepare_block(block, tvs, thresholds)
             for step in steps:
                 members = step.merged
-                res = session.merge_group(block, members, tvs, thresholds)
+                res = session.merge_group(block, members, prepared)
                 errors[members] = [
                     sum(float((res.task_vector(pos, n) - tvs[n][k]).pow(2).sum()) for n in res.vector)
                     for pos, k in enumerate(members)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from merge.sparsify import drop_and_rescale
+from merge.sparsify import drop_and_rescale, trim
 
 
 @dataclass
@@ -65,6 +65,9 @@ class Method:
     # For methods whose result is Σ_k c_k τ_k: the coefficients c for a group. Lets the size curve merge
     # all groups of a block in one matrix product and get their errors from the Gram matrix.
     coefficients: Callable[[Context], torch.Tensor] | None = None
+    # A per-task step that does not depend on the group (trimming, random drops): run once per block for
+    # all tasks, not once per group, and `fn` then combines the prepared vectors.
+    prepare: Callable[[dict[str, torch.Tensor], Context], dict[str, torch.Tensor]] | None = None
 
     @property
     def modulated(self) -> bool:
@@ -77,13 +80,14 @@ COMMON_PARAMS = {"weight": 1.0, "dare": None, "seed": 0}
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False, coefficients=None):
-    """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0})`."""
+def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False,
+             coefficients=None, prepare=None):
+    """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0}, prepare=trim_tasks)`."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients)
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare)
         return fn
 
     return wrap
@@ -126,18 +130,37 @@ def seeded_rng(seed: int, block: str, task_names: list[str]) -> Callable[[int, s
     return rng
 
 
-def apply(method: Method, tvs: dict[str, torch.Tensor], ctx: Context) -> MergeResult:
-    """Run `method` on float32 task vectors, with DARE drop-and-rescale first when `dare` is set."""
+def prepare(method: Method, tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+    """The per-task, group-independent part: float32, DARE drop-and-rescale when `dare` is set, then the
+    method's own `prepare`. Row k of the result depends only on task k, so preparing all tasks of a block
+    once and selecting a group's rows equals preparing the group."""
     tvs = {n: t.float() for n, t in tvs.items()}
     density = ctx.params.get("dare")
     if density is not None:
-        if ctx.rng is None:
-            raise RuntimeError("DARE needs a random generator in the merge context")
-        tvs = {
-            n: torch.stack([drop_and_rescale(t[k], float(density), ctx.rng(k, n)) for k in range(t.shape[0])])
-            for n, t in tvs.items()
-        }
-    return method.fn(tvs, ctx)
+        tvs = drop_tasks(tvs, float(density), ctx)
+    return method.prepare(tvs, ctx) if method.prepare is not None else tvs
+
+
+def apply(method: Method, tvs: dict[str, torch.Tensor], ctx: Context) -> MergeResult:
+    """Run `method` on a group's task vectors: prepare, then combine."""
+    return method.fn(prepare(method, tvs, ctx), ctx)
+
+
+def drop_tasks(tvs: dict[str, torch.Tensor], density: float, ctx: Context) -> dict[str, torch.Tensor]:
+    """DARE on every task's tensors, each with its own (task, tensor) generator."""
+    if ctx.rng is None:
+        raise RuntimeError("DARE needs a random generator in the merge context")
+    return {n: torch.stack([drop_and_rescale(t[k], density, ctx.rng(k, n)) for k in range(t.shape[0])]) for n, t in tvs.items()}
+
+
+def trim_tasks(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+    """Magnitude trimming to each task's top `density`, within `scope`."""
+    return trim(tvs, float(ctx.params["density"]), ctx.params["scope"], ctx.thresholds)
+
+
+def drop_density(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+    """DARE with the method's own `density` (dare_linear, dare_ties)."""
+    return drop_tasks(tvs, float(ctx.params["density"]), ctx)
 
 
 def weighted(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -4,18 +4,9 @@ vector with probability 1 − `density`, rescale the kept ones by 1/`density`, t
 DARE is also a preprocessing step for any other method through the common `dare: <density>` parameter."""
 from __future__ import annotations
 
-import torch
-
-from merge.methods import Context, MergeResult, register, weighted
-from merge.sparsify import drop_and_rescale
+from merge.methods import Context, MergeResult, drop_density, register, weighted
 
 
-@register("dare_linear", defaults={"density": 0.5, "lambda": 1.0})
-def dare_linear(tvs, ctx: Context) -> MergeResult:
-    p = ctx.params
-    density, lam = float(p["density"]), float(p["lambda"])
-    out = {}
-    for n, t in tvs.items():
-        dropped = torch.stack([drop_and_rescale(t[k], density, ctx.rng(k, n)) for k in range(t.shape[0])])
-        out[n] = lam * weighted(dropped, ctx.weights).sum(0)
-    return MergeResult(out)
+@register("dare_linear", defaults={"density": 0.5, "lambda": 1.0}, prepare=drop_density)
+def dare_linear(dropped, ctx: Context) -> MergeResult:
+    return MergeResult({n: float(ctx.params["lambda"]) * weighted(t, ctx.weights).sum(0) for n, t in dropped.items()})

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods import Context, MergeResult, register, weighted
-from merge.sparsify import drop_and_rescale, trim
+from merge.methods import Context, MergeResult, drop_density, register, trim_tasks, weighted
 
 
 def elect_and_merge(t: torch.Tensor, weights: torch.Tensor, sign_method: str, normalize: bool) -> torch.Tensor:
@@ -33,22 +32,13 @@ def elect_and_merge(t: torch.Tensor, weights: torch.Tensor, sign_method: str, no
 _DEFAULTS = {"density": 0.2, "lambda": 1.0, "majority_sign_method": "total", "normalize": True}
 
 
-@register("ties", defaults={**_DEFAULTS, "scope": "tensor"})
-def ties(tvs, ctx: Context) -> MergeResult:
+def _elect(sparse, ctx: Context) -> MergeResult:
     p = ctx.params
-    trimmed = trim(tvs, float(p["density"]), p["scope"], ctx.thresholds)
     lam = float(p["lambda"])
     return MergeResult(
-        {n: lam * elect_and_merge(t, ctx.weights, p["majority_sign_method"], p["normalize"]) for n, t in trimmed.items()}
+        {n: lam * elect_and_merge(t, ctx.weights, p["majority_sign_method"], p["normalize"]) for n, t in sparse.items()}
     )
 
 
-@register("dare_ties", defaults=_DEFAULTS)
-def dare_ties(tvs, ctx: Context) -> MergeResult:
-    p = ctx.params
-    lam, density = float(p["lambda"]), float(p["density"])
-    out = {}
-    for n, t in tvs.items():
-        dropped = torch.stack([drop_and_rescale(t[k], density, ctx.rng(k, n)) for k in range(t.shape[0])])
-        out[n] = lam * elect_and_merge(dropped, ctx.weights, p["majority_sign_method"], p["normalize"])
-    return MergeResult(out)
+register("ties", defaults={**_DEFAULTS, "scope": "tensor"}, prepare=trim_tasks)(_elect)
+register("dare_ties", defaults=_DEFAULTS, prepare=drop_density)(_elect)

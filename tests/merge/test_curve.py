@@ -25,7 +25,7 @@ def test_linear_tree_equals_per_group_merge(tmp_path, method, params, weights):
         collected = {}
         errors = _merge_tree_linear(session, block, steps, tvs, stats.grams[b], chunk=100, collect=collected)
         for step in steps:
-            ref = session.merge_group(block, step.merged, tvs, None)
+            ref = session.merge_group(block, step.merged, session.prepare_block(block, tvs, None))
             for n in ref.vector:
                 got = torch.cat(collected[(step.merged, n)]).view_as(ref.vector[n])
                 torch.testing.assert_close(got, ref.vector[n], rtol=1e-5, atol=1e-7)
@@ -36,3 +36,26 @@ def test_linear_tree_equals_per_group_merge(tmp_path, method, params, weights):
 
     session.scan(on_block=on_block)
     assert len(checked) == len(session.blocks)
+
+
+def test_preparing_all_tasks_once_equals_preparing_each_group(tmp_path):
+    """Trimming and DARE drops are per task, so a group's rows of the block-wide preparation are the
+    group's own preparation: the basis of computing them once per block."""
+    from merge import methods
+
+    base, models = make_family(tmp_path, "bert", tasks=("a", "b", "c", "d"))
+    for method, params in (("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5}), ("emr", {"dare": 0.7})):
+        session = Session(load_spec(None, {"base": str(base), "models": {k: str(v) for k, v in models.items()},
+                                           "method": method, "params": params}))
+
+        def on_block(b, block, base_t, tvs, stats):
+            prepared = session.prepare_block(block, tvs, None)
+            for group in ((0, 2), (1, 2, 3)):
+                index = torch.tensor(group)
+                own = methods.apply(session.method, {n: t.index_select(0, index) for n, t in tvs.items()},
+                                    session.context(block, group))
+                via_block = session.merge_group(block, group, prepared)
+                for n in own.vector:
+                    torch.testing.assert_close(via_block.vector[n], own.vector[n])
+
+        session.scan(on_block=on_block)
