@@ -350,9 +350,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None, help="output file stem (default moeshard_<device>)")
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
-    p.add_argument("--batches", type=int, nargs="+", default=[10, 50, 150, 450] if on_gpu else [10, 60, 450],
-                   help="sequences per rank")
+    p.add_argument("--experts", type=int, nargs="+", default=None, help="default 8 32 128 (overhead mode: 8 128)")
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="sequences per rank; default 10 50 150 450 on GPU, 10 60 450 on CPU (overhead mode: 10 250)")
     p.add_argument("--skews", nargs="+", default=list(SKEWS), choices=list(SKEWS))
     p.add_argument("--seq", type=int, default=120)
     p.add_argument("--hidden", type=int, default=768 if on_gpu else 64, help="Switch-base: 768")
@@ -367,6 +367,10 @@ def parse_args():
     p.add_argument("--single-gpu-overhead", action="store_true",
                    help="G = 1 only: sharded path vs single-process layer (for scripts/gpu_check.sh)")
     args = p.parse_args()
+    if args.experts is None:
+        args.experts = [8, 128] if args.single_gpu_overhead else [8, 32, 128]
+    if args.batches is None:
+        args.batches = [10, 250] if args.single_gpu_overhead else ([10, 50, 150, 450] if on_gpu else [10, 60, 450])
     args.torch_dtype = getattr(torch, args.dtype)
     return args
 

@@ -67,6 +67,9 @@ class PassSync:
         return agreed
 
     def _agree(self, counts: dict[str, int]) -> None:
+        if self.dist.size == 1:  # one rank agrees with itself: no gather, no synchronisation
+            self.agreed.update(counts)
+            return
         streams = sorted(counts)
         parts = [torch.tensor([counts[s] for s in streams], dtype=torch.int64, device=self.dist.device)]
         parts += [listener.history() for listener in self._listeners]
