@@ -37,6 +37,7 @@ class Server:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
             try:
                 if self.client.get("/health").status_code == 200:
+                    self.workers = self.worker_pids()  # rank -> pid, kept: they outlive torchrun if it dies
                     return
             except httpx.TransportError:
                 pass
@@ -69,9 +70,20 @@ class Server:
         return self.process.wait(timeout=timeout)
 
     def stop(self) -> None:
+        """torchrun starts every worker in a session of its own: ask torchrun to stop them (SIGTERM; rank 0
+        drains), then kill whatever is left, workers included, so no server outlives its test."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        for pid in getattr(self, "workers", {}).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.client.close()
         self.log.close()
 

@@ -138,7 +138,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory):
                               json={"prompt": "drain", "max_tokens": 40, "temperature": 0, "stream": True}) as stream:
         lines = stream.iter_lines()
         next(lines)
-        os.kill(server.worker_pids()[0], signal.SIGTERM)  # rank 0: the HTTP server
+        os.kill(server.workers[0], signal.SIGTERM)  # rank 0: the HTTP server
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     assert server.wait(timeout=90) == 0, server.output()
@@ -146,5 +146,5 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory):
 
 def test_a_killed_worker_makes_the_server_exit_non_zero(server_factory):
     server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
-    os.kill(server.worker_pids()[1], signal.SIGKILL)
+    os.kill(server.workers[1], signal.SIGKILL)
     assert server.wait(timeout=120) != 0
