@@ -39,6 +39,25 @@ def equivalence(rank, world, strategies=STRATEGIES, families=tuple(FAMILIES)):
     return results
 
 
+def switch_encoder(rank, world):
+    """An encoder-only model returns its hidden states under every strategy. → {strategy: (error, syncs)}"""
+    from engine.moe.patch import patch_moe
+
+    config = FAMILIES["switch_transformers"].tiny_config()
+
+    def encoder():
+        torch.manual_seed(0)
+        return patch_moe(transformers.SwitchTransformersEncoderModel(config).eval(), backend="torch")
+
+    inputs = {"input_ids": rank_inputs("switch_transformers", rank)["input_ids"]}
+    reference = forward(encoder(), inputs)
+    results = {}
+    for strategy in STRATEGIES:
+        model = distribute(encoder(), strategy, capacity_factor=100.0)
+        results[strategy] = (relative_error(forward(model, inputs), reference), model.tessera_parallel.sync.host_syncs)
+    return results
+
+
 def moeshard_triton(rank, world):
     inputs = {"input_ids": rank_inputs("qwen3_moe", rank)["input_ids"][:, :3]}
     reference = forward(build("qwen3_moe", "reference"), inputs)
@@ -198,6 +217,7 @@ def two_rank_session(rank, world, folders):
     """Everything the two-rank tests check, in one process group (one start-up instead of six)."""
     return {
         "equivalence": equivalence(rank, world),
+        "encoder": switch_encoder(rank, world),
         "triton": moeshard_triton(rank, world),
         "unpacked": moeshard_unpacked(rank, world),
         "auto": auto_switching(rank, world),

@@ -23,6 +23,12 @@ def test_every_strategy_matches_single_process_for_every_family(ranks):
             assert dropped == 0
 
 
+def test_encoder_only_model_returns_hidden_states(ranks):
+    for rank in ranks:
+        for strategy, (error, syncs) in rank["encoder"].items():
+            assert error < 1e-5 and syncs == 1, strategy
+
+
 def test_moeshard_runs_the_triton_slice_kernels(ranks):
     for rank in ranks:
         assert rank["triton"] < 1e-5
