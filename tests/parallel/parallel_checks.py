@@ -39,6 +39,19 @@ def equivalence(rank, world, strategies=STRATEGIES, families=tuple(FAMILIES)):
     return results
 
 
+def bf16_models(rank, world):
+    """bf16 activations with fp32 (Mixtral) or bf16 (Qwen3) routing weights through the packed collectives.
+    → {(family, strategy): relative error against the single-process bf16 model}"""
+    results = {}
+    for family in ("mixtral", "qwen3_moe"):
+        inputs = rank_inputs(family, rank)
+        reference = forward(build(family).to(torch.bfloat16), inputs).float()
+        for strategy in ("moeshard", "ep", "auto"):
+            model = distribute(build(family).to(torch.bfloat16), strategy)
+            results[(family, strategy)] = relative_error(forward(model, inputs).float(), reference)
+    return results
+
+
 def switch_encoder(rank, world):
     """An encoder-only model returns its hidden states under every strategy. → {strategy: (error, syncs)}"""
     from engine.moe.patch import patch_moe
@@ -218,6 +231,7 @@ def two_rank_session(rank, world, folders):
     return {
         "equivalence": equivalence(rank, world),
         "encoder": switch_encoder(rank, world),
+        "bf16": bf16_models(rank, world),
         "triton": moeshard_triton(rank, world),
         "unpacked": moeshard_unpacked(rank, world),
         "auto": auto_switching(rank, world),

@@ -29,6 +29,12 @@ def test_encoder_only_model_returns_hidden_states(ranks):
             assert error < 1e-5 and syncs == 1, strategy
 
 
+def test_bf16_models_match_single_process_within_bf16_rounding(ranks):
+    for rank in ranks:
+        for key, error in rank["bf16"].items():
+            assert error < 1e-2, key  # partial sums over slices round differently from one full GEMM
+
+
 def test_moeshard_runs_the_triton_slice_kernels(ranks):
     for rank in ranks:
         assert rank["triton"] < 1e-5
