@@ -228,3 +228,13 @@ def test_linear_coefficients_agree_with_the_method(tvs, name, params):
     ctx = Context(methods.resolve_params(method, params), torch.tensor([1.0, 0.5, 2.0]))
     c = method.coefficients(ctx)
     torch.testing.assert_close(method.fn(tvs, ctx).vector["w"], torch.einsum("k,kij->ij", c, tvs["w"]))
+
+
+def test_topk_mask_keeps_exactly_k_even_with_ties():
+    from merge.sparsify import topk_mask
+
+    x = torch.tensor([1.0, -3.0, 2.0, 2.0, 2.0, 0.5])
+    mask = topk_mask(x, 0.5)  # k = 3: -3 and two of the three 2s
+    assert int(mask.sum()) == 3 and mask[1] and not mask[0] and not mask[5]
+    y = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(topk_mask(y, 0.1), torch.zeros(1000, dtype=torch.bool).index_fill(0, y.abs().topk(100).indices, True))
