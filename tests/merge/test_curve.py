@@ -44,7 +44,8 @@ def test_preparing_all_tasks_once_equals_preparing_each_group(tmp_path):
     from merge import methods
 
     base, models = make_family(tmp_path, "bert", tasks=("a", "b", "c", "d"))
-    for method, params in (("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5}), ("emr", {"dare": 0.7})):
+    for method, params in (("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5}), ("emr", {"dare": 0.7}),
+                           ("tsv_m", {})):
         session = Session(load_spec(None, {"base": str(base), "models": {k: str(v) for k, v in models.items()},
                                            "method": method, "params": params}))
 
