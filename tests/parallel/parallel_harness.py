@@ -5,6 +5,7 @@ instead of blocking CI. Processes are started with `spawn` (no state inherited f
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -36,7 +37,9 @@ def _entry(fn, rank, world, port, queue, args, timeout_s):
 
         init_distributed(timeout_s=timeout_s)
         torch.manual_seed(0)
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # Plain pickle bytes: tensors put on a torch queue are shared through file descriptors that vanish when
+        # this process exits before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException as e:  # report every failure to the parent, with its type
         queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -50,11 +53,11 @@ def run_ranks(fn, world: int, *args, limit_s: float = 120, timeout_s: float = CO
     errors = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(outcomes) if status != "ok"]
     if errors:
         raise AssertionError("\n".join(errors))
-    return [value for _, value in outcomes]
+    return [pickle.loads(value) for _, value in outcomes]
 
 
 def run_ranks_raw(fn, world: int, *args, limit_s: float = 120, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> list:
-    """[(status, value-or-message)] per rank; status "ok", "error" or "hung"."""
+    """[(status, value-or-message)] per rank; status "ok" (value pickled), "error" or "hung"."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -1,4 +1,6 @@
 """A rank that dies or stalls makes every rank raise within the collective timeout instead of hanging."""
+import pickle
+
 import pytest
 
 import parallel_checks as checks
@@ -12,11 +14,11 @@ def test_failing_rank_raises_on_every_rank(mode):
     outcomes = run_ranks_raw(checks.fail_or_stall, 2, mode, 3 * TIMEOUT_S, limit_s=60, timeout_s=TIMEOUT_S)
     status0, value0 = outcomes[0]
     assert status0 == "ok", value0
-    what, error, seconds = value0
+    what, error, seconds = pickle.loads(value0)
     assert what == "raised", "the surviving rank must raise, not return"
     assert seconds < 6 * TIMEOUT_S, f"rank 0 took {seconds:.0f}s to notice"
     status1, value1 = outcomes[1]
     if mode == "raise":
         assert status1 == "error" and "injected failure" in value1
     else:  # the stalled rank wakes up to a dead group and raises too
-        assert status1 == "ok" and value1[0] == "raised", value1
+        assert status1 == "ok" and pickle.loads(value1)[0] == "raised", value1
