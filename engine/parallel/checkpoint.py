@@ -25,6 +25,9 @@ EXPERT_KEYS = {
     "olmoe": ("experts.{i}.gate_proj.weight", "experts.{i}.down_proj.weight", "experts.{i}.up_proj.weight"),
 }
 NAME_ALIASES = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
+# Families whose checkpoints stack all experts in one tensor per matrix: names of w1 (E, F, H), w2 (E, H, F)
+# and the biases b1 (E, F), b2 (E, H) under the block's prefix.
+STACKED_KEYS = {"bert_moe": {"w1": "w1", "w2": "w2", "b1": "b1", "b2": "b2"}}
 
 
 @dataclass
@@ -76,6 +79,15 @@ class CheckpointReader:
         else:
             tensor, index = piece[:, cols[0] : cols[1]], ((0, piece.get_shape()[0]), cols)
         self.reads.append(Read(key, index, tensor.numel() * tensor.element_size()))
+        return tensor
+
+    def read_part(self, key: str, index: tuple[tuple[int, int] | None, ...]) -> torch.Tensor:
+        """The part of a tensor of any rank given by one `(start, stop)` (or None: all) per leading dimension."""
+        piece = self._handle(key).get_slice(key)
+        shape = piece.get_shape()
+        bounds = tuple((0, shape[d]) if span is None else span for d, span in enumerate(index))
+        tensor = piece[tuple(slice(a, b) for a, b in bounds)]
+        self.reads.append(Read(key, bounds, tensor.numel() * tensor.element_size()))
         return tensor
 
     def expert_keys(self, block_name: str, expert: int) -> tuple[str, str, str | None]:

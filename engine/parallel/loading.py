@@ -15,17 +15,43 @@ from torch import nn
 
 from engine.moe.experts import check_backend, default_backend
 from engine.moe.patch import patch_moe, set_backend
-from engine.parallel.checkpoint import CheckpointReader
+from engine.parallel.checkpoint import STACKED_KEYS, CheckpointReader
 from engine.moe.experts import ExpertWeights
 from engine.parallel.layout import ShardedExperts, fill
 from engine.parallel.runtime import init_distributed
 from engine.parallel.strategy import check_strategy, install_executors, plan_parts
 
 
+def _read_stacked(reader: CheckpointReader, block_name: str, part: ShardedExperts) -> ExpertWeights:
+    """This rank's part of experts stored stacked (one tensor per matrix for all experts)."""
+    names = STACKED_KEYS[reader.family_name]
+
+    def key(name):
+        found = reader.checkpoint_name(f"{block_name}.{names[name]}")
+        if found is None:
+            raise KeyError(f"expert tensor {block_name}.{names[name]} not found in {reader.folder}")
+        return found
+
+    cut = (part.start, part.stop)
+    if part.kind == "ffn":  # FFN columns of every expert: dim 1 of w1/b1, dim 2 of w2; b2 with the first slice
+        index = {"w1": (None, cut), "w2": (None, None, cut), "b1": (None, cut), "b2": (None,)}
+    else:  # whole experts [start, stop)
+        index = {name: (cut,) for name in ("w1", "w2", "b1", "b2")}
+    wanted = {"b1": part.b1 is not None, "b2": part.b2 is not None}
+    tensors = {name: reader.read_part(key(name), index[name]) for name in ("w1", "w2", "b1", "b2")
+               if name in ("w1", "w2") or wanted[name]}
+    return ExpertWeights(tensors["w1"], tensors["w2"], None, part.activation, b1=tensors.get("b1"),
+                         b2=tensors.get("b2"))
+
+
 def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, device, dtype) -> None:
+    if reader.family_name in STACKED_KEYS:
+        read = _read_stacked(reader, block_name, part)
+        _check_and_fill(block_name, part, read, device, dtype)
+        return
     if part.b1 is not None or part.b2 is not None:
-        raise ValueError(f"{block_name}: rank-local loading of expert biases is not supported for family "
-                         f"{reader.family_name!r} yet")
+        raise ValueError(f"{block_name}: family {reader.family_name!r} has expert biases but no stacked "
+                         "checkpoint layout in engine.parallel.checkpoint.STACKED_KEYS")
     ffn = part.kind == "ffn"
     experts = range(part.num_experts) if ffn else range(part.start, part.stop)
     cut = (part.start, part.stop)
@@ -36,11 +62,15 @@ def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, 
         second.append(reader.read(k2, cols=cut) if ffn else reader.read(k2))
         if k3 is not None:
             partner.append(reader.read(k3, rows=cut) if ffn else reader.read(k3))
-    dtype = dtype or first[0].dtype
     read = ExpertWeights(torch.stack(first), torch.stack(second), torch.stack(partner) if partner else None,
                          part.activation)
+    _check_and_fill(block_name, part, read, device, dtype)
+
+
+def _check_and_fill(block_name: str, part: ShardedExperts, read: ExpertWeights, device, dtype) -> None:
+    dtype = dtype or read.w1.dtype
     expected = part.weights()
-    for name in ("w1", "w2", "w3"):
+    for name in ("w1", "w2", "w3", "b1", "b2"):
         got, want = getattr(read, name), getattr(expected, name)
         if (got is None) != (want is None) or (got is not None and got.shape != want.shape):
             raise ValueError(f"{block_name}.{name}: checkpoint gives {None if got is None else tuple(got.shape)}, "

@@ -63,12 +63,12 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, err: RequestValidationError):
-        first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            return _error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
-        location = [str(p) for p in first["loc"] if p != "body"]
-        field = ".".join(location) or None
-        return _error(400, f"{field or 'body'}: {first['msg']}", field)
+        errors = err.errors()
+        if errors[0]["type"] == "json_invalid":
+            return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}")
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+        message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
+        return _error(400, message, fields[0].split(".")[0])  # the request's own field, as OpenAI reports it
 
     @app.middleware("http")
     async def count(request: HTTPRequest, call_next):

@@ -16,11 +16,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Standard Hugging Face checkpoints: Switch (encoder-decoder), Mixtral (on-disk names differ from module
-    names), Qwen2-MoE (shared expert) written as several safetensors shards with an index."""
+    names), Qwen2-MoE (shared expert) written as several safetensors shards with an index, BERT-MoE (experts
+    stacked in one tensor per matrix, with biases)."""
     from parallel_models import build
 
     folders = {}
-    for family, shard in (("switch_transformers", None), ("mixtral", None), ("qwen2_moe", "40KB")):
+    for family, shard in (("switch_transformers", None), ("mixtral", None), ("qwen2_moe", "40KB"),
+                          ("bert_moe", None)):
         folder = tmp_path_factory.mktemp(family)
         build(family, backend=None).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
         folders[family] = str(folder)

@@ -179,7 +179,8 @@ def rank_local_loading(rank, world, folders: dict, strategies=("moeshard", "ep")
         inputs = rank_inputs(family_name, rank)
         reference = forward(patch_moe(full, backend="torch"), inputs)
         config = full.config
-        ffn = {"switch_transformers": "d_ff", "mixtral": "intermediate_size"}.get(family_name, "moe_intermediate_size")
+        ffn = {"switch_transformers": "d_ff", "mixtral": "intermediate_size",
+               "bert_moe": "intermediate_size"}.get(family_name, "moe_intermediate_size")
         num_experts = getattr(config, "num_local_experts", None) or config.num_experts
         for strategy in strategies:
             model = load_parallel(folder, family, strategy=strategy, backend="torch", model_class=model_class)
