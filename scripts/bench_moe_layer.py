@@ -220,8 +220,10 @@ def main(argv=None):
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in result["device"]).strip("_").lower() or result["device_type"]
-    path = out / f"moe_layer_{result['device_type']}_{tag}.json"
+    name = f"moe_layer_{result['device_type']}"
+    if result["device_type"] == "cuda":  # the GPU model is part of the name: results from several cards coexist
+        name += "_" + "".join(c if c.isalnum() else "_" for c in result["device"]).strip("_").lower()
+    path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)
