@@ -162,3 +162,17 @@ def test_engine_load_builds_the_task_model_from_an_artifact(tmp_path):
     torch.testing.assert_close(model(x).logits.float(), ref(x).logits, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="pass task=<name>"):
         engine.load(str(out))
+
+
+def test_bfloat16_checkpoints_keep_their_dtype(tmp_path):
+    base, models = make_family(tmp_path, "llama", scale=0.01)
+    for folder in [base, *models.values()]:
+        T.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(torch.bfloat16).save_pretrained(folder)
+    out = merge_to(tmp_path, base, models, size=1, params={"lambda": 0.5})
+    stored = Checkpoint(out)
+    assert {stored.dtype[n] for n in stored.names} == {torch.bfloat16}
+    theta0 = load_file(base / "model.safetensors")
+    tvs = [load_file(p / "model.safetensors") for p in models.values()]
+    for n, t in load_file(out / "model.safetensors").items():
+        ref = theta0[n].float() + 0.5 * sum(v[n].float() - theta0[n].float() for v in tvs)
+        torch.testing.assert_close(t, ref.to(torch.bfloat16))
