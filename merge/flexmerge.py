@@ -444,9 +444,11 @@ def _merge_tree_linear(session: Session, block, steps: list[greedy.Step], tvs: d
 
             for i, (a, b) in enumerate(children):
                 torch.add(operand(a), operand(b), out=sums[i, :width])
-                torch.mul(sums[i, :width], scale[i], out=merged[:width])
+                block_i = sums[i, :width]  # with r_G = 1 the sum is the merged block itself
+                if scale[i] != 1.0:
+                    block_i = torch.mul(block_i, scale[i], out=merged[:width])
                 if collect is not None:
-                    collect.setdefault((groups[i], n), []).append(merged[:width].clone())
+                    collect.setdefault((groups[i], n), []).append(block_i.clone())
     G = torch.from_numpy(gram)
     GC = C @ G
     quad = (GC * C).sum(1)

@@ -12,6 +12,7 @@ from merge.flexmerge import Session, _merge_tree_linear
 
 @pytest.mark.parametrize("method, params, weights", [
     ("task_arithmetic", {"lambda": 0.4}, {}),
+    ("task_arithmetic", {}, {}),
     ("average", {}, {"b": 2.0, "d": 0.5}),
 ])
 def test_linear_tree_equals_per_group_merge(tmp_path, method, params, weights):
