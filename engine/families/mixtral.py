@@ -1,12 +1,9 @@
 """Mixtral: top-k softmax router, weights renormalised and kept in fp32, SiLU-gated experts."""
 from engine.families.base import Family
-from engine.families.stacked import convert_stacked
+from engine.families.stacked import stacked_converter
 
-
-def _convert(block, config, backend, capacity):
-    return convert_stacked(block, config, backend, capacity, num_experts=config.num_local_experts,
-                           top_k=config.num_experts_per_tok, ffn=config.intermediate_size,
-                           normalize=True, weights_in_fp32=True)
+_convert = stacked_converter(num_experts="num_local_experts", ffn="intermediate_size", normalize=True,
+                             weights_in_fp32=True)
 
 
 def _tiny_config(**overrides):

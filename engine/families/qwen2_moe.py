@@ -1,13 +1,10 @@
 """Qwen2-MoE: top-k softmax router (renormalised only if `norm_topk_prob`), weights cast to the model dtype,
 SiLU-gated experts, and a shared expert behind a sigmoid gate on every token."""
 from engine.families.base import Family
-from engine.families.stacked import convert_stacked
+from engine.families.stacked import stacked_converter
 
-
-def _convert(block, config, backend, capacity):
-    return convert_stacked(block, config, backend, capacity, num_experts=config.num_experts,
-                           top_k=config.num_experts_per_tok, ffn=config.moe_intermediate_size,
-                           normalize=config.norm_topk_prob, weights_in_fp32=False)
+_convert = stacked_converter(num_experts="num_experts", ffn="moe_intermediate_size", normalize="norm_topk_prob",
+                             weights_in_fp32=False)
 
 
 def _tiny_config(**overrides):

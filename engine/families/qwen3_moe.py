@@ -1,12 +1,9 @@
 """Qwen3-MoE: as Qwen2-MoE without the shared expert; `norm_topk_prob` usually on."""
 from engine.families.base import Family
-from engine.families.stacked import convert_stacked
+from engine.families.stacked import stacked_converter
 
-
-def _convert(block, config, backend, capacity):
-    return convert_stacked(block, config, backend, capacity, num_experts=config.num_experts,
-                           top_k=config.num_experts_per_tok, ffn=config.moe_intermediate_size,
-                           normalize=config.norm_topk_prob, weights_in_fp32=False)
+_convert = stacked_converter(num_experts="num_experts", ffn="moe_intermediate_size", normalize="norm_topk_prob",
+                             weights_in_fp32=False)
 
 
 def _tiny_config(**overrides):

@@ -49,6 +49,19 @@ class StackedExpertsBlock(MoEBlock):
         return F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
 
 
+def stacked_converter(*, num_experts: str, ffn: str, normalize: bool | str, weights_in_fp32: bool):
+    """A family's `convert`, given the config attributes that hold its expert count and FFN width, and its
+    router's arithmetic (`normalize`: a bool, or the config attribute that says, e.g. `norm_topk_prob`)."""
+
+    def convert(hf_block, config, backend, capacity) -> StackedExpertsBlock:
+        return convert_stacked(hf_block, config, backend, capacity, num_experts=getattr(config, num_experts),
+                               top_k=config.num_experts_per_tok, ffn=getattr(config, ffn),
+                               normalize=getattr(config, normalize) if isinstance(normalize, str) else normalize,
+                               weights_in_fp32=weights_in_fp32)
+
+    return convert
+
+
 def convert_stacked(hf_block, config, backend, capacity, *, num_experts: int, top_k: int, ffn: int,
                     normalize: bool, weights_in_fp32: bool) -> StackedExpertsBlock:
     hidden = config.hidden_size
