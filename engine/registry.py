@@ -177,18 +177,17 @@ def _resolve_source(entry: ModelEntry) -> Path:
     return resolve_hub_id(source)
 
 
-def _entry_for(name_or_path: str) -> tuple[ModelEntry | None, Path]:
-    path = Path(str(name_or_path)).expanduser()
+def _entry_for(name_or_path) -> tuple[ModelEntry | None, Path]:
+    """(the registry entry, if any; the local checkpoint folder) for a folder, a registered name or a hub id."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
     if path.is_dir():
         return None, path
     _ensure_defaults()
-    if name_or_path in _REGISTRY:
-        entry = _REGISTRY[name_or_path]
-        return entry, _resolve_source(entry)
-    if "/" in str(name_or_path) and not path.exists() and not str(name_or_path).startswith((".", "/", "~")):
-        return None, resolve_hub_id(str(name_or_path))
-    get_model_entry(str(name_or_path))  # raises with the list of known names
-    raise AssertionError("unreachable")
+    if name not in _REGISTRY and "/" in name and not path.exists() and not name.startswith((".", "/", "~")):
+        return None, resolve_hub_id(name)
+    entry = get_model_entry(name)  # a KeyError listing the registered names if it is none of them
+    return entry, _resolve_source(entry)
 
 
 def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, capacity: str | None = None,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from engine.moe.experts import check_backend, default_backend
+from engine.moe.layer import MoEBlock, RouterHealth
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -28,7 +29,7 @@ def patch_moe(model: nn.Module, *, backend: str | None = None, capacity: str | N
     if backend == "eager":
         return model
     blocks = family.find_blocks(model)
-    if not blocks and not any(isinstance(m, _moe_block_type()) for m in model.modules()):
+    if not blocks and not any(isinstance(m, MoEBlock) for m in model.modules()):
         raise ValueError(f"no {family.block_classes} blocks found in {type(model).__name__}")
     for _, parent, attr, block in blocks:
         setattr(parent, attr, family.convert(block, model.config, backend, capacity))
@@ -36,14 +37,8 @@ def patch_moe(model: nn.Module, *, backend: str | None = None, capacity: str | N
     return model
 
 
-def _moe_block_type():
-    from engine.moe.layer import MoEBlock
-
-    return MoEBlock
-
-
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _moe_block_type())]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
@@ -74,8 +69,6 @@ def take_routing_counts(model: nn.Module) -> dict[str, list[int]]:
 
 
 def _install_health_check(model: nn.Module) -> None:
-    from engine.moe.layer import RouterHealth
-
     blocks = moe_blocks(model)
     health = RouterHealth([name for name, _ in blocks])
     for index, (_, block) in enumerate(blocks):
