@@ -10,7 +10,8 @@ COMMAND_MODULES = ["engine.demo", "merge.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tessera", description="tessera: MoE inference on fused kernels, "
+                                     "FlexMerge model merging and LoRA routing")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMAND_MODULES:
         try:
