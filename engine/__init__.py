@@ -11,6 +11,7 @@ _LAZY = {
     "load": "engine.registry",
     "patch_moe": "engine.moe.patch",
     "register_model": "engine.registry",
+    "register_adapter": "engine.registry",
     "get_model_entry": "engine.registry",
     "list_models": "engine.registry",
     "ModelEntry": "engine.registry",

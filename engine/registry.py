@@ -49,6 +49,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_ADAPTERS: dict[str, Path] = {}  # LoRA adapter name -> PEFT folder
 _LOADED_DIRS: set[Path] = set()
 
 
@@ -67,11 +68,29 @@ def register_model(entry: ModelEntry | None = None, **fields) -> ModelEntry:
     return entry
 
 
+def register_adapter(name: str, path) -> Path:
+    """Name a PEFT LoRA folder, so `engine.load(base, adapters=[name, ...])` can use it by name."""
+    _ADAPTERS[name] = Path(path).expanduser()
+    return _ADAPTERS[name]
+
+
+def get_adapter_path(name: str) -> Path:
+    _ensure_defaults()
+    if name not in _ADAPTERS:
+        raise KeyError(f"unknown adapter {name!r}; registered adapters: {sorted(_ADAPTERS)}")
+    return _ADAPTERS[name]
+
+
 def load_config_dir(directory: Path | str = CONFIG_DIR) -> None:
-    """Register every entry of every `*.yaml` file in `directory` (a file holds one entry or a `models` list)."""
+    """Register every entry of every `*.yaml` file in `directory`: a file holds one model entry, or a `models`
+    list and/or an `adapters` list of `{name, path}` (paths relative to the file)."""
     directory = Path(directory)
     for path in sorted(directory.glob("*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
+        for adapter in data.get("adapters", []):
+            register_adapter(adapter["name"], path.parent / Path(adapter["path"]).expanduser())
+        if "adapters" in data and "models" not in data:
+            continue
         for fields in data.get("models", [data]):
             try:
                 register_model(**fields)
@@ -199,8 +218,8 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     hub id already in the local cache. `backend`: "triton", "torch", "reference" or "eager" (Hugging Face's own
     modules). `capacity`: None (dropless) or "hf". `strategy` (under torchrun): "single", "moeshard", "ep",
     "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact, or "auto" to route each query to its
-    nearest task by `tasks` (task -> validation examples, a task folder, or a `TaskRouter`). `adapters`: LoRA adapters to attach (a
-    dict name -> PEFT folder, an `AdapterPool` or a `TaskRouter`), with `adapter_options` passed on to
+    nearest task by `tasks` (task -> validation examples, a task folder, or a `TaskRouter`). `adapters`: LoRA
+    adapters to attach (registered adapter names, a dict name -> PEFT folder, an `AdapterPool` or a `TaskRouter`), with `adapter_options` passed on to
     `engine.lora.attach_adapters` (tokenizer, cache_bytes, backend).
     """
     from engine.families import family_for
@@ -247,6 +266,8 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     if adapters is not None:
         from engine.lora import attach_adapters
 
+        if isinstance(adapters, (list, tuple)):  # registered adapter names
+            adapters = {name: get_adapter_path(name) for name in adapters}
         return attach_adapters(model, adapters, **(adapter_options or {}))
     return model
 

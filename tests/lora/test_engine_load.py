@@ -2,6 +2,7 @@
 on tessera's layer, rows mixing adapters like PEFT's merged adapter does."""
 import copy
 
+import pytest
 import torch
 
 import engine
@@ -27,3 +28,21 @@ def test_load_with_adapters_matches_peft(tmp_path):
             oracle = peft_weighted_model(copy.deepcopy(base), pool, mixes[row])
             torch.testing.assert_close(got[row:row + 1], oracle(input_ids=ids[row:row + 1]).logits,
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_registered_by_name(tmp_path):
+    from engine.registry import load_config_dir
+
+    base = engine.load("tiny-mixtral", device="cpu")
+    save_adapter(base, tmp_path / "pool" / "x", seed=31, targets=TARGETS)
+    engine.register_adapter("y-from-code", save_adapter(base, tmp_path / "y", seed=32, targets=TARGETS))
+    (tmp_path / "adapters.yaml").write_text("adapters:\n  - {name: x-from-yaml, path: pool/x}\n")
+    load_config_dir(tmp_path)
+    lm = engine.load("tiny-mixtral", device="cpu", adapters=["x-from-yaml", "y-from-code"])
+    assert sorted(lm.pool.names) == ["x-from-yaml", "y-from-code"]
+    ids = torch.randint(3, base.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert not torch.allclose(lm(input_ids=ids, adapter_weights=[{"x-from-yaml": 1.0}]).logits,
+                                  base(input_ids=ids).logits)
+    with pytest.raises(KeyError, match="unknown adapter 'nope'"):
+        engine.load("tiny-mixtral", device="cpu", adapters=["nope"])
