@@ -219,8 +219,9 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     modules). `capacity`: None (dropless) or "hf". `strategy` (under torchrun): "single", "moeshard", "ep",
     "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact, or "auto" to route each query to its
     nearest task by `tasks` (task -> validation examples, a task folder, or a `TaskRouter`). `adapters`: LoRA
-    adapters to attach (registered adapter names, a dict name -> PEFT folder, an `AdapterPool` or a `TaskRouter`), with `adapter_options` passed on to
-    `engine.lora.attach_adapters` (tokenizer, cache_bytes, backend).
+    adapters to attach (registered adapter names, a dict name -> PEFT folder, an `AdapterPool` or a
+    `TaskRouter`), with `adapter_options` passed on to `engine.lora.attach_adapters` (tokenizer, cache_bytes,
+    backend).
     """
     from engine.families import family_for
     from engine.moe.patch import patch_moe
