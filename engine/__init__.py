@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from engine.hf_experts import register_experts_implementation
+
+register_experts_implementation()  # `from_pretrained(..., experts_implementation="tessera")` after `import engine`
+
 _LAZY = {
     "load": "engine.registry",
     "patch_moe": "engine.moe.patch",
@@ -19,17 +23,6 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def _register_experts_implementation() -> None:
-    try:
-        from engine.moe.hf_interface import register
-    except ImportError:  # transformers too old for ExpertsInterface: patch_moe still works
-        return
-    register()
-
-
-_register_experts_implementation()
 
 
 def __getattr__(name: str):

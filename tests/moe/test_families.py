@@ -106,11 +106,11 @@ def test_generate_matches_hugging_face():
 
 
 def test_experts_implementation_tessera_runs_our_backend(monkeypatch):
-    import engine.moe.hf_interface as hf_interface
+    import engine.moe.experts as experts
 
     calls = []
-    real = hf_interface.run_experts
-    monkeypatch.setattr(hf_interface, "run_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = experts.run_experts
+    monkeypatch.setattr(experts, "run_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
     folder = materialize_tiny(get_model_entry("tiny-qwen3-moe"))
     ids, mask = batch_with_padding()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, experts_implementation="tessera").eval()
