@@ -24,7 +24,7 @@ def fused_experts(
     `out_dtype` (default: hidden's dtype)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w1.shape[0]
-    config = moe_kernel_config(num_tokens * top_k, num_experts, hidden.device)
+    config = moe_kernel_config(num_tokens * top_k, num_experts, hidden.device, hidden.dtype)
     aligned = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config, b1)
     pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
