@@ -1,8 +1,14 @@
-"""Model families tessera can patch, keyed by name and by Hugging Face `model_type`."""
+"""Model families tessera can patch, keyed by name and by Hugging Face `model_type`.
+
+Every module of this package that defines `FAMILY` is registered: adding a family is adding one file. Families
+defined elsewhere register with `register_family`.
+"""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from engine.families.base import Family
-from engine.families import bert_moe, mixtral, olmoe, qwen2_moe, qwen3_moe, switch
 
 FAMILIES: dict[str, Family] = {}
 
@@ -12,8 +18,10 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _module in (switch, mixtral, qwen2_moe, qwen3_moe, olmoe, bert_moe):
-    register_family(_module.FAMILY)
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _family = getattr(importlib.import_module(f"{__name__}.{_info.name}"), "FAMILY", None)
+    if _family is not None:
+        register_family(_family)
 
 
 def family_for(config_or_name) -> Family:
