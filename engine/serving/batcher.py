@@ -44,7 +44,8 @@ class Request:
     def batch_key(self):
         if self.kind == "embed":
             return ("embed",)
-        return ("generate", self.params["temperature"], self.params["top_p"])
+        sampling = self.params["temperature"] > 0  # a batch samples with one seed: requests with others wait
+        return ("generate", self.params["temperature"], self.params["top_p"], self.params["seed"] if sampling else 0)
 
 
 class BatchEngine:
