@@ -47,6 +47,8 @@ def test_health_and_metrics(minilm):
                  "tessera_tokens_in", "tessera_expert_tokens", "tessera_rank_compute_seconds",
                  "tessera_tokens_dropped", "tessera_time_to_first_token_seconds"):
         assert name in families, name
+    latency = families["tessera_request_latency_seconds"].samples
+    assert any(s.name.endswith("_count") and s.labels["endpoint"] == "/v1/embeddings" and s.value >= 1 for s in latency)
     ranks = {s.labels["rank"] for s in families["tessera_rank_compute_seconds"].samples}
     assert ranks == {"0", "1"}
     experts = {s.labels["expert"] for s in families["tessera_expert_tokens"].samples if s.value > 0}
