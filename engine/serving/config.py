@@ -1,7 +1,7 @@
 """Server settings: defaults, overridden by a YAML file (`--config configs/serve/X.yaml`), overridden by flags."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -39,6 +39,3 @@ class ServeConfig:
             values.update(data)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
