@@ -65,7 +65,7 @@ class Runner:
         if op["type"] == "embed":
             out = {"embeddings": self._embed(rows)}
         elif op["type"] == "generate":
-            out = {"tokens": self._generate(rows, op["params"], op["limits"][self.rank], streamer, cancelled, op)}
+            out = {"tokens": self._generate(rows, op, streamer, cancelled)}
         elif op["type"] == "ping":
             out = {}
         else:
@@ -94,9 +94,10 @@ class Runner:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return mean_pool_normalized(hidden.float(), mask)[: len(rows)].cpu().tolist()
 
-    def _generate(self, rows, params, limits, streamer, cancelled, op_extra):
+    def _generate(self, rows, op, streamer, cancelled):
         from engine.parallel import generate_lockstep
 
+        params, limits = op["params"], op["limits"][self.rank]
         ids, mask = self._pad(rows, left=self.kind == "decoder")
         prompt_len = ids.shape[1] if self.kind == "decoder" else 1  # seq2seq: the decoder start token
         sampling = params["temperature"] > 0
@@ -109,12 +110,12 @@ class Runner:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"], top_k=0)
         if streamer is not None:
             kwargs["streamer"] = StepStreamer(streamer)
-        if "adapters" in op_extra:
-            kwargs["adapter_weights"] = op_extra["adapters"][self.rank] or [{}]  # a rank's dummy row: base model
+        if "adapters" in op:
+            kwargs["adapter_weights"] = op["adapters"][self.rank] or [{}]  # a rank's dummy row: base model
         with torch.no_grad():
             if self.world > 1:
-                out = generate_lockstep(self.model, ids[: len(rows)] if rows else ids[:0], mask[: len(rows)] if rows
-                                        else mask[:0], **kwargs)
+                # Without rows, generate_lockstep runs its own dummy row: hand it the empty batch.
+                out = generate_lockstep(self.model, ids[: len(rows)], mask[: len(rows)], **kwargs)
             else:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         eos = self.tokenizer.eos_token_id
