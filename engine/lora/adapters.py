@@ -138,13 +138,15 @@ def _read_header(name: str, weights: Path) -> tuple[dict[str, dict[str, tuple]],
     dtypes = set()
     try:
         with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
+            keys = list(f.keys())
+            for key in keys:
                 if "lora_embedding_" in key:
                     raise AdapterError(f"adapter {name!r}: tensor {key!r} is embedding LoRA (lora_embedding_A/B), "
                                        "which is refused: only linear layers and stacked expert parameters mix")
                 if "lora_magnitude_vector" in key:
                     raise AdapterError(f"adapter {name!r}: tensor {key!r} is a DoRA magnitude (use_dora), which "
                                        "is refused")
+            for key in keys:
                 match = _KEY.match(key)
                 if match is None:
                     raise AdapterError(f"adapter {name!r}: unsupported tensor {key!r} (only lora_A/lora_B "
