@@ -87,6 +87,10 @@ class AdapterCache:
     def expert_parameters(self) -> list[str]:
         return [m for m, dims in self._layout.items() if len(dims) == 4]
 
+    def has(self, module: str) -> bool:
+        """Whether any adapter of the pool adapts `module` (a wrapped layer whose adapters left adds nothing)."""
+        return module in self._stacks
+
     def stacks(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self._stacks[module]
 
@@ -146,9 +150,9 @@ class AdapterCache:
                 s = torch.zeros(capacity, device=self.device, dtype=torch.float32)
                 if module in old_stacks:
                     old_a, old_b = old_stacks[module]
-                    r_old = old_a.shape[-2]
-                    a[:keep, ..., :r_old, :].copy_(old_a[:keep])
-                    b[:keep, ..., :r_old].copy_(old_b[:keep])
+                    r = min(rank, old_a.shape[-2])  # a rank shrinks when its largest adapter leaves
+                    a[:keep, ..., :r, :].copy_(old_a[:keep, ..., :r, :])
+                    b[:keep, ..., :r].copy_(old_b[:keep, ..., :r])
                     s[:keep].copy_(old_scales[module][:keep])
                 stacks[module], scales[module] = (a, b), s
             self._stacks, self._scales, self._layout = stacks, scales, layout

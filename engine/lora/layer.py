@@ -79,7 +79,7 @@ class MixtureLoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
-        if self.state.slots is None:
+        if self.state.slots is None or not self.state.cache.has(self.module):
             return y
         slots, weights = self.state.for_module(self.module, x.shape[0])
         a_stack, b_stack = self.state.cache.stacks(self.module)
