@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.lora.cache import AdapterCache
 from kernels.lora_mixture import lora_mixture
+from kernels.lora_sgmv import lora_sgmv, row_token_slots
 
 
 class MixtureState:
@@ -25,15 +26,19 @@ class MixtureState:
         self._scaled: dict[tuple[str, int], torch.Tensor] = {}
         self.rows_seen: int | None = None  # batch rows of the MoE block running now (set by a forward hook)
 
-    def set(self, slots: torch.Tensor, weights: torch.Tensor) -> None:
-        self.slots, self.weights, self._expanded, self._scaled = slots, weights, {}, {}
+        self.seq_lens: torch.Tensor | None = None  # packed batches: tokens of each row, back to back
+
+    def set(self, slots: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor | None = None) -> None:
+        self.slots, self.weights, self.seq_lens, self._expanded, self._scaled = slots, weights, seq_lens, {}, {}
 
     def clear(self) -> None:
-        self.slots = self.weights = None
+        self.slots = self.weights = self.seq_lens = None
         self._expanded, self._scaled = {}, {}
 
     def token_routing(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, weights) [tokens, K] for a layer that sees the batch's rows flattened to tokens."""
+        if self.seq_lens is not None:
+            return row_token_slots(self.slots, self.weights, self.seq_lens)
         rows = self.rows_seen or self.slots.shape[0]
         if tokens % rows:
             raise ValueError(f"{tokens} tokens cannot be split into the batch's {rows} rows")
@@ -81,8 +86,14 @@ class MixtureLoRALinear(nn.Linear):
         y = nn.functional.linear(x, self.weight, self.bias)
         if self.state.slots is None or not self.state.cache.has(self.module):
             return y
-        slots, weights = self.state.for_module(self.module, x.shape[0])
         a_stack, b_stack = self.state.cache.stacks(self.module)
         y2 = y.reshape(-1, y.shape[-1])
-        lora_mixture(x, y2, a_stack, b_stack, slots, weights, backend=self.state.backend)
+        if self.state.seq_lens is not None:  # packed rows: the segment-grouped kernel, per token
+            x2 = x.reshape(-1, x.shape[-1])
+            slots, weights = self.state.token_routing(x2.shape[0])
+            weights = weights * self.state.cache.scales(self.module)[slots.clamp(min=0).long()]
+            lora_sgmv(x2, y2, a_stack, b_stack, slots, weights, backend=self.state.backend)
+        else:
+            slots, weights = self.state.for_module(self.module, x.shape[0])
+            lora_mixture(x, y2, a_stack, b_stack, slots, weights, backend=self.state.backend)
         return y2.view(y.shape)

@@ -83,25 +83,35 @@ class LoRAModel:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
-        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs)
+    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, seq_lens=None,
+                **kwargs):
+        """`seq_lens`: a packed batch ([1, T] inputs holding rows of these lengths back to back; the model's
+        own inputs, e.g. position_ids, must keep the rows apart): adapter_weights has one entry per row."""
+        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens)
 
     def generate(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
-        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs)
+        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs, None)
 
-    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs):
+    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise RoutingError("pass input_ids or inputs_embeds so the rows of the batch are known")
         rows = ref.shape[0]
+        if seq_lens is not None:
+            seq_lens = torch.as_tensor(seq_lens, dtype=torch.long)
+            if ref.shape[0] != 1 or seq_lens.dim() != 1 or int(seq_lens.sum()) != ref.shape[1] or \
+                    bool((seq_lens < 0).any()):
+                raise RoutingError(f"seq_lens must be row lengths that sum to the packed length {ref.shape[-1]} of "
+                                   f"a [1, T] batch, got {seq_lens.tolist()} for {tuple(ref.shape)}")
+            rows = seq_lens.numel()
         with self._lock, torch.no_grad():
             if route is not None:
                 adapter_weights = self._route(route, queries, input_ids, kwargs.get("attention_mask"),
                                               rows, route_kwargs or {})
             elif queries is not None:
                 raise RoutingError("queries= is only used with route='auto'")
-            names = self._activate(adapter_weights, rows)
+            names = self._activate(adapter_weights, rows, seq_lens)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -144,7 +154,7 @@ class LoRAModel:
                                    f"attach_adapters(..., tokenizer=...)") from exc
         return self.tokenizer
 
-    def _activate(self, adapter_weights, rows) -> list[str]:
+    def _activate(self, adapter_weights, rows, seq_lens=None) -> list[str]:
         """Pin the batch's adapters in the cache and publish slots/weights to the layers."""
         if adapter_weights is None:
             return []
@@ -173,7 +183,7 @@ class LoRAModel:
                 slots[b, j] = slot_of[name]
                 weights[b, j] = w
         device = self.cache.device
-        self.state.set(slots.to(device), weights.to(device))
+        self.state.set(slots.to(device), weights.to(device), None if seq_lens is None else seq_lens.to(device))
         return names
 
 
