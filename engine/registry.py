@@ -15,18 +15,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from foundation.cache import build_once, cache_dir
+from foundation.dtypes import parse_dtype
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 STRATEGIES = ("single", "moeshard", "ep", "ep-capacity", "auto")
 
 
@@ -51,14 +49,6 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 _ADAPTERS: dict[str, Path] = {}  # LoRA adapter name -> PEFT folder
 _LOADED_DIRS: set[Path] = set()
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def register_model(entry: ModelEntry | None = None, **fields) -> ModelEntry:
@@ -157,31 +147,19 @@ def build_tiny(family, options: dict, model_class, dtype: torch.dtype):
     return model
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
-
-
 def materialize_tiny(entry: ModelEntry) -> Path:
     """Save a `tiny` entry's model once as a checkpoint folder in the cache (atomically) and return it."""
     from engine.families import family_for
 
     family = family_for(entry.family)
     key = json.dumps([entry.family, entry.model_class, entry.dtype, entry.options], sort_keys=True, default=str)
-    folder = cache_dir() / "models" / f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (folder / "config.json").exists():
-        return folder
-    model = build_tiny(family, entry.options, _model_class(family, entry.model_class), parse_dtype(entry.dtype))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(staging)
-        os.replace(staging, folder)
-    except OSError:
-        if not (folder / "config.json").exists():  # not a concurrent writer that won the race
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    folder = cache_dir("models", f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+    def write(tmp: Path) -> None:
+        model_class = _model_class(family, entry.model_class)
+        build_tiny(family, entry.options, model_class, parse_dtype(entry.dtype)).save_pretrained(tmp)
+
+    return build_once(folder, write)
 
 
 def _resolve_source(entry: ModelEntry) -> Path:

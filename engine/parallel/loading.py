@@ -58,10 +58,10 @@ def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, 
     first, second, partner = [], [], []
     for expert in experts:
         k1, k2, k3 = reader.expert_keys(block_name, expert)
-        first.append(reader.read(k1, rows=cut) if ffn else reader.read(k1))
-        second.append(reader.read(k2, cols=cut) if ffn else reader.read(k2))
+        first.append(reader.read_part(k1, (cut,) if ffn else ()))
+        second.append(reader.read_part(k2, (None, cut) if ffn else ()))
         if k3 is not None:
-            partner.append(reader.read(k3, rows=cut) if ffn else reader.read(k3))
+            partner.append(reader.read_part(k3, (cut,) if ffn else ()))
     read = ExpertWeights(torch.stack(first), torch.stack(second), torch.stack(partner) if partner else None,
                          part.activation)
     _check_and_fill(block_name, part, read, device, dtype)
@@ -94,7 +94,7 @@ def _fill_dense(model: nn.Module, reader: CheckpointReader, skip: set[int], devi
         if key is None:
             missing.append(names[0])
             continue
-        tensor = reader.read(key)
+        tensor = reader.read_part(key)
         expected = group[0][3].shape
         if tensor.shape != expected:
             raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(expected)}")
