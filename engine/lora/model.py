@@ -251,12 +251,22 @@ def wrap_modules(model: nn.Module, pool: AdapterPool, state: MixtureState) -> No
             raise AdapterError(f"{experts!r} is not inside a tessera MoE block, so its expert LoRA cannot run")
         if not isinstance(block.__dict__.get("expert_weights"), _ExpertHook):
             block.expert_weights = _ExpertHook(block.expert_weights, experts, state)
-            block.register_forward_pre_hook(_note_rows(state))
+            block.register_forward_pre_hook(_before_block(state, experts))
 
 
-def _note_rows(state: MixtureState):
+def _before_block(state: MixtureState, experts: str):
+    """Note the batch's rows for the block's token routing, and refuse expert LoRA under a distributed
+    executor: MoEShard and expert parallelism run other ranks' tokens, whose adapter slots this rank's cache
+    does not know, so the adapters would be silently skipped."""
+    from engine.moe.layer import local_executor
+
     def hook(module, args):
         state.rows_seen = args[0].shape[0] if args and args[0].dim() == 3 else None
+        if state.slots is not None and module.executor is not local_executor and \
+                any(k.startswith(experts + ".") for k in state.cache.expert_parameters()):
+            raise AdapterError(f"{experts!r}: expert LoRA does not run under a distributed strategy yet (other "
+                               "ranks' tokens carry adapter slots this rank's cache does not know); serve "
+                               "expert adapters on one process")
     return hook
 
 
