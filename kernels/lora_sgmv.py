@@ -93,7 +93,8 @@ if triton_importable():
                 tl.store(y_ptrs, (yt.to(tl.float32) + acc).to(yt.dtype), mask=y_mask)
 
 
-def _check(x, y, a_stack, b_stack, token_slots, token_weights):
+def check_operands(x, y, a_stack, b_stack, *routing):
+    """Shapes, devices and dtypes shared by both mixture kernels (x: [T, in], y: [T, out])."""
     if a_stack.dim() != 3 or b_stack.dim() != 3:
         raise ValueError(f"adapter stacks must be [slots, r, in] and [slots, out, r], got {tuple(a_stack.shape)} "
                          f"and {tuple(b_stack.shape)}")
@@ -101,17 +102,22 @@ def _check(x, y, a_stack, b_stack, token_slots, token_weights):
     if b_stack.shape[0] != n_slots or b_stack.shape[2] != rank:
         raise ValueError(f"B stack {tuple(b_stack.shape)} does not match A stack {tuple(a_stack.shape)}")
     if x.dim() != 2 or x.shape[1] != d_in:
-        raise ValueError(f"x must be [tokens, {d_in}], got {tuple(x.shape)}")
+        raise ValueError(f"x has {x.shape[-1]} features but the adapters expect {d_in} (x must be [tokens, in], "
+                         f"got {tuple(x.shape)})")
     if y.dim() != 2 or y.shape != (x.shape[0], b_stack.shape[1]):
         raise ValueError(f"y must be [{x.shape[0]}, {b_stack.shape[1]}], got {tuple(y.shape)}")
-    if token_slots.dim() != 2 or token_slots.shape[0] != x.shape[0] or token_weights.shape != token_slots.shape:
-        raise ValueError(f"token_slots and token_weights must both be [{x.shape[0]}, K], got "
-                         f"{tuple(token_slots.shape)} and {tuple(token_weights.shape)}")
-    devices = {t.device for t in (x, y, a_stack, b_stack, token_slots, token_weights)}
+    devices = {t.device for t in (x, y, a_stack, b_stack, *routing)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if a_stack.dtype != x.dtype or b_stack.dtype != x.dtype:
         raise ValueError(f"adapter dtype {a_stack.dtype}/{b_stack.dtype} differs from activations {x.dtype}")
+
+
+def _check(x, y, a_stack, b_stack, token_slots, token_weights):
+    check_operands(x, y, a_stack, b_stack, token_slots, token_weights)
+    if token_slots.dim() != 2 or token_slots.shape[0] != x.shape[0] or token_weights.shape != token_slots.shape:
+        raise ValueError(f"token_slots and token_weights must both be [{x.shape[0]}, K], got "
+                         f"{tuple(token_slots.shape)} and {tuple(token_weights.shape)}")
 
 
 def lora_sgmv_reference(x, y, a_stack, b_stack, token_slots, token_weights):

@@ -293,8 +293,7 @@ class AdapterPool:
     def add(self, name: str, folder: str | Path) -> AdapterSpec:
         """Register one adapter folder after checking it against the pool."""
         spec = self.check(name, folder)
-        self._specs[name] = spec
-        self.version += 1
+        self.add_spec(spec)
         return spec
 
     def add_spec(self, spec: AdapterSpec) -> None:

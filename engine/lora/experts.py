@@ -101,6 +101,16 @@ def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertL
     num_experts, ffn = weights.num_experts, weights.ffn_width
     out = torch.zeros(hidden.shape, dtype=torch.float32)
     token_slots, token_weights = lora.routing(hidden.shape[0])
+
+    def mix(pair, t, e, vec):  # sum over token t's adapters of w * s * B_e A_e vec
+        a, b, scales = pair
+        total = torch.zeros(b.shape[-2])
+        for k, slot in enumerate(token_slots[t].tolist()):
+            if slot >= 0:
+                weight = float(token_weights[t, k] * scales[slot])
+                total = total + weight * (b[slot, e].float() @ (a[slot, e].float() @ vec))
+        return total
+
     for t in range(hidden.shape[0]):
         x = hidden[t].float()
         for j, e in enumerate(topk_ids[t].tolist()):
@@ -110,11 +120,8 @@ def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertL
             up = None if weights.w3 is None else weights.w3[e].float() @ x
             if weights.b1 is not None:
                 gate = gate + weights.b1[e].float()
-            for k, slot in enumerate(token_slots[t].tolist()):
-                if slot < 0 or lora.gate_up is None:
-                    continue
-                a, b, s = lora.gate_up
-                delta = float(token_weights[t, k] * s[slot]) * (b[slot, e].float() @ (a[slot, e].float() @ x))
+            if lora.gate_up is not None:
+                delta = mix(lora.gate_up, t, e, x)
                 gate = gate + delta[:ffn]
                 if up is not None:
                     up = up + delta[ffn:]
@@ -124,10 +131,7 @@ def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertL
             y = weights.w2[e].float() @ h
             if weights.b2 is not None:
                 y = y + weights.b2[e].float()
-            for k, slot in enumerate(token_slots[t].tolist()):
-                if slot < 0 or lora.down is None:
-                    continue
-                a, b, s = lora.down
-                y = y + float(token_weights[t, k] * s[slot]) * (b[slot, e].float() @ (a[slot, e].float() @ h))
+            if lora.down is not None:
+                y = y + mix(lora.down, t, e, h)
             out[t] += (1.0 if topk_weights is None else float(topk_weights[t, j])) * y
     return out

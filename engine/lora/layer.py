@@ -25,7 +25,6 @@ class MixtureState:
         self._expanded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scaled: dict[tuple[str, int], torch.Tensor] = {}
         self.rows_seen: int | None = None  # batch rows of the MoE block running now (set by a forward hook)
-
         self.seq_lens: torch.Tensor | None = None  # packed batches: tokens of each row, back to back
 
     def set(self, slots: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor | None = None) -> None:
@@ -42,9 +41,7 @@ class MixtureState:
         rows = self.rows_seen or self.slots.shape[0]
         if tokens % rows:
             raise ValueError(f"{tokens} tokens cannot be split into the batch's {rows} rows")
-        slots, weights = self.for_rows(rows)
-        per_row = tokens // rows
-        return slots.repeat_interleave(per_row, 0), weights.repeat_interleave(per_row, 0)
+        return row_token_slots(*self.for_rows(rows), tokens // rows)
 
     def for_module(self, module: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, weights x this module's LoRA scale per slot) for `rows` rows."""

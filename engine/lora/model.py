@@ -216,8 +216,6 @@ def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, 
     if any(isinstance(m, MixtureLoRALinear) for m in model.modules()):
         raise AdapterError("this model already has adapters attached")
     pool.check_model(model)
-    if pool.expert_shapes:
-        _ensure_moe_blocks(model)
     param = next(model.parameters())
     cache = AdapterCache(pool, param.device, param.dtype, cache_bytes)
     state = MixtureState(cache, backend)

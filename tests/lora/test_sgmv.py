@@ -84,7 +84,7 @@ def test_varlen_rows_and_padded_rows(backend):
 
 def test_bad_inputs_name_the_problem():
     x, y, a, b, slots, weights = _case(4, 16, 16, 4, 2, 2, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="x must be"):
+    with pytest.raises(ValueError, match="x has 8 features but the adapters expect 16"):
         lora_sgmv_reference(x[:, :8], y, a, b, slots, weights)
     with pytest.raises(ValueError, match="token_slots"):
         lora_sgmv_reference(x, y, a, b, slots[:3], weights[:3])
