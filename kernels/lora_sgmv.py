@@ -166,8 +166,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, block_m: int = 16):
-    """Two-launch Triton version of `lora_sgmv_reference` (same contract)."""
+BLOCK_M = 16
+
+
+def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, grouping=None):
+    """Two-launch Triton version of `lora_sgmv_reference` (same contract). `grouping`: what
+    `group_pairs(token_slots, slots, BLOCK_M)` returns, when every layer of a pass shares the token slots."""
     _check(x, y, a_stack, b_stack, token_slots, token_weights)
     if y.stride(1) != 1:
         raise ValueError("y must have unit stride along its feature dimension")
@@ -178,7 +182,8 @@ def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, block_m
     k = token_slots.shape[1]
     if x.shape[0] == 0 or k == 0:
         return y
-    pair_ids, tile_slot = group_pairs(token_slots, n_slots, block_m)
+    block_m = BLOCK_M
+    pair_ids, tile_slot = grouping if grouping is not None else group_pairs(token_slots, n_slots, block_m)
     weights = token_weights.to(torch.float32).reshape(-1).contiguous()
     block_r = max(16, _next_pow2(rank))
     block_k = min(64, max(16, _next_pow2(d_in)))
@@ -209,7 +214,7 @@ def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, block_m
     return y
 
 
-def lora_sgmv(x, y, a_stack, b_stack, token_slots, token_weights, backend: str = "auto"):
+def lora_sgmv(x, y, a_stack, b_stack, token_slots, token_weights, backend: str = "auto", grouping=None):
     """Add the packed per-token LoRA mixture to `y` in place (see the module docstring).
 
     x: [T, in]; y: [T, out]; a_stack: [slots, r, in]; b_stack: [slots, out, r]; token_slots: [T, K] int
@@ -221,7 +226,7 @@ def lora_sgmv(x, y, a_stack, b_stack, token_slots, token_weights, backend: str =
     if use_triton:
         if not triton_available(x.device):
             raise RuntimeError(f"Triton cannot run on {x.device} here (no CUDA, or TRITON_INTERPRET is not 1)")
-        return lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights)
+        return lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, grouping)
     return lora_sgmv_reference(x, y, a_stack, b_stack, token_slots, token_weights)
 
 

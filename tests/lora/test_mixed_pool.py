@@ -24,10 +24,13 @@ def _pool_folders(model, root, mlp_targets):
     }
 
 
-@pytest.mark.parametrize("build,mlp", [(tiny_llama, ("gate_proj", "down_proj")), (tiny_qwen2, ("up_proj",)),
-                                       (tiny_mixtral, ())], ids=["llama", "qwen2", "mixtral"])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_available("cpu"), reason="no interpreter"))])
+TRITON = pytest.mark.skipif(not triton_available("cpu"), reason="no interpreter")
+
+
+@pytest.mark.parametrize("build,mlp,backend", [
+    (tiny_llama, ("gate_proj", "down_proj"), "torch"), (tiny_qwen2, ("up_proj",), "torch"), (tiny_mixtral, (), "torch"),
+    pytest.param(tiny_llama, ("gate_proj", "down_proj"), "triton", marks=TRITON),
+], ids=["llama", "qwen2", "mixtral", "llama-triton"])
 def test_mixed_ranks_and_targets_match_peft_per_row(build, mlp, backend, tmp_path):
     model = build()
     folders = _pool_folders(model, tmp_path, mlp)
