@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.pooling import mean_pool_normalized
 from foundation.atomic import atomic_file
 from foundation.cache import cache_dir as tessera_cache
 
@@ -73,9 +74,7 @@ class MiniLMEncoder:
             batch = self._tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
                                     max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self._model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+            out.append(mean_pool_normalized(hidden.float(), batch["attention_mask"]).cpu())
         return torch.cat(out)
 
 
