@@ -226,7 +226,7 @@ def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, 
 def _ensure_moe_blocks(model: nn.Module) -> None:
     """Expert LoRA runs inside tessera's MoE blocks: convert a Hugging Face MoE model in place if needed."""
     from engine.moe.layer import MoEBlock
-    from engine.moe.patch import patch_moe
+    from engine.families import patch_moe
 
     if not any(isinstance(m, MoEBlock) for m in model.modules()):
         patch_moe(model)
