@@ -142,7 +142,7 @@ def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
         _count_pairs_kernel[(num_experts,)](flat, counts, num_pairs, CHUNK=_CHUNK)
     _place_pairs_kernel[(num_experts,)](
         flat, counts, sorted_pair_ids, block_expert_ids, num_padded, num_pairs, num_experts, max_rows, max_blocks,
-        BLOCK_M=block_m, E_PAD=e_pad, COUNT_HERE=count_here, COUNT_CHUNK=max(16, 4096 // e_pad), CHUNK=_CHUNK,
+        BLOCK_M=block_m, E_PAD=e_pad, COUNT_HERE=count_here, COUNT_CHUNK=max(16, 2048 // e_pad), CHUNK=_CHUNK,
     )
     return AlignedPairs(sorted_pair_ids, block_expert_ids, num_padded, counts, block_m, num_pairs)
 
