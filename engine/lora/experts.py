@@ -73,7 +73,8 @@ class ExpertLoRA:
         tokens, experts = order // top_k, key[order]
         x = hidden[tokens]
         slots, slot_weights = token_slots[tokens], token_weights[tokens]
-        w13 = weights.w1 if weights.w3 is None else torch.cat([weights.w1, weights.w3], dim=1)
+        w13 = weights.w13 if weights.w13 is not None else \
+            weights.w1 if weights.w3 is None else torch.cat([weights.w1, weights.w3], dim=1)
         pre = _per_expert(x, w13, counts)
         if weights.b1 is not None:
             pre[:, :ffn] += weights.b1[experts]
