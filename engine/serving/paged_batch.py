@@ -46,11 +46,16 @@ def free_memory_bytes(device: torch.device) -> int:
     return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def kv_blocks_for_budget(model, block_size: int, kv_bytes: int | None, kv_fraction: float) -> int:
-    """Blocks in a KV budget given as bytes, or else as a fraction of the device's free memory."""
+def kv_blocks_for_budget(model, block_size: int, kv_bytes: int | None, kv_fraction: float,
+                         most_useful: int | None = None) -> int:
+    """Blocks in a KV budget given as bytes, or else as a fraction of the device's free memory; a fraction gives
+    at most `most_useful` blocks (what the scheduler's limits can ever fill), so a CPU run does not take gigabytes
+    it cannot use."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     budget = kv_bytes if kv_bytes is not None else int(kv_fraction * free_memory_bytes(device))
     blocks = budget // kv_bytes_per_block(model.config, block_size, dtype)
+    if kv_bytes is None and most_useful is not None:
+        blocks = min(blocks, most_useful)
     if blocks < 1:
         raise ValueError(f"a KV budget of {budget} bytes holds no block of {block_size} tokens "
                          f"({kv_bytes_per_block(model.config, block_size, dtype)} bytes each)")
@@ -111,6 +116,15 @@ class RankBatch:
             self.manager.cancel_request(request_id)
             self._forget(request_id)
 
+    def run(self, op: dict, rank: int) -> dict:
+        """A scheduler step operation: drop and add this rank's requests, step, report."""
+        for request_id in op["cancel"][rank]:
+            self.cancel(request_id)
+        for request in op["add"][rank]:
+            self.add(**request)
+        events = self.step()
+        return {"events": events, "kv": self.stats()}
+
     def step(self) -> list[dict]:
         """One forward pass over the scheduled requests (or a dummy one): returns an event per request that
         advanced: {"id", "tokens" (new since the last event), "finish": None | "stop" | "length", "error"}."""
@@ -129,7 +143,7 @@ class RankBatch:
         return self._events()
 
     def stats(self) -> dict:
-        return {"blocks_total": self.num_blocks, "blocks_free": self.free_blocks(),
+        return {"blocks_total": self.num_blocks, "blocks_free": self.free_blocks(), "block_size": self.block_size,
                 "running": len(self.scheduler.active_requests), "waiting": len(self.scheduler.waiting_requests),
                 "preemptions": self.preemptions}
 
