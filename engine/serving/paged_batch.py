@@ -116,12 +116,19 @@ class RankBatch:
             self.manager.cancel_request(request_id)
             self._forget(request_id)
 
+    def close(self) -> None:
+        """Give the model back its own attention implementation (5.17 switched it to a paged one)."""
+        original = getattr(self.manager, "_original_attn_impl", None)
+        if original is not None:
+            self.model.set_attn_implementation(original)
+            self.manager._original_attn_impl = None
+
     def run(self, op: dict, rank: int) -> dict:
-        """A scheduler step operation: drop and add this rank's requests, step, report."""
-        for request_id in op["cancel"][rank]:
-            self.cancel(request_id)
+        """A scheduler step operation: add and drop this rank's requests, step, report."""
         for request in op["add"][rank]:
             self.add(**request)
+        for request_id in op["cancel"][rank]:  # after adding: a request may leave at the step it joins
+            self.cancel(request_id)
         events = self.step()
         return {"events": events, "kv": self.stats()}
 

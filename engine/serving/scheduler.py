@@ -278,17 +278,20 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, te
                       max_requests=max_running)
     engine = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1), max_queue=len(prompts) + 1,
                               max_running_per_rank=max_running)
-    engine.step()
-    requests = []
-    for i, ids in enumerate(prompts):
-        params = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      seed=None if seed is None else seed + i)
-        request = Request("generate", list(ids), None, params=params)
-        requests.append(request)
-        engine.submit(request)
-    engine._drain()
-    while engine.active or engine.incoming:
+    try:
         engine.step()
+        requests = []
+        for i, ids in enumerate(prompts):
+            params = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=None if seed is None else seed + i)
+            request = Request("generate", list(ids), None, params=params)
+            requests.append(request)
+            engine.submit(request)
+        engine._drain()
+        while engine.active or engine.incoming:
+            engine.step()
+    finally:
+        batch.close()
     for request in requests:
         if isinstance(request.result, Exception):
             raise request.result
