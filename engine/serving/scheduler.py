@@ -183,7 +183,8 @@ class ContinuousEngine:
             p = request.params
             add[rank].append(dict(request_id=request.id, token_ids=request.token_ids, max_tokens=p["max_tokens"],
                                   temperature=p.get("temperature", 0.0), top_p=p.get("top_p", 1.0),
-                                  seed=p.get("seed")))
+                                  seed=p.get("seed"), presence_penalty=p.get("presence_penalty", 0.0),
+                                  frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs")))
         self._gauge_waiting()
         return add
 

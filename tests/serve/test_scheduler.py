@@ -59,6 +59,34 @@ def test_a_seed_gives_the_same_tokens_whatever_the_batch(model):
     assert other != alone  # the seed matters (8 tokens of a 128-token vocabulary)
 
 
+def run_alone(batch, request_id):
+    tokens, entries = [], []
+    while not batch.idle():
+        for event in batch.step():
+            tokens += event["tokens"]
+            entries += event["logprobs"] or []
+    return tokens, entries
+
+
+def test_logprobs_are_the_models_and_a_frequency_penalty_stops_repeats(model):
+    prompt = list(range(10, 30))
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=None)
+    want = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    batch = RankBatch(model, num_blocks=16, block_size=16, eos_token_id=-1)
+    batch.add("a", prompt, max_tokens=10, logprobs=3)
+    tokens, entries = run_alone(batch, "a")
+    assert tokens == out.sequences[0, len(prompt):].tolist()
+    for token, (logprob, alternatives), logprobs in zip(tokens, entries, want):
+        assert logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
+        assert [i for i, _ in alternatives] == logprobs.topk(3).indices.tolist()
+    assert len(tokens) > len(set(tokens))  # greedy repeats itself on this prompt ...
+    batch.add("b", prompt, max_tokens=10, frequency_penalty=100.0)
+    penalised, _ = run_alone(batch, "b")
+    batch.close()
+    assert len(penalised) == len(set(penalised)) == 10  # ... and not with a large frequency penalty
+
+
 class FailOnce:
     """Wraps the model's forward: raises once, on the first call after `arm()`."""
 

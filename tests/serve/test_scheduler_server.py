@@ -35,7 +35,7 @@ def stream_events(server, payload, events: list, started: threading.Event):
 
 
 def test_a_short_request_finishes_while_long_ones_run_on_both_ranks(server):
-    prompt, long_tokens = "the long one", 120
+    prompt, long_tokens = "the long one", 40
     threads, streams = [], []
     for _ in range(2):  # the second goes to the rank with more free KV blocks: the other one
         events, started = [], threading.Event()
