@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_serve_decode import main as decode_main
 
-        return decode_main(rest)
+        return decode_main([*rest, "--out", args.out])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     process = None
