@@ -151,11 +151,15 @@ class RankBatch:
 
     def step(self) -> list[dict]:
         """One forward pass over the scheduled requests (or a dummy one): returns an event per request that
-        advanced: {"id", "tokens" (new since the last event), "finish": None | "stop" | "length", "error"}."""
+        advanced: {"id", "tokens" (new since the last event), "logprobs" (an entry per token, or None),
+        "finish": None | "stop" | "length" | "error", "error" (the message, or None)}."""
         try:
             scheduled = self.processor.prepare_next_batch()
         except Exception as err:  # scheduling itself failed: every request here fails, the rank goes on
-            return self._fail_all(err)
+            events = self._fail_all(err)
+            if self.dummy_when_idle:
+                self._dummy_forward()  # no forward ran yet: the other ranks' collectives still need this one
+            return events
         if scheduled:
             try:
                 self.processor._generation_step(self.model)

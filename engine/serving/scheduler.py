@@ -127,6 +127,8 @@ class ContinuousEngine:
             self.coordinator.stop()
         except RankFailure as err:
             self._fail(str(err))
+        except Exception as err:  # rank 0 itself cannot step (its requests' errors come back as events)
+            self._fail(f"rank 0's scheduler failed: {type(err).__name__}: {err}")
 
     def _take(self, item) -> None:
         if item is _STOP:
