@@ -36,6 +36,12 @@ class ServeConfig:
     rank_timeout_s: float = 60.0  # a collective that waits longer means a rank is gone
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
 
+    def __post_init__(self):
+        if self.scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler: {self.scheduler!r} is not 'continuous' or 'static'")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 1]")
+
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> "ServeConfig":
         values = {}
