@@ -33,7 +33,8 @@ def test_generate_batch_equals_generate_with_chunked_prefill_and_preemption(mode
     block = kv_bytes_per_block(model.config, 16, torch.float32)
     # 6 blocks of 16 tokens for 5 requests of up to 82 tokens: they cannot all run at once; 32 tokens per step
     # splits the 70- and 40-token prompts over several steps.
-    got = generate_batch(model, PROMPTS, max_new_tokens=12, kv_bytes=6 * block, block_size=16, step_tokens=32)
+    got = engine.generate_batch(model, PROMPTS, max_new_tokens=12, kv_bytes=6 * block, block_size=16,
+                                step_tokens=32)
     assert got == [reference(model, p, 12) for p in PROMPTS]
 
 
