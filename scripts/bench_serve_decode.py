@@ -88,6 +88,9 @@ def start(kind: str, folder: Path, args, log: Path) -> tuple[subprocess.Popen, s
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if kind == "transformers":
+        # One thread, like each tessera rank (torchrun sets OMP_NUM_THREADS=1): the comparison is per process,
+        # and on a shared CPU a multi-threaded process is slowed down many times over by oversubscription.
+        env["OMP_NUM_THREADS"] = "1"
         command = [str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
                    "--device", "cpu", "--port", str(port), "--cb-block-size", "32", "--cb-num-blocks",
                    str(args.kv_blocks), "--cb-max-batch-tokens", "256", str(folder)]
@@ -232,6 +235,7 @@ def main(argv=None) -> int:
     result = dict(workload="decode", model="tiny-mixtral config, 1024 positions, seeded weights, char tokenizer",
                   prompt_tokens=[16, 512], output_tokens=[8, 256], seconds_of_arrivals=args.seconds,
                   grace_s=args.grace, ranks=args.ranks, kv_blocks=args.kv_blocks, block_size=32,
+                  threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
                   note="CPU, 2 cores shared with other work: numbers are indicative only", schedulers=table)
     tmp = out / "serve_decode_cpu.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
