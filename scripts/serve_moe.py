@@ -42,6 +42,12 @@ def parse_args(argv=None):
     parser.add_argument("--kv-block-size", type=int)
     parser.add_argument("--step-tokens", type=int, help="tokens per rank per step (prefill chunk size)")
     parser.add_argument("--adapters", help="a saved TaskRouter folder (enables \"adapter\": \"auto\")")
+    parser.add_argument("--api-key", help="every /v1 endpoint then needs 'Authorization: Bearer KEY' "
+                                          "(better: set TESSERA_API_KEY, which other users cannot see in ps)")
+    parser.add_argument("--chat-template", help="a Jinja chat template file for /v1/chat/completions, replacing "
+                                                "the tokenizer's own (models without a tokenizer have none)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="prompt + completion tokens per request (default: the model's position limit)")
     return parser.parse_args(argv)
 
 
@@ -57,6 +63,7 @@ def main(argv=None) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     config = ServeConfig.load(args.config, **overrides)
+    config.api_key = config.api_key or os.environ.get("TESSERA_API_KEY") or None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     strategy = "single"
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, folder = _entry_for(config.model)
     model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
-    tokenizer = load_tokenizer(folder, model.config.vocab_size)
+    tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config.adapters)
     runner = Runner(model, tokenizer, rank, world)
     if config.scheduler == "continuous" and model_kind(model) == "decoder" and not config.adapters:
@@ -81,7 +88,10 @@ def main(argv=None) -> int:
         follow(coordinator)
         return 0
     names = frozenset(model.pool.names) if router is not None or config.adapters else frozenset()
-    return serve(config, coordinator, tokenizer, model_kind(model), router, names)
+    kind = model_kind(model)
+    context = config.max_model_len or (getattr(model.config, "max_position_embeddings", None)
+                                       if kind == "decoder" else None)
+    return serve(config, coordinator, tokenizer, kind, router, names, context)
 
 
 def rank_batch(model, config, tokenizer, world: int):
@@ -107,7 +117,8 @@ def attach_pool(model, adapters):
     return attach_adapters(model, router if router is not None else adapters), router
 
 
-def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset()) -> int:
+def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset(),
+          context_length: int | None = None) -> int:
     import uvicorn
 
     from engine.serving.app import create_app
@@ -123,7 +134,7 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     else:
         engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
-    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)
+    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names, context_length)
     class DrainingServer(uvicorn.Server):
         """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
         graceful shutdown, which would end the process with -15 instead)."""
