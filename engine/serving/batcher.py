@@ -214,12 +214,17 @@ class BatchEngine:
         """A rank is gone: report unhealthy, fail everything waiting, and exit non-zero shortly after."""
         self.healthy, self.failure = False, message
         self.metrics.healthy.set(0)
-        error = RankFailure(message)
-        pending = self._inflight + list(self.held)
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        for request in pending:
-            if request is not _STOP:
-                self._finish(request, error)
-        print(f"tessera serve: {message}; exiting", flush=True)
-        threading.Timer(2.0, lambda: os._exit(1)).start()
+        fail_and_exit(message, self._inflight + list(self.held), self.queue, self._finish)
+
+
+def fail_and_exit(message: str, pending: list, waiting: queue.Queue, finish) -> None:
+    """A rank is gone: `finish(request, RankFailure)` for every request pending or waiting, then exit non-zero
+    in 2 s (time for the answers to go out)."""
+    error = RankFailure(message)
+    while not waiting.empty():
+        pending.append(waiting.get_nowait())
+    for request in pending:
+        if isinstance(request, Request):  # not a stop marker
+            finish(request, error)
+    print(f"tessera serve: {message}; exiting", flush=True)
+    threading.Timer(2.0, lambda: os._exit(1)).start()

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import queue
 import threading
 import time
 import uuid
 from typing import AsyncIterator
 
-from engine.serving.batcher import Overloaded, Request
+from engine.serving.batcher import Overloaded, Request, fail_and_exit
 from engine.serving.coordinator import Coordinator, RankFailure
 from engine.serving.sampling import Generation
 
@@ -251,15 +250,8 @@ class ContinuousEngine:
         self.healthy, self.failure = False, message
         if self.metrics is not None:
             self.metrics.healthy.set(0)
-        error = RankFailure(message)
-        pending = [request for request, _ in self.active.values()] + list(self.incoming)
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        for request in pending:
-            if request is not _STOP:
-                self._finish(request, error)
-        print(f"tessera serve: {message}; exiting", flush=True)
-        threading.Timer(2.0, lambda: os._exit(1)).start()
+        fail_and_exit(message, [request for request, _ in self.active.values()] + list(self.incoming), self.queue,
+                      self._finish)
 
 
 class _LocalRunner:
