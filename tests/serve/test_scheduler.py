@@ -10,9 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import engine
 from engine.serving.coordinator import Coordinator
-from engine.serving.paged_batch import RankBatch, kv_bytes_per_block
+from engine.serving.paged_batch import RankBatch
 from engine.serving.runner import Runner
-from engine.serving.scheduler import ContinuousEngine, generate_batch
+from engine.serving.scheduler import ContinuousEngine
 from engine.serving.tokenizer import ByteTokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 80)), [3, 4], list(range(20, 60)), list(range(40, 47))]
@@ -30,16 +30,9 @@ def reference(model, prompt, max_new_tokens):
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
-def test_generate_batch_equals_generate_with_chunked_prefill_and_preemption(model):
-    block = kv_bytes_per_block(model.config, 16, torch.float32)
-    # 6 blocks of 16 tokens for 5 requests of up to 82 tokens: they cannot all run at once; 32 tokens per step
-    # splits the 70- and 40-token prompts over several steps.
-    got = engine.generate_batch(model, PROMPTS, max_new_tokens=12, kv_bytes=6 * block, block_size=16,
-                                step_tokens=32)
-    assert got == [reference(model, p, 12) for p in PROMPTS]
-
-
-def test_preemption_is_counted_and_the_cache_is_empty_after(model):
+def test_chunked_prefill_and_preemption_give_the_tokens_of_generate(model):
+    # 6 blocks of 16 tokens for 5 requests of up to 82 tokens: they cannot all run at once, and the newest is
+    # preempted and recomputed; 32 tokens per step splits the 70- and 40-token prompts over several steps.
     batch = RankBatch(model, num_blocks=6, block_size=16, step_tokens=32)
     for i, prompt in enumerate(PROMPTS):
         batch.add(f"r{i}", prompt, max_tokens=12)
@@ -53,11 +46,17 @@ def test_preemption_is_counted_and_the_cache_is_empty_after(model):
     assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == [reference(model, p, 12) for p in PROMPTS]
 
 
+def test_generate_batch_greedy_is_generate(model):
+    prompts = [PROMPTS[0], PROMPTS[4]]
+    assert engine.generate_batch(model, prompts, max_new_tokens=6) == [reference(model, p, 6) for p in prompts]
+
+
 def test_a_seed_gives_the_same_tokens_whatever_the_batch(model):
-    alone = generate_batch(model, [[1, 2, 3]], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=11)[0]
-    together = generate_batch(model, [[1, 2, 3], *PROMPTS], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=11)
+    alone = engine.generate_batch(model, [[1, 2, 3]], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=11)[0]
+    together = engine.generate_batch(model, [[1, 2, 3], *PROMPTS], max_new_tokens=8, temperature=0.9, top_p=0.9,
+                                     seed=11)
     assert together[0] == alone
-    other = generate_batch(model, [[1, 2, 3]], max_new_tokens=8, temperature=0.9, seed=12)[0]
+    other = engine.generate_batch(model, [[1, 2, 3]], max_new_tokens=8, temperature=0.9, seed=12)[0]
     assert other != alone  # the seed matters (8 tokens of a 128-token vocabulary)
 
 
@@ -138,8 +137,8 @@ def test_a_failing_step_fails_its_requests_with_500_and_the_server_goes_on(model
     assert ok.status_code == 200, ok.text
     assert ok.json()["choices"][0]["text"] == tokenizer.decode(reference(model, tokenizer.encode("hello tessera"), 6))
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    used = {s.labels["rank"]: s.value for f in text_string_to_metric_families(text) if f.name == "tessera_kv_blocks_used"
-            for s in f.samples}
+    used = {s.labels["rank"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "tessera_kv_blocks_used" for s in f.samples}
     assert used == {"0": 0.0}
 
 
