@@ -4,8 +4,10 @@ Retry-After) from its bounded queue, never times out or crashes.
 
     python scripts/bench_serve.py                    # starts a 2-rank CPU server itself, ~2 minutes
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1,8,64 --seconds 10
+    python scripts/bench_serve.py --workload decode  # generation: three schedulers side by side, a few minutes
 
 Every client loop is bounded in requests and time, and all traffic goes to 127.0.0.1 (or the --url you give).
+The decode workload is in scripts/bench_serve_decode.py.
 """
 from __future__ import annotations
 
@@ -120,6 +122,7 @@ def plot(levels: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["embed", "decode"], default="embed")
     parser.add_argument("--url", help="a running server; default: start one")
     parser.add_argument("--model", default="minilm-moe")
     parser.add_argument("--strategy", default="auto")
@@ -128,7 +131,14 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 128])
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.workload == "decode":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_serve_decode import main as decode_main
+
+        return decode_main([*rest, "--out", args.out])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     process = None
     url = args.url
     if url is None:

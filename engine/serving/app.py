@@ -7,8 +7,9 @@ over the limit or a prompt that does not fit the model's context, 500 naming the
 503 with Retry-After when the queue is full or a rank failed.
 
 The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
-(today `engine.serving.batcher.BatchEngine`): it sets a request's future to a `Generation`, or, streaming, puts
-`(token id, logprob entry or None)` per step on `request.tokens`, then None or an exception.
+(`engine.serving.scheduler.ContinuousEngine` for decoders, `engine.serving.batcher.BatchEngine` for the rest): it
+sets a request's future to the generated token ids, or, streaming, puts each new token on `request.tokens`, then
+None or an exception; log-probabilities, when asked for, go to `request.logprobs` first.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from engine.serving.batcher import Overloaded, Request
 from engine.serving.coordinator import RankFailure
 from engine.serving.openai_protocol import (APIError, ChatCompletionRequest, ChatShape, CompletionRequest,
                                             CompletionShape, EmbeddingRequest, TextStream, sse, usage)
+from engine.serving.scheduler import RequestTooLarge, StepFailure
 from engine.serving.tokenizer import NoChatTemplate
 
 
@@ -85,6 +87,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                            headers={"Retry-After": "1"}) from None
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
+        except RequestTooLarge as err:
+            raise APIError(413, str(err), "max_tokens") from None
 
     def submit_all(requests: list[Request]):
         for i, request in enumerate(requests):
@@ -101,7 +105,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
         except Exception as err:  # the step that ran this request failed; the server goes on
-            raise APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error") from None
+            raise APIError(500, _failure(err), kind="server_error") from None
 
     def check_input(ids: list[int], param: str) -> list[int]:
         if len(ids) > config.max_input_tokens:
@@ -225,15 +229,15 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         if not stream:
             choices, completion_tokens = [], 0
             for i, request in enumerate(requests):
-                generation = await result(request.future)
+                tokens = await result(request.future)
                 text_stream = TextStream(tokenizer.decode, stops)
-                for token in generation.tokens:
+                for token in tokens:
                     text_stream.add(token)
                     if text_stream.stopped:
                         break
                 text_stream.finish()
-                finish = "stop" if text_stream.stopped or len(generation.tokens) < limit else "length"
-                logprobs = logprobs_of(text_stream, generation.logprobs or [], 0, text_stream.text_tokens())
+                finish = "stop" if text_stream.stopped or len(tokens) < limit else "length"
+                logprobs = logprobs_of(text_stream, request.logprobs, 0, text_stream.text_tokens())
                 choices.append(shape.choice(i, text_stream.text, finish, logprobs))
                 completion_tokens += len(text_stream.tokens)  # through the stop string, if one ended it
             return {**header, "choices": choices, "usage": usage(len(ids), completion_tokens)}
@@ -243,7 +247,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
 
         async def chunks():
             texts = [TextStream(tokenizer.decode, stops) for _ in range(n)]
-            entries, reported = [[] for _ in range(n)], [0] * n
+            entries, reported = [r.logprobs for r in requests], [0] * n
             done = [False] * n
             completion_tokens = 0
             try:
@@ -254,17 +258,15 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                     if done[i]:
                         continue
                     if isinstance(item, Exception):
-                        message = f"generation failed: {type(item).__name__}: {item}"
-                        yield sse({"error": {"message": message, "type": "server_error", "code": 500}})
+                        yield sse({"error": {"message": _failure(item), "type": "server_error", "code": 500}})
                         return
                     finish, delta = None, ""
                     if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
                         finish = "stop" if len(texts[i].tokens) < limit else "length"
-                    elif tokenizer.eos_token_id is not None and item[0] == tokenizer.eos_token_id:
+                    elif tokenizer.eos_token_id is not None and item == tokenizer.eos_token_id:
                         finish = "stop"
                     else:
-                        delta = texts[i].add(item[0])
-                        entries[i].append(item[1])
+                        delta = texts[i].add(item)
                         if texts[i].stopped:
                             finish = "stop"
                         elif len(texts[i].tokens) >= limit:
@@ -326,6 +328,12 @@ class _Tagged:
 
     def put_nowait(self, item) -> None:
         self.queue.put_nowait((self.index, item))
+
+
+def _failure(err: Exception) -> str:
+    if isinstance(err, StepFailure):  # it says where and what
+        return str(err)
+    return f"generation failed: {type(err).__name__}: {err}"
 
 
 def _token_text(tokenizer):

@@ -36,13 +36,21 @@ class Request:
     params: dict = field(default_factory=dict)
     text: str = ""
     adapter: str | None = None  # None: the base model; "auto": the router decides; else an adapter name
-    stop: list[str] = field(default_factory=list)  # stop strings (the caller cuts the text at them)
     stream: bool = False
-    future: asyncio.Future | None = None  # not streaming: set to a `Generation`
-    tokens: asyncio.Queue | None = None  # streaming: (token id, logprob entry or None) per step, then None
+    future: asyncio.Future | None = None  # not streaming: set to the generated token ids
+    tokens: asyncio.Queue | None = None  # streaming: new tokens per step, then None (anything with put_nowait)
+    # params["logprobs"] set: the backend appends one (logprob, [(id, logprob), ...]) per generated token, before
+    # the token reaches `tokens` or `future`
+    logprobs: list = field(default_factory=list)
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # continuous scheduler (engine.serving.scheduler): stop strings end generation as soon as one appears
+    stop: list[str] = field(default_factory=list)
+    id: str = ""
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    result: object = None  # offline requests (no event loop): the tokens, or the exception
 
     def penalties(self) -> tuple[float, float]:
         return self.params.get("presence_penalty", 0.0), self.params.get("frequency_penalty", 0.0)
@@ -176,6 +184,9 @@ class BatchEngine:
             for i, value in zip(share, result[key]):
                 if op["type"] == "generate":
                     self.metrics.tokens_out.inc(len(value.tokens))
+                    if not batch[i].stream:
+                        batch[i].logprobs[:] = value.logprobs or []
+                    value = value.tokens
                 self._finish(batch[i], value)
 
     def _adapter_mixtures(self, batch: list[Request]) -> list[dict]:
@@ -194,7 +205,9 @@ class BatchEngine:
                 if request.first_token_at is None:
                     request.first_token_at = now
                     self.metrics.time_to_first_token.observe(now - request.enqueued_at)
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, (token, entries and entries[row]))
+                if entries is not None and entries[row] is not None:
+                    request.logprobs.append(entries[row])
+                request.loop.call_soon_threadsafe(request.tokens.put_nowait, token)
 
     def _finish(self, request: Request, value) -> None:
         if request.stream:
