@@ -55,16 +55,6 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         # the request's own field, as OpenAI reports it
         return JSONResponse(APIError(400, message, fields[0].split(".")[0]).body(), status_code=400)
 
-    @app.middleware("http")
-    async def count(request: HTTPRequest, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
-            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
-
     if getattr(config, "api_key", None):
         expected = f"Bearer {config.api_key}".encode()
 
@@ -78,6 +68,16 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                                    kind="authentication_error")
                     return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
+
+    @app.middleware("http")  # declared last, so it runs first: 401s are counted too
+    async def count(request: HTTPRequest, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
 
     def submit(request: Request):
         try:
@@ -223,7 +223,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         def logprobs_of(stream: TextStream, entries: list, start: int, stop: int):
             if params["logprobs"] is None:
                 return None
-            rows = [(stream.tokens[j], *entries[j]) for j in range(start, stop)]
+            rows = [(stream.tokens[j], *entries[j]) for j in range(start, min(stop, len(entries)))]
             return shape.logprobs(rows, stream.offsets[start:stop])
 
         if not stream:

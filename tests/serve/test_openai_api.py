@@ -300,3 +300,35 @@ def test_a_failed_step_is_500_naming_the_error_and_the_server_goes_on(client, mo
     monkeypatch.undo()
     assert client.post("/v1/chat/completions", json=request).status_code == 200
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_request_names_an_adapter_as_its_model(model, tmp_path):
+    """As /v1/models lists them: `"model": "<adapter>"` generates with that adapter (the static batcher, which
+    serves LoRA pools)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from lora_helpers import save_adapter
+
+    folders = {"arithmetic": save_adapter(model, tmp_path / "arithmetic", seed=7, targets=("q_proj", "v_proj"))}
+    lm = engine.load("tiny-mixtral", device="cpu", adapters=folders)
+    tokenizer = ByteTokenizer(lm.config.vocab_size, TEMPLATE)
+    config, metrics = ServeConfig(model="tiny-mixtral", max_new_tokens=64), Metrics()
+    serving = BatchEngine(Coordinator(Runner(lm, tokenizer)), config, metrics)
+    serving.start()
+    app = create_app(serving, config, tokenizer, "tiny-mixtral", "decoder", metrics, frozenset(folders), CONTEXT)
+    try:
+        with TestClient(app) as client:
+            request = {"messages": CHAT, "max_tokens": 6, "temperature": 0}
+            by_model = client.post("/v1/chat/completions", json={**request, "model": "arithmetic"}).json()
+            by_field = client.post("/v1/chat/completions", json={**request, "adapter": "arithmetic"}).json()
+            conflict = client.post("/v1/chat/completions", json={**request, "model": "arithmetic", "adapter": "auto"})
+    finally:
+        serving.stop(timeout=30)
+    ids = torch.tensor([ids_of(RENDERED)])
+    want = lm.generate(input_ids=ids, max_new_tokens=6, do_sample=False, adapter_weights=[{"arithmetic": 1.0}])
+    assert by_model["model"] == "arithmetic"
+    assert by_model["choices"][0]["message"]["content"] == decode(want[0, ids.shape[1]:].tolist())
+    assert by_field["choices"][0]["message"]["content"] == by_model["choices"][0]["message"]["content"]
+    assert conflict.status_code == 400 and conflict.json()["error"]["param"] == "adapter"
