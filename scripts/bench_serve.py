@@ -121,8 +121,15 @@ def plot(levels: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=["embed", "decode"], default="embed")
+    workload = argparse.ArgumentParser(add_help=False)
+    workload.add_argument("--workload", choices=["embed", "decode"], default="embed")
+    chosen, rest = workload.parse_known_args(argv)
+    if chosen.workload == "decode":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_serve_decode import main as decode_main
+
+        return decode_main(rest)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[workload])
     parser.add_argument("--url", help="a running server; default: start one")
     parser.add_argument("--model", default="minilm-moe")
     parser.add_argument("--strategy", default="auto")
@@ -131,14 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 128])
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
-    args, rest = parser.parse_known_args(argv)
-    if args.workload == "decode":
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from bench_serve_decode import main as decode_main
-
-        return decode_main([*rest, "--out", args.out])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     process = None
     url = args.url
     if url is None:

@@ -8,8 +8,8 @@ over the limit or a prompt that does not fit the model's context, 500 naming the
 
 The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
 (`engine.serving.scheduler.ContinuousEngine` for decoders, `engine.serving.batcher.BatchEngine` for the rest): it
-sets a request's future to the generated token ids, or, streaming, puts each new token on `request.tokens`, then
-None or an exception; log-probabilities, when asked for, go to `request.logprobs` first.
+sets a request's future to a `Generation`, or, streaming, puts `(token id, logprob entry or None)` per token on
+`request.tokens`, then None or an exception.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                            headers={"Retry-After": "1"}) from None
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
-        except RequestTooLarge as err:
+        except RequestTooLarge as err:  # the continuous scheduler: more than a rank's whole KV cache
             raise APIError(413, str(err), "max_tokens") from None
 
     def submit_all(requests: list[Request]):
@@ -229,15 +229,15 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         if not stream:
             choices, completion_tokens = [], 0
             for i, request in enumerate(requests):
-                tokens = await result(request.future)
+                generation = await result(request.future)
                 text_stream = TextStream(tokenizer.decode, stops)
-                for token in tokens:
+                for token in generation.tokens:
                     text_stream.add(token)
                     if text_stream.stopped:
                         break
                 text_stream.finish()
-                finish = "stop" if text_stream.stopped or len(tokens) < limit else "length"
-                logprobs = logprobs_of(text_stream, request.logprobs, 0, text_stream.text_tokens())
+                finish = "stop" if text_stream.stopped or len(generation.tokens) < limit else "length"
+                logprobs = logprobs_of(text_stream, generation.logprobs or [], 0, text_stream.text_tokens())
                 choices.append(shape.choice(i, text_stream.text, finish, logprobs))
                 completion_tokens += len(text_stream.tokens)  # through the stop string, if one ended it
             return {**header, "choices": choices, "usage": usage(len(ids), completion_tokens)}
@@ -247,7 +247,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
 
         async def chunks():
             texts = [TextStream(tokenizer.decode, stops) for _ in range(n)]
-            entries, reported = [r.logprobs for r in requests], [0] * n
+            entries, reported = [[] for _ in range(n)], [0] * n
             done = [False] * n
             completion_tokens = 0
             try:
@@ -263,10 +263,11 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                     finish, delta = None, ""
                     if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
                         finish = "stop" if len(texts[i].tokens) < limit else "length"
-                    elif tokenizer.eos_token_id is not None and item == tokenizer.eos_token_id:
+                    elif tokenizer.eos_token_id is not None and item[0] == tokenizer.eos_token_id:
                         finish = "stop"
                     else:
-                        delta = texts[i].add(item)
+                        delta = texts[i].add(item[0])
+                        entries[i].append(item[1])
                         if texts[i].stopped:
                             finish = "stop"
                         elif len(texts[i].tokens) >= limit:

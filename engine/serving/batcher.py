@@ -36,21 +36,19 @@ class Request:
     params: dict = field(default_factory=dict)
     text: str = ""
     adapter: str | None = None  # None: the base model; "auto": the router decides; else an adapter name
+    stop: list[str] = field(default_factory=list)  # stop strings (the caller cuts the text at them)
     stream: bool = False
-    future: asyncio.Future | None = None  # not streaming: set to the generated token ids
-    tokens: asyncio.Queue | None = None  # streaming: new tokens per step, then None (anything with put_nowait)
-    # params["logprobs"] set: the backend appends one (logprob, [(id, logprob), ...]) per generated token, before
-    # the token reaches `tokens` or `future`
-    logprobs: list = field(default_factory=list)
+    future: asyncio.Future | None = None  # not streaming: set to a `Generation`
+    tokens: asyncio.Queue | None = None  # streaming: (token id, logprob entry or None) per step, then None
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    # continuous scheduler (engine.serving.scheduler): stop strings end generation as soon as one appears
-    stop: list[str] = field(default_factory=list)
+    # continuous scheduler (engine.serving.scheduler): it also ends generation at the step a stop string appears
     id: str = ""
     generated: list[int] = field(default_factory=list)
+    entries: list = field(default_factory=list)  # log-probability entries of `generated`, when asked for
     finish_reason: str | None = None
-    result: object = None  # offline requests (no event loop): the tokens, or the exception
+    result: object = None  # offline requests (no event loop): the Generation, or the exception
 
     def penalties(self) -> tuple[float, float]:
         return self.params.get("presence_penalty", 0.0), self.params.get("frequency_penalty", 0.0)
@@ -184,9 +182,6 @@ class BatchEngine:
             for i, value in zip(share, result[key]):
                 if op["type"] == "generate":
                     self.metrics.tokens_out.inc(len(value.tokens))
-                    if not batch[i].stream:
-                        batch[i].logprobs[:] = value.logprobs or []
-                    value = value.tokens
                 self._finish(batch[i], value)
 
     def _adapter_mixtures(self, batch: list[Request]) -> list[dict]:
@@ -205,9 +200,7 @@ class BatchEngine:
                 if request.first_token_at is None:
                     request.first_token_at = now
                     self.metrics.time_to_first_token.observe(now - request.enqueued_at)
-                if entries is not None and entries[row] is not None:
-                    request.logprobs.append(entries[row])
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, token)
+                request.loop.call_soon_threadsafe(request.tokens.put_nowait, (token, entries and entries[row]))
 
     def _finish(self, request: Request, value) -> None:
         if request.stream:
@@ -221,12 +214,17 @@ class BatchEngine:
         """A rank is gone: report unhealthy, fail everything waiting, and exit non-zero shortly after."""
         self.healthy, self.failure = False, message
         self.metrics.healthy.set(0)
-        error = RankFailure(message)
-        pending = self._inflight + list(self.held)
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        for request in pending:
-            if request is not _STOP:
-                self._finish(request, error)
-        print(f"tessera serve: {message}; exiting", flush=True)
-        threading.Timer(2.0, lambda: os._exit(1)).start()
+        fail_and_exit(message, self._inflight + list(self.held), self.queue, self._finish)
+
+
+def fail_and_exit(message: str, pending: list, waiting: queue.Queue, finish) -> None:
+    """A rank is gone: `finish(request, RankFailure)` for every request pending or waiting, then exit non-zero
+    in 2 s (time for the answers to go out)."""
+    error = RankFailure(message)
+    while not waiting.empty():
+        pending.append(waiting.get_nowait())
+    for request in pending:
+        if isinstance(request, Request):  # not a stop marker
+            finish(request, error)
+    print(f"tessera serve: {message}; exiting", flush=True)
+    threading.Timer(2.0, lambda: os._exit(1)).start()
