@@ -218,7 +218,6 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         submit_all(requests)
         created, ident = int(time.time()), f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}"
         header = {"id": ident, "object": shape.object, "created": created, "model": body.model or model_name}
-        token_text = shape.token_text
 
         def logprobs_of(stream: TextStream, entries: list, start: int, stop: int):
             if params["logprobs"] is None:

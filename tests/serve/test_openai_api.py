@@ -332,3 +332,18 @@ def test_a_request_names_an_adapter_as_its_model(model, tmp_path):
     assert by_model["choices"][0]["message"]["content"] == decode(want[0, ids.shape[1]:].tolist())
     assert by_field["choices"][0]["message"]["content"] == by_model["choices"][0]["message"]["content"]
     assert conflict.status_code == 400 and conflict.json()["error"]["param"] == "adapter"
+
+
+def test_a_transformers_tokenizer_applies_the_given_template_once():
+    """A tokenizer that has no chat template of its own (all-MiniLM's) takes the server's; the template's text is
+    tokenized without adding special tokens a second time."""
+    from transformers import AutoTokenizer
+
+    from engine.models.minilm_moe import minilm_path
+    from engine.serving.tokenizer import NoChatTemplate, load_tokenizer
+
+    with pytest.raises(NoChatTemplate, match="--chat-template"):
+        load_tokenizer(minilm_path(), 30522).apply_chat_template(CHAT)
+    ids = load_tokenizer(minilm_path(), 30522, TEMPLATE).apply_chat_template(CHAT)
+    plain = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    assert ids == plain(RENDERED, add_special_tokens=False)["input_ids"]
