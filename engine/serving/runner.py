@@ -1,4 +1,5 @@
-"""What every rank does with its share of a batch: embed texts, or generate continuations.
+"""What every rank does with its share of a batch: embed texts, generate continuations (the static batcher), or
+run one step of its continuous batch (`self.batch`, an `engine.serving.paged_batch.RankBatch`).
 
 Rank 0 decides the batches and sends each rank its rows (`engine.serving.coordinator`); every rank runs its rows
 through the model, whose MoE layers exchange tokens with the other ranks according to the strategy. A rank with

@@ -214,7 +214,7 @@ class ContinuousEngine:
         request.entries.extend(entries)
         if request.stream:
             for pair in zip(tokens, entries):
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, pair)
+                _post(request, request.tokens.put_nowait, pair)
         if self.metrics is not None:
             self.metrics.tokens_out.inc(len(tokens))
         if finish is None:
@@ -236,10 +236,10 @@ class ContinuousEngine:
             return
         if request.stream:
             end = value if isinstance(value, Exception) else None
-            request.loop.call_soon_threadsafe(request.tokens.put_nowait, end)
+            _post(request, request.tokens.put_nowait, end)
         elif request.future is not None:
             setter = request.future.set_exception if isinstance(value, Exception) else request.future.set_result
-            request.loop.call_soon_threadsafe(lambda: request.future.done() or setter(value))
+            _post(request, lambda: request.future.done() or setter(value))
 
     def _gauge_waiting(self) -> None:
         if self.metrics is not None:
@@ -252,6 +252,15 @@ class ContinuousEngine:
             self.metrics.healthy.set(0)
         fail_and_exit(message, [request for request, _ in self.active.values()] + list(self.incoming), self.queue,
                       self._finish)
+
+
+def _post(request: Request, fn, *args) -> None:
+    """Run `fn(*args)` on the request's event loop; a loop that has closed (its client is gone for good) only
+    marks the request cancelled, so it leaves its rank's batch at the next step."""
+    try:
+        request.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        request.cancelled = True
 
 
 class _LocalRunner:

@@ -1,6 +1,7 @@
 """The continuous scheduler on one process: the tokens of model.generate, chunked prefill, preemption when the KV
 cache is full, per-request seeds, and a failing step that fails only its own requests."""
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -140,3 +141,38 @@ def test_a_failing_step_fails_its_requests_with_500_and_the_server_goes_on(model
     used = {s.labels["rank"]: s.value for f in text_string_to_metric_families(text) if f.name == "tessera_kv_blocks_used"
             for s in f.samples}
     assert used == {"0": 0.0}
+
+
+def test_generate_streams_the_tokens_and_closing_it_frees_the_request(model):
+    from engine.serving.batcher import Request
+
+    tokenizer = ByteTokenizer(model.config.vocab_size)
+    runner = Runner(model, tokenizer)
+    runner.batch = RankBatch(model, num_blocks=32, block_size=16)
+    scheduler = ContinuousEngine(Coordinator(runner, world=1), tokenizer=tokenizer)
+    scheduler.start()
+    prompt = list(range(10, 30))
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        full = Request("generate", prompt, loop, params=dict(max_tokens=8, temperature=0.0, logprobs=0))
+        steps = [step async for step in scheduler.generate(full)]
+        early = Request("generate", prompt, loop, params=dict(max_tokens=200, temperature=0.0))
+        stream = scheduler.generate(early)
+        first = await stream.__anext__()
+        await stream.aclose()  # the consumer goes away after its first tokens
+        return steps, first
+
+    try:
+        steps, first = asyncio.run(scenario())
+        for _ in range(200):  # the cancellation lands at the next step
+            if not scheduler.active:
+                break
+            time.sleep(0.05)
+    finally:
+        scheduler.stop(timeout=30)
+        runner.batch.close()
+    assert [t for step in steps for t in step.tokens] == reference(model, prompt, 8)
+    assert all(len(step.logprobs) == len(step.tokens) for step in steps)
+    assert first.tokens == reference(model, prompt, 8)[: len(first.tokens)] and first.logprobs is None
+    assert not scheduler.active and runner.batch.stats()["blocks_free"] == 32
