@@ -149,7 +149,7 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=config.drain_timeout_s))
     print(f"tessera serving {config.model} ({kind}) on http://{config.host}:{config.port} "
-          f"with {coordinator.world} rank(s)", flush=True)
+          f"with {coordinator.world} rank(s){', API key required' if config.api_key else ''}", flush=True)
     server.run()  # returns after SIGTERM/SIGINT, once requests in flight have finished
     engine.stop(timeout=config.drain_timeout_s)
     print("tessera: drained, exiting", flush=True)

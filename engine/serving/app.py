@@ -7,8 +7,9 @@ over the limit or a prompt that does not fit the model's context, 500 naming the
 503 with Retry-After when the queue is full or a rank failed.
 
 The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
-(today `engine.serving.batcher.BatchEngine`): it sets a request's future to a `Generation`, or, streaming, puts
-`(token id, logprob entry or None)` per step on `request.tokens`, then None or an exception.
+(`engine.serving.scheduler.ContinuousEngine` for decoders, `engine.serving.batcher.BatchEngine` for the rest): it
+sets a request's future to a `Generation`, or, streaming, puts `(token id, logprob entry or None)` per token on
+`request.tokens`, then None or an exception.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from engine.serving.batcher import Overloaded, Request
 from engine.serving.coordinator import RankFailure
 from engine.serving.openai_protocol import (APIError, ChatCompletionRequest, ChatShape, CompletionRequest,
                                             CompletionShape, EmbeddingRequest, TextStream, sse, usage)
-from engine.serving.scheduler import RequestTooLarge
+from engine.serving.scheduler import RequestTooLarge, StepFailure
 from engine.serving.tokenizer import NoChatTemplate
 
 
@@ -54,16 +55,6 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         # the request's own field, as OpenAI reports it
         return JSONResponse(APIError(400, message, fields[0].split(".")[0]).body(), status_code=400)
 
-    @app.middleware("http")
-    async def count(request: HTTPRequest, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
-            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
-
     if getattr(config, "api_key", None):
         expected = f"Bearer {config.api_key}".encode()
 
@@ -77,6 +68,16 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                                    kind="authentication_error")
                     return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
+
+    @app.middleware("http")  # declared last, so it runs first: 401s are counted too
+    async def count(request: HTTPRequest, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
 
     def submit(request: Request):
         try:
@@ -104,7 +105,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
         except Exception as err:  # the step that ran this request failed; the server goes on
-            raise APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error") from None
+            raise APIError(500, _failure(err), kind="server_error") from None
 
     def check_input(ids: list[int], param: str) -> list[int]:
         if len(ids) > config.max_input_tokens:
@@ -217,12 +218,11 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         submit_all(requests)
         created, ident = int(time.time()), f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}"
         header = {"id": ident, "object": shape.object, "created": created, "model": body.model or model_name}
-        token_text = shape.token_text
 
         def logprobs_of(stream: TextStream, entries: list, start: int, stop: int):
             if params["logprobs"] is None:
                 return None
-            rows = [(stream.tokens[j], *entries[j]) for j in range(start, stop)]
+            rows = [(stream.tokens[j], *entries[j]) for j in range(start, min(stop, len(entries)))]
             return shape.logprobs(rows, stream.offsets[start:stop])
 
         if not stream:
@@ -257,8 +257,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                     if done[i]:
                         continue
                     if isinstance(item, Exception):
-                        message = f"generation failed: {type(item).__name__}: {item}"
-                        yield sse({"error": {"message": message, "type": "server_error", "code": 500}})
+                        yield sse({"error": {"message": _failure(item), "type": "server_error", "code": 500}})
                         return
                     finish, delta = None, ""
                     if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
@@ -329,6 +328,12 @@ class _Tagged:
 
     def put_nowait(self, item) -> None:
         self.queue.put_nowait((self.index, item))
+
+
+def _failure(err: Exception) -> str:
+    if isinstance(err, StepFailure):  # it says where and what
+        return str(err)
+    return f"generation failed: {type(err).__name__}: {err}"
 
 
 def _token_text(tokenizer):

@@ -1,6 +1,6 @@
 """The OpenAI surface of the server (chat, completions, models; their fields, answers and errors), in process: the
-FastAPI app over the real batch engine and runner on one rank, with tiny-mixtral, checked against the model's own
-forward passes."""
+FastAPI app over each real backend on one rank (the continuous scheduler and the static batcher), with
+tiny-mixtral, checked against the model's own forward passes."""
 import json
 
 import pytest
@@ -14,7 +14,9 @@ from engine.serving.config import ServeConfig
 from engine.serving.coordinator import Coordinator
 from engine.serving.metrics import Metrics
 from engine.serving.openai_protocol import TextStream
+from engine.serving.paged_batch import RankBatch
 from engine.serving.runner import Runner
+from engine.serving.scheduler import ContinuousEngine
 from engine.serving.tokenizer import ByteTokenizer
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -29,14 +31,21 @@ def model():
     return engine.load("tiny-mixtral", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def backend(model):
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def backend(model, request):
     config = ServeConfig(model="tiny-mixtral", max_new_tokens=64)
-    metrics = Metrics()
-    batch_engine = BatchEngine(Coordinator(Runner(model, ByteTokenizer(model.config.vocab_size))), config, metrics)
-    batch_engine.start()
-    yield batch_engine, config, metrics
-    batch_engine.stop(timeout=30)
+    metrics, tokenizer = Metrics(), ByteTokenizer(model.config.vocab_size)
+    runner = Runner(model, tokenizer)
+    if request.param == "continuous":
+        runner.batch = RankBatch(model, num_blocks=64, block_size=16)
+        serving = ContinuousEngine(Coordinator(runner), metrics, tokenizer)
+    else:
+        serving = BatchEngine(Coordinator(runner), config, metrics)
+    serving.start()
+    yield serving, config, metrics
+    serving.stop(timeout=30)
+    if runner.batch is not None:
+        runner.batch.close()
 
 
 def make_client(backend, tokenizer, adapters=frozenset()):
@@ -275,3 +284,66 @@ def test_a_template_that_rejects_the_conversation_is_400(backend, model):
     client = make_client(backend, ByteTokenizer(model.config.vocab_size, strict))
     response = client.post("/v1/chat/completions", json={"messages": CHAT})
     assert response.status_code == 400 and "the first turn must be the user" in response.json()["error"]["message"]
+
+
+def test_a_failed_step_is_500_naming_the_error_and_the_server_goes_on(client, model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    request = {"messages": CHAT, "max_tokens": 3, "temperature": 0}
+    monkeypatch.setattr(model, "forward", broken)
+    response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 500
+    assert "kernel launch failed" in response.json()["error"]["message"]
+    streamed = client.post("/v1/chat/completions", json={**request, "stream": True})
+    assert "kernel launch failed" in streamed.text.splitlines()[-2]  # the error event, after the role chunk
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json=request).status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_request_names_an_adapter_as_its_model(model, tmp_path):
+    """As /v1/models lists them: `"model": "<adapter>"` generates with that adapter (the static batcher, which
+    serves LoRA pools)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from lora_helpers import save_adapter
+
+    folders = {"arithmetic": save_adapter(model, tmp_path / "arithmetic", seed=7, targets=("q_proj", "v_proj"))}
+    lm = engine.load("tiny-mixtral", device="cpu", adapters=folders)
+    tokenizer = ByteTokenizer(lm.config.vocab_size, TEMPLATE)
+    config, metrics = ServeConfig(model="tiny-mixtral", max_new_tokens=64), Metrics()
+    serving = BatchEngine(Coordinator(Runner(lm, tokenizer)), config, metrics)
+    serving.start()
+    app = create_app(serving, config, tokenizer, "tiny-mixtral", "decoder", metrics, frozenset(folders), CONTEXT)
+    try:
+        with TestClient(app) as client:
+            request = {"messages": CHAT, "max_tokens": 6, "temperature": 0}
+            by_model = client.post("/v1/chat/completions", json={**request, "model": "arithmetic"}).json()
+            by_field = client.post("/v1/chat/completions", json={**request, "adapter": "arithmetic"}).json()
+            conflict = client.post("/v1/chat/completions", json={**request, "model": "arithmetic", "adapter": "auto"})
+    finally:
+        serving.stop(timeout=30)
+    ids = torch.tensor([ids_of(RENDERED)])
+    want = lm.generate(input_ids=ids, max_new_tokens=6, do_sample=False, adapter_weights=[{"arithmetic": 1.0}])
+    assert by_model["model"] == "arithmetic"
+    assert by_model["choices"][0]["message"]["content"] == decode(want[0, ids.shape[1]:].tolist())
+    assert by_field["choices"][0]["message"]["content"] == by_model["choices"][0]["message"]["content"]
+    assert conflict.status_code == 400 and conflict.json()["error"]["param"] == "adapter"
+
+
+def test_a_transformers_tokenizer_applies_the_given_template_once():
+    """A tokenizer that has no chat template of its own (all-MiniLM's) takes the server's; the template's text is
+    tokenized without adding special tokens a second time."""
+    from transformers import AutoTokenizer
+
+    from engine.models.minilm_moe import minilm_path
+    from engine.serving.tokenizer import NoChatTemplate, load_tokenizer
+
+    with pytest.raises(NoChatTemplate, match="--chat-template"):
+        load_tokenizer(minilm_path(), 30522).apply_chat_template(CHAT)
+    ids = load_tokenizer(minilm_path(), 30522, TEMPLATE).apply_chat_template(CHAT)
+    plain = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    assert ids == plain(RENDERED, add_special_tokens=False)["input_ids"]
