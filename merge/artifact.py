@@ -90,7 +90,7 @@ def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[s
     for block in manifest["blocks"]:
         group = next(g for g in block["groups"] if task in g["tasks"])
         pos, sfx = group["tasks"].index(task), group["suffix"]
-        for n in block["tensors"]:
+        for n in group.get("tensors", block["tensors"]):
             if group["kind"] != "modulated" or n + sfx in t:
                 state[n] = t[n + sfx]
                 continue
