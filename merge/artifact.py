@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from merge.config import check_out_apart
 from merge.flexmerge import FORMAT, MANIFEST, PLAN, TORCH_DTYPES, _file_hash
 from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files
 
@@ -131,6 +132,7 @@ def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Mod
 def export(path, task: str, out, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write `task`'s model as a standard Hugging Face checkpoint folder (config and tokenizer included)."""
     path = Path(path)
+    check_out_apart(out, [path])
     verify(path)
     state, _ = task_state_dict(path, task)
     total = sum(t.numel() * t.element_size() for t in state.values())

@@ -133,8 +133,9 @@ def load_spec(path: str | None, overrides: dict | None = None) -> MergeSpec:
             raw["params"] = {**(raw.get("params") or {}), **v}
         else:
             raw[k] = v
-            if k in ("base", "out", "plan"):
-                raw[k] = str(Path(v).expanduser().resolve())
+            local = Path(str(v)).expanduser()
+            if k in ("base", "out", "plan") and (local.exists() or not HUB_ID.match(str(v))):
+                raw[k] = str(local.resolve())  # flags are relative to the working directory
     spec = MergeSpec(**{k: v for k, v in raw.items() if k != "models"})
     if not raw.get("base"):
         raise ValueError("the merge needs a `base` checkpoint folder")

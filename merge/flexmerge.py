@@ -359,7 +359,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
     with atomic_folder(out, spec.overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard, total_bytes=nbytes, desc="merge")
         for block, groups in zip(session.blocks, parts):
-            merged = any(len(g) > 1 for g in groups)
+            merged = any(len(g) > 1 or method.singletons for g in groups)
             base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
             prepared = session.prepare_block(block, tvs, thresholds, base_t) if merged else None
             plain = len(groups) == 1 and not (merged and method.modulated)
@@ -367,7 +367,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
             for j, g in enumerate(groups):
                 suffix = "" if plain else f"::g{j}"
                 entry = {"tasks": [session.tasks[i] for i in g], "suffix": suffix}
-                if len(g) == 1:
+                if len(g) == 1 and not method.singletons:
                     entry["kind"] = "full"
                     for n, t in session.models[g[0]].read(block.tensors).items():
                         writer.add(n + suffix, t.to(session.out_dtype(n)))

@@ -18,12 +18,12 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * flat.numel())
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    # Selecting the k-th largest value is about twice as fast as topk; only ties at that value need topk
-    # to keep exactly k entries.
+    # Selecting the k-th largest value is about twice as fast as sorting; only ties at that value need the
+    # sort to keep exactly k entries, and a descending argsort breaks them as mergekit does.
     mask = flat >= torch.kthvalue(flat, flat.numel() - k + 1).values
     if int(mask.sum()) != k:
         mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, k).indices] = True
+        mask[torch.argsort(flat.float(), descending=True)[:k]] = True
     return mask.view(x.shape)
 
 

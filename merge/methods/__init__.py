@@ -81,6 +81,8 @@ class Method:
     # A per-task step that does not depend on the group (trimming, random drops): run once per block for
     # all tasks, not once per group, and `fn` then combines the prepared vectors.
     prepare: Callable[[dict[str, torch.Tensor], Context], dict[str, torch.Tensor]] | None = None
+    # The method changes even a group of one model (passthrough's `scale`), so singletons go through it.
+    singletons: bool = False
 
     @property
     def modulated(self) -> bool:
@@ -94,13 +96,13 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False,
-             coefficients=None, prepare=None):
+             coefficients=None, prepare=None, singletons: bool = False):
     """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0}, prepare=trim_tasks)`."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare)
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare, singletons)
         return fn
 
     return wrap
