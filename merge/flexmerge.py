@@ -22,6 +22,7 @@ import torch
 from merge import blocks as blocks_mod
 from merge import greedy, methods, sizing
 from merge import settings as settings_mod
+from merge.card import model_card
 from merge.config import MergeSpec, check_out_apart
 from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
 from merge.methods import Context, MergeResult
@@ -416,6 +417,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / PLAN).write_text(json.dumps(plan, indent=1))
+        (tmp / "README.md").write_text(model_card(manifest, spec))  # the base's card describes another model
     return manifest
 
 

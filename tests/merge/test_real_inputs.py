@@ -132,3 +132,40 @@ def test_hub_ids_come_from_the_local_cache_or_name_the_fix(tmp_path, monkeypatch
     run(s)
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         load_spec(None, {"base": "acme/missing", "models": {k: str(v) for k, v in models.items()}})
+
+
+def test_the_model_card_describes_the_merge_not_the_base(tmp_path):
+    base, models = make_family(tmp_path, "bert")
+    (base / "README.md").write_text("# The pretrained base\nTrained on books.\n")
+    run(spec(base, models, tmp_path / "art", size=2, method="ties", params={"density": 0.4}))
+    card = (tmp_path / "art" / "README.md").read_text()
+    assert "The pretrained base" not in card
+    assert "ties merge of 3 fine-tuned models" in card and '"density": 0.4' in card
+    for task, path in models.items():
+        assert f"| {task} | `{path}` |" in card
+    import json
+
+    size = json.loads((tmp_path / "art" / "manifest.json").read_text())["size"]
+    assert f"{size['bytes']:,} bytes" in card and f"{size['multiplier']:.3f}×" in card
+
+
+def test_export_and_task_loading_read_only_the_tasks_blocks(tmp_path, monkeypatch):
+    from merge import artifact
+    from merge.io import Checkpoint
+
+    base, models = make_family(tmp_path, "bert")
+    run(spec(base, models, tmp_path / "art", size=2.5))
+    read = []
+    original = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, names: read.append(list(names)) or original(self, names))
+    export(tmp_path / "art", "a", tmp_path / "a-out")
+    stored = Checkpoint(tmp_path / "art").names
+    assert len(read) > 1 and max(map(len, read)) < len(stored)  # block by block, never the whole artifact
+    artifact._STORES.clear()
+    state, store = task_state_dict(tmp_path / "art", "a")
+    first = set(store.tensors)
+    assert first < set(stored)  # task a's tensors only
+    read.clear()
+    task_state_dict(tmp_path / "art", "b")
+    assert set(store.tensors) > first  # b adds its own blocks...
+    assert not {k for r in read for k in r} & first  # ...and does not read the shared ones again
