@@ -22,6 +22,7 @@ import torch
 from merge import blocks as blocks_mod
 from merge import greedy, methods, sizing
 from merge import settings as settings_mod
+from merge import vocab as vocab_mod
 from merge.card import model_card
 from merge.config import MergeSpec, check_out_apart
 from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
@@ -88,6 +89,9 @@ class Session:
         self.base = Checkpoint(spec.base)
         self.tasks = list(spec.models)
         self.ckpts = {t: Checkpoint(p) for t, p in spec.models.items()}
+        self.vocab = None
+        if spec.tokenizer_source is not None:
+            self.base, self.ckpts, self.vocab = vocab_mod.align(spec.tokenizer_source, self.base, self.ckpts)
         specific = check_compatible(self.base, self.ckpts)
         self.models = [self.ckpts[t] for t in self.tasks]
         w = {t: 1.0 for t in self.tasks}
@@ -398,6 +402,8 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
             block_entries.append(write_task_specific(session, writer))
         files = writer.close()
         copy_side_files(session.base.folder, tmp)
+        if session.vocab is not None:
+            vocab_mod.write_tokenizer(spec.tokenizer_source, session.base.folder, spec.models, session.vocab, tmp)
         manifest = {
             "format": FORMAT,
             "version": 1,

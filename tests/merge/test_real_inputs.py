@@ -169,3 +169,41 @@ def test_export_and_task_loading_read_only_the_tasks_blocks(tmp_path, monkeypatc
     task_state_dict(tmp_path / "art", "b")
     assert set(store.tensors) > first  # b adds its own blocks...
     assert not {k for r in read for k in r} & first  # ...and does not read the shared ones again
+
+
+def _tokenizer(folder, tokens):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0])).save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("source", ["base", "union", "b"])
+def test_vocabulary_mismatch_follows_mergekits_tokenizer_source(tmp_path, source):
+    import json
+
+    base, models = make_family(tmp_path, "llama")  # vocab 64, tied embeddings
+    E = "model.embed_tokens.weight"
+    base_tokens = [f"t{i}" for i in range(64)]
+    b_tokens = base_tokens[:60] + [f"x{i}" for i in range(6)]  # drops t60..t63, adds x0..x5
+    for folder in (base, models["a"], models["c"]):
+        _tokenizer(folder, base_tokens)
+    _tokenizer(models["b"], b_tokens)
+    g = torch.Generator().manual_seed(1)
+    B = rewrite(models["b"], lambda t: t.update({E: torch.cat([t[E][:60], torch.randn(6, 16, generator=g)])}))[E]
+    th0, A, C = (load_file(p / "model.safetensors")[E] for p in (base, models["a"], models["c"]))
+    run(spec(base, models, tmp_path / "art", size=1, method="linear", tokenizer_source=source))
+    out = load_file(tmp_path / "art" / "model.safetensors")[E]
+    cfg = json.loads((tmp_path / "art" / "config.json").read_text())
+    from merge.vocab import read_vocab
+
+    vocab = read_vocab(tmp_path / "art")
+    assert cfg["vocab_size"] == len(vocab) == out.shape[0]
+    expected_tokens = {"base": base_tokens, "union": base_tokens + [f"x{i}" for i in range(6)], "b": b_tokens}[source]
+    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] == expected_tokens
+    # a token every model has: the plain mean
+    torch.testing.assert_close(out[vocab["t5"]], (A[5] + B[5] + C[5]) / 3)
+    if "t62" in vocab:  # b lacks it: b takes the base's row, so its task vector there is zero
+        torch.testing.assert_close(out[vocab["t62"]], (A[62] + th0[62] + C[62]) / 3)
+    if "x3" in vocab:  # only b has it: every checkpoint takes b's row
+        torch.testing.assert_close(out[vocab["x3"]], B[63])
