@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
+from foundation.atomic import atomic_folder
+from foundation.dtypes import parse_dtype
+from foundation.io import Checkpoint
 from merge.config import check_out_apart
-from merge.flexmerge import FORMAT, MANIFEST, PLAN, TORCH_DTYPES, _file_hash
-from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files
+from merge.flexmerge import FORMAT, MANIFEST, PLAN, _file_hash
+from merge.io import ShardWriter, copy_side_files
 
 _STORES: "weakref.WeakValueDictionary[tuple, _Store]" = weakref.WeakValueDictionary()
 
@@ -85,14 +88,6 @@ def _store(path: Path, dtype, device) -> _Store:
     return store
 
 
-def _dtype(dtype):
-    if isinstance(dtype, str):
-        if dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-        return TORCH_DTYPES[dtype]
-    return dtype
-
-
 def task_blocks(path: Path, task: str, store: _Store):
     """Task `task`'s tensors one block at a time (original names): `{name: tensor}` per block."""
     manifest = read_manifest(path)
@@ -129,7 +124,8 @@ def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[s
     """Task `task`'s full state dict (original tensor names) and the store its tensors live in. Only the
     task's own stored tensors are read."""
     path = Path(path)
-    store = _store(path, _dtype(dtype), device)
+    read_manifest(path)  # a clear error for a folder that is not an artifact
+    store = _store(path, None if dtype is None else parse_dtype(dtype), device)
     state = {}
     for block in task_blocks(path, task, store):
         state.update(block)
@@ -145,7 +141,7 @@ def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Mod
     import transformers
 
     state, store = task_state_dict(path, task, dtype=dtype, device=device)
-    dtype = TORCH_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dtype = None if dtype is None else parse_dtype(dtype)
     config = transformers.AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     if not archs or not hasattr(transformers, archs[0]):

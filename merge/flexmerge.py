@@ -19,13 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foundation.atomic import atomic_folder
+from foundation.dtypes import parse_dtype
+from foundation.io import Checkpoint
 from merge import blocks as blocks_mod
 from merge import greedy, methods, sizing
 from merge import settings as settings_mod
 from merge import vocab as vocab_mod
 from merge.card import model_card
 from merge.config import MergeSpec, check_out_apart
-from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
+from merge.io import ShardWriter, copy_side_files
 from merge.methods import Context, MergeResult
 from merge.sparsify import threshold_from_histogram
 from merge.stats import Stats, read_task_vectors, scan
@@ -33,7 +36,6 @@ from merge.stats import Stats, read_task_vectors, scan
 FORMAT = "tessera-flexmerge"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def peak_rss_bytes() -> int:
@@ -118,18 +120,18 @@ class Session:
                                     dtype=torch.float32)
         self.specific = {t: [n for n in specific if n in c.shape] for t, c in zip(self.tasks, self.models)}
         self.blocks = blocks_mod.assign([n for n in self.base.names if n not in specific], spec.blocks)
-        if spec.dtype is not None and spec.dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {spec.dtype!r}")
+        if spec.dtype is not None:
+            parse_dtype(spec.dtype)
         self.costs = [
             sizing.block_cost(
-                [(math.prod(self.base.shape[n]), element_size(self.out_dtype(n))) for n in b.tensors],
+                [(math.prod(self.base.shape[n]), self.out_dtype(n).itemsize) for n in b.tensors],
                 self.method.masks,
                 self.method.scales,
             )
             for b in self.blocks
         ]
         self.base_bytes = sum(c.param_bytes for c in self.costs)
-        self.specific_bytes = int(sum(math.prod(c.shape[n]) * element_size(self.out_dtype(n, c))
+        self.specific_bytes = int(sum(math.prod(c.shape[n]) * self.out_dtype(n, c).itemsize
                                       for c, names in zip(self.models, self.specific.values()) for n in names))
         self.global_scope = self.params.get("scope") == "global"
         if self.global_scope and "density" not in self.params:
@@ -166,7 +168,7 @@ class Session:
     def out_dtype(self, name: str, ckpt: Checkpoint | None = None) -> torch.dtype:
         dtype = (ckpt or self.base).dtype[name]
         if self.spec.dtype is not None and dtype.is_floating_point:
-            return TORCH_DTYPES[self.spec.dtype]
+            return parse_dtype(self.spec.dtype)
         return dtype
 
     def scan(self, on_block=None) -> Stats:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from merge.io import element_size
 
 TOKEN_TENSORS = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|lm_head|embed_out)\.weight$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -88,7 +87,7 @@ class Reindexed:
         return getattr(self._ckpt, name)
 
     def nbytes(self, name):
-        return element_size(self.dtype[name]) * math.prod(self.shape[name])
+        return self.dtype[name].itemsize * math.prod(self.shape[name])
 
     def read(self, names):
         rest = [n for n in names if n not in self._replaced]

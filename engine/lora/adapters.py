@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.lora.errors import AdapterError
+from foundation.dtypes import SAFETENSORS_DTYPES
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MIXABLE = ("F32", "F16", "BF16")  # what the mixture kernel takes
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _read_shapes(name: str, weights: Path, rank: int) -> tuple[dict[str, tuple[i
                                        "weights of linear layers can be mixed)")
                 sl = f.get_slice(key)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if dtype not in _FLOAT_DTYPES:
+                if dtype not in _MIXABLE:
                     raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {dtype}, expected F32/F16/BF16")
                 dtypes.add(dtype)
                 (a_shapes if match["ab"] == "A" else b_shapes)[match["module"]] = shape
@@ -94,7 +95,7 @@ def _read_shapes(name: str, weights: Path, rank: int) -> tuple[dict[str, tuple[i
         if r_a != rank or r_b != rank:
             raise AdapterError(f"adapter {name!r}: module {module} has rank {r_a}/{r_b} but the config says r={rank}")
         shapes[module] = (d_in, d_out)
-    return shapes, _FLOAT_DTYPES[dtypes.pop()]
+    return shapes, SAFETENSORS_DTYPES[dtypes.pop()]
 
 
 def read_adapter(name: str, folder: str | Path) -> AdapterSpec:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from engine.pooling import mean_pool_normalized
+from foundation.atomic import atomic_file
+from foundation.cache import cache_dir as tessera_cache
 
 
 @runtime_checkable
@@ -69,14 +72,8 @@ class MiniLMEncoder:
             batch = self._tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
                                     max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self._model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+            out.append(mean_pool_normalized(hidden.float(), batch["attention_mask"]).cpu())
         return torch.cat(out)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera")) / "embeddings"
 
 
 class CachedEncoder:
@@ -89,7 +86,7 @@ class CachedEncoder:
     def __init__(self, encoder: Encoder, cache_dir: str | Path | None = None):
         self.encoder = encoder
         self.name, self.dim = encoder.name, encoder.dim
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else tessera_cache("embeddings")
         self._mem: dict[str, torch.Tensor] | None = None
         self.computed = 0  # texts that missed the cache, for tests and benchmarks
 
@@ -123,9 +120,8 @@ class CachedEncoder:
             folder = self._folder()
             folder.mkdir(parents=True, exist_ok=True)
             name = hashlib.sha256("".join(missing).encode()).hexdigest()[:24]
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            save_file(new, str(tmp))
-            os.replace(tmp, folder / f"{name}.safetensors")
+            with atomic_file(folder / f"{name}.safetensors") as tmp:
+                save_file(new, str(tmp))
         if not texts:
             return torch.zeros(0, self.dim)
         return torch.stack([mem[k] for k in keys])

@@ -151,7 +151,7 @@ def test_the_model_card_describes_the_merge_not_the_base(tmp_path):
 
 def test_export_and_task_loading_read_only_the_tasks_blocks(tmp_path, monkeypatch):
     from merge import artifact
-    from merge.io import Checkpoint
+    from foundation.io import Checkpoint
 
     base, models = make_family(tmp_path, "bert")
     run(spec(base, models, tmp_path / "art", size=2.5))
@@ -207,3 +207,13 @@ def test_vocabulary_mismatch_follows_mergekits_tokenizer_source(tmp_path, source
         torch.testing.assert_close(out[vocab["t62"]], (A[62] + th0[62] + C[62]) / 3)
     if "x3" in vocab:  # only b has it: every checkpoint takes b's row
         torch.testing.assert_close(out[vocab["x3"]], B[63])
+
+
+def test_checkpoints_with_bool_tensors_merge(tmp_path):
+    base, models = make_family(tmp_path, "bert")
+    mask = torch.tensor([True, False, True, True, False])
+    for folder in (base, *models.values()):
+        rewrite(folder, lambda t: t.update({"attention_mask_buffer": mask.clone()}))
+    run(spec(base, models, tmp_path / "art", size=1))
+    out = load_file(tmp_path / "art" / "model.safetensors")
+    assert out["attention_mask_buffer"].dtype == torch.bool and torch.equal(out["attention_mask_buffer"], mask)
