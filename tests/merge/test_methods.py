@@ -289,10 +289,18 @@ def test_registry_errors_and_new_method_is_one_registration(tvs):
 
 def test_every_registered_method_runs_on_a_block(tvs):
     names = {"average", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude_prune",
-             "pcb", "tall_masks", "consensus", "emr", "tsv_m", "iso_c"}
-    assert names <= set(methods.available())
+             "pcb", "tall_masks", "consensus", "emr", "tsv_m", "iso_c", "iso_cts", "breadcrumbs", "breadcrumbs_ties",
+             "della", "della_linear", "model_stock", "slerp", "nuslerp", "passthrough"}
+    assert names == set(methods.available())
+    base = {n: torch.randn(t.shape[1:]) for n, t in tvs.items()}
     for name in names:
-        res = run(name, tvs, rng=shared_rng(0))
+        group = {n: t[:1] for n, t in tvs.items()} if name == "passthrough" else (
+            {n: t[:2] for n, t in tvs.items()} if name in ("slerp", "nuslerp") else tvs)
+        method = methods.get(name)
+        K = next(iter(group.values())).shape[0]
+        params = {"t": 0.5} if name == "slerp" else {}
+        ctx = Context(methods.resolve_params(method, params), torch.ones(K), None, shared_rng(0), base=base)
+        res = apply(method, group, ctx)
         for n, t in tvs.items():
             assert res.vector[n].shape == t.shape[1:] and torch.isfinite(res.vector[n]).all(), name
 
