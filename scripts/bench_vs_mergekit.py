@@ -33,10 +33,12 @@ VENV = CACHE / "mergekit-venv"
 TORCH = "torch==2.13.0"
 
 
-def setup(venv: Path) -> None:
+def setup(venv: Path, torch_index: str | None) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [TORCH, "--extra-index-url", "https://download.pytorch.org/whl/cpu"], check=True)
+    # torch first, at the project's version, so mergekit's requirement is already met; `--torch-index` names
+    # an index with CPU builds where the default one would bring a CUDA build
+    subprocess.run(pip + [TORCH] + (["--extra-index-url", torch_index] if torch_index else []), check=True)
     subprocess.run(pip + ["mergekit"], check=True)
 
 
@@ -134,6 +136,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", action="store_true", help="create the mergekit venv and exit")
     ap.add_argument("--venv", type=Path, default=VENV)
+    ap.add_argument("--torch-index", help="--setup: an extra package index with CPU builds of torch")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
@@ -141,7 +144,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mergekit_vs_tessera_cpu.json")
     args = ap.parse_args()
     if args.setup:
-        setup(args.venv)
+        setup(args.venv, args.torch_index)
         return 0
     mergekit = args.venv / "bin" / "mergekit-yaml"
     if not mergekit.exists():

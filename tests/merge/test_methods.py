@@ -322,3 +322,35 @@ def test_topk_mask_keeps_exactly_k_even_with_ties():
     assert int(mask.sum()) == 3 and mask[1] and not mask[0] and not mask[5]
     y = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(topk_mask(y, 0.1), torch.zeros(1000, dtype=torch.bool).index_fill(0, y.abs().topk(100).indices, True))
+
+
+def test_emr_rescalers_span_the_block_by_default():
+    t = {"x": torch.tensor([[2.0, -1.0, 1.0], [1.0, 3.0, -2.0]]), "y": torch.tensor([[1.0, 1.0], [-1.0, 4.0]])}
+    block = run("emr", t)
+    per_tensor = run("emr", t, scope="tensor")
+    # x: unified [2, 3, -2], masks [[T, F, F], [T, T, T]]; y: sums 0, 5 -> signs +, +; unified [1, 4]
+    # masks y: [[T, T], [F, T]]. Task 0: mass 4 + 2 = 6, kept 2 + (1 + 4) = 7; task 1: mass 6 + 5, kept 7 + 4
+    torch.testing.assert_close(block.scales["x"], torch.tensor([6 / 7, 11 / 11]))
+    torch.testing.assert_close(block.scales["y"], block.scales["x"])
+    torch.testing.assert_close(per_tensor.scales["x"], torch.tensor([2.0, 6 / 7]))
+    torch.testing.assert_close(per_tensor.scales["y"], torch.tensor([2 / 5, 5 / 4]))
+
+
+def test_task_arithmetic_normalize_is_lambda_times_the_weighted_mean(tvs):
+    out = run("task_arithmetic", tvs, [1.0, 3.0, 0.0], normalize=True, **{"lambda": 0.6}).vector["w"]
+    torch.testing.assert_close(out, 0.6 * (tvs["w"][0] + 3 * tvs["w"][1]) / 4)
+
+
+def test_tall_masks_and_consensus_with_weights_follow_the_paper():
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(4, 50, generator=g)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    wt = t * w[:, None]
+    mtl = wt.sum(0)
+    masks = torch.stack([wt[k].abs() >= 0.3 * (mtl - wt[k]).abs() for k in range(4)])
+    res = run("tall_masks", {"x": t}, w.tolist(), tall_lambda=0.3, **{"lambda": 0.7})
+    assert torch.equal(res.masks["x"], masks)
+    for k in range(4):
+        torch.testing.assert_close(res.task_vector(k, "x"), 0.7 * mtl * masks[k])
+    cons = run("consensus", {"x": t}, w.tolist(), tall_lambda=0.3, k=3, **{"lambda": 0.7}).vector["x"]
+    torch.testing.assert_close(cons, 0.7 * mtl * (masks.sum(0) >= 3))
