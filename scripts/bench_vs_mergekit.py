@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,30 @@ def compare(ours: dict, theirs: dict, base: dict, norms_only: bool) -> float:
     return worst
 
 
+def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int) -> dict:
+    """tessera's peak memory above its import baseline, against (M + 2) × the largest block in float32."""
+    from foundation.io import Checkpoint
+    from merge.blocks import assign
+
+    paths = make_checkpoints(root, hidden, layers, vocab, tasks=3)
+    ck = Checkpoint(paths["base"])
+    largest = max(sum(math.prod(ck.shape[n]) * 4 for n in b.tensors) for b in assign(ck.names))
+    _, baseline, _ = timed([sys.executable, "-c", "import torch, merge.cli, merge.flexmerge, merge.stats, merge.artifact"], env)
+    rows = []
+    for method, size in (("ties", "1"), ("task_arithmetic", "all")):
+        cfg = {"base": str(paths["base"]), "models": {f"ft{i}": str(paths[f"ft{i}"]) for i in range(3)},
+               "method": method, "params": {"density": 0.5} if method == "ties" else {}}
+        cfg_path = root / f"mem-{method}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        _, rss, _ = timed([sys.executable, "-m", "merge.cli", "merge", str(cfg_path), "--out", str(root / f"mem-{method}"),
+                           "--size", size], env)
+        rows.append({"method": method, "size": size, "peak_rss_bytes": rss, "above_import_bytes": rss - baseline})
+        print(f"memory {method} size {size}: {(rss - baseline) / 2**20:.0f} MiB above the import baseline; "
+              f"(M + 2) x largest block = {5 * largest / 2**20:.0f} MiB", flush=True)
+    return {"hidden": hidden, "layers": layers, "vocab": vocab, "tasks": 3, "largest_block_float32_bytes": largest,
+            "bound_bytes": 5 * largest, "import_baseline_rss_bytes": baseline, "runs": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", action="store_true", help="create the mergekit venv and exit")
@@ -141,10 +166,19 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--only", nargs="*", help="run only these methods")
+    ap.add_argument("--memory", action="store_true", help="only measure tessera's peak memory against (M + 2) x the largest block")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mergekit_vs_tessera_cpu.json")
     args = ap.parse_args()
     if args.setup:
         setup(args.venv, args.torch_index)
+        return 0
+    if args.memory:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+            mem = memory_check(Path(tmp), env, 1024, 4, 8192)
+        previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+        args.out.write_text(json.dumps({**previous, "memory": mem}, indent=1))
+        print(f"wrote {args.out}")
         return 0
     mergekit = args.venv / "bin" / "mergekit-yaml"
     if not mergekit.exists():
