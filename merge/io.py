@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from foundation.io import INDEX_NAME
@@ -24,13 +25,21 @@ def tensor_bytes(t: torch.Tensor):
 
 
 class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes`, named as transformers expects."""
+    """Writes tensors into safetensors shards of at most `max_shard_bytes`, named as transformers expects.
+
+    Each tensor's bytes go to disk as soon as it is added (into a spill file next to the shard), so the
+    writer holds no tensor: memory does not grow with the shard size. A shard is assembled when it is full:
+    the header safetensors would write (its tensor order and offsets) and then the bytes, copied from the
+    spill file in that order a chunk at a time. The file equals `save_file`'s byte for byte."""
+
+    CHUNK = 16 * 1024**2
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, total_bytes: int | None = None, desc: str = "write"):
         self.folder = Path(folder)
         self.max = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # name -> dtype, shape, spill offset, bytes
         self.pending_bytes = 0
+        self.spill = None
         self.shards: list[tuple[Path, list[str]]] = []
         self.total = 0
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=None, leave=False)
@@ -39,14 +48,53 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        if name in self.pending:
+            raise ValueError(f"tensor {name} written twice")
+        if self.spill is None:
+            self.spill = open(self._path(".spill"), "w+b")
+        t = tensor.detach().to("cpu").contiguous()
+        self.pending[name] = (t.dtype, list(t.shape), self.spill.tell(), size)
+        self.spill.write(memoryview(tensor_bytes(t)))
         self.pending_bytes += size
+
+    def _path(self, suffix: str) -> Path:
+        return self.folder / f"shard-{len(self.shards):05d}{suffix}"
+
+    def _layout(self) -> list[tuple[str, str]]:
+        """(name, dtype code) in the order safetensors lays the tensors out, taken from safetensors itself
+        on one-element stand-ins (its order depends on dtype and name only)."""
+        raw = save({n: torch.empty(1, dtype=d) for n, (d, _, _, _) in self.pending.items()})
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        header.pop("__metadata__", None)
+        return [(k, header[k]["dtype"]) for k in sorted(header, key=lambda k: header[k]["data_offsets"][0])]
 
     def flush(self) -> None:
         if not self.pending:
             return
-        path = self.folder / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        layout = self._layout()
+        for n, code in layout:
+            _, shape, _, size = self.pending[n]
+            if code == "F4":  # torch packs two values per element; the header counts values
+                shape = shape[:-1] + [shape[-1] * 2]
+            header[n] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        path = self._path(".tmp")
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            for n, _ in layout:
+                _, _, start, size = self.pending[n]
+                self.spill.seek(start)
+                while size:
+                    chunk = self.spill.read(min(size, self.CHUNK))
+                    out.write(chunk)
+                    size -= len(chunk)
+        self.spill.close()
+        os.remove(self.spill.name)
+        self.spill = None
         self.shards.append((path, list(self.pending)))
         self.total += self.pending_bytes
         self.bar.update(self.pending_bytes)
