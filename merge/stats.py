@@ -4,8 +4,8 @@ For one block at a time it reads the base and every model, forms the task vector
 `[M, numel]` float32 buffer per tensor (each model's copy is dropped right after subtracting), and
 accumulates what planning needs: the Gram matrix of the block (cosine and Euclidean similarities both
 follow from it), optionally the sign-agreement matrix and magnitude histograms for `scope: global`, the
-squared norms used by the base-distance check and a hash of the base. Peak memory is about 2(M + 1)
-blocks in float32: this block's task vectors and base, and the next block's, read ahead. A caller can also look at each block's task vectors while they are in memory (`on_block`), with
+squared norms used by the base-distance check and a hash of the base. Peak memory is about M + 1
+blocks in float32: this block's task vectors and its base (nothing is read ahead). A caller can also look at each block's task vectors while they are in memory (`on_block`), with
 the statistics gathered so far (including this block's Gram matrix).
 
 Finiteness is checked through the Gram diagonal: Σ τ² is non-finite whenever any entry is, so the full
@@ -14,7 +14,6 @@ element-wise check only runs to name the culprit.
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -106,19 +105,15 @@ def scan(
     stats.task_matrix_sq_norms = np.zeros(M)
     if histograms:
         stats.histogram = torch.zeros((M, 32768), dtype=torch.int64)
-    # Two arenas: a reader thread fills the next block's while this one is being processed (file reads
-    # and torch kernels release the GIL), so I/O overlaps the Gram products.
-    arenas = [Arena(device), Arena(device)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(read_task_vectors, base, models, blocks[0], device, arenas[0]) if blocks else None
-        for b, block in enumerate(tqdm(blocks, desc="scan", unit="block", disable=None, leave=False)):
-            base_t, tvs = future.result()
-            if b + 1 < len(blocks):
-                future = pool.submit(read_task_vectors, base, models, blocks[b + 1], device, arenas[(b + 1) % 2])
-            _accumulate(stats, digest, models, block, base_t, tvs, signs, histograms)
-            if on_block is not None:
-                on_block(b, block, base_t, tvs, stats)
-            del base_t, tvs
+    # One arena, no read-ahead: reading the next block while this one is processed would hold a second
+    # M + 1 blocks and break the (M + 2)-block memory bound.
+    arena = Arena(device)
+    for b, block in enumerate(tqdm(blocks, desc="scan", unit="block", disable=None, leave=False)):
+        base_t, tvs = read_task_vectors(base, models, block, device, arena)
+        _accumulate(stats, digest, models, block, base_t, tvs, signs, histograms)
+        if on_block is not None:
+            on_block(b, block, base_t, tvs, stats)
+        del base_t, tvs
     stats.base_hash = digest.hexdigest()
     return stats
 
