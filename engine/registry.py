@@ -23,6 +23,7 @@ import yaml
 
 from foundation.cache import build_once, cache_dir, save_model
 from foundation.dtypes import parse_dtype
+from foundation.hub import resolve_hub_id
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
@@ -104,20 +105,6 @@ def get_model_entry(name: str) -> ModelEntry:
         raise KeyError(f"unknown model {name!r}: not a registered name, a local folder or a hub id. "
                        f"Registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
-
-
-def resolve_hub_id(repo_id: str) -> Path:
-    """The local snapshot folder of a hub model, from the Hugging Face cache only."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and tessera never downloads at run time. "
-            f"Fetch it first, e.g. `hf download {repo_id}` (or `huggingface-cli download {repo_id}`), "
-            "or pass a local folder") from None
 
 
 def default_device() -> torch.device:

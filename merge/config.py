@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from foundation.hub import resolve_hub_id
+
 
 @dataclass
 class MergeSpec:
@@ -56,8 +58,6 @@ def _resolve(root: Path, p: str) -> str:
     path = Path(p).expanduser()
     full = path if path.is_absolute() else root / path
     if not full.exists() and HUB_ID.match(str(p)) and not str(p).startswith("."):
-        from engine.registry import resolve_hub_id  # the registry's cache-only lookup and its error
-
         return str(resolve_hub_id(str(p)))
     return str(full)
 
