@@ -213,22 +213,47 @@ class Session:
             base=None if base_t is None else {n: base_t[n].to(device=dev, dtype=torch.float32) for n in setting.names},
         )
 
-    def prepare_block(self, block: blocks_mod.Block, tvs: dict, thresholds, base_t: dict | None = None) -> dict:
-        """The method's per-task step (trimming, drops) for every task of the block, done once."""
+    def prepare_block(self, block: blocks_mod.Block, tvs: dict, thresholds, base_t: dict | None = None,
+                      in_place: bool = False) -> dict:
+        """The method's per-task step (trimming, drops) for every task of the block, done once.
+
+        `in_place` (the write pass, which needs the raw task vectors no more) prepares one task at a time and
+        writes its row back into `tvs`, so the block is held once instead of twice. Row k depends only on
+        task k (see `methods.prepare`), so this equals preparing all tasks together; a method whose prepared
+        tensors are not the task vectors' names, shapes and dtype is prepared the usual way."""
         out = {}
         for s in self.settings(block):
             floats = {n: tvs[n] for n in s.names if self.base.dtype[n].is_floating_point}
-            if floats:
-                out.update(methods.prepare(self.method, floats, self.context(block, tuple(range(self.M)), thresholds, s, base_t)))
+            if not floats:
+                continue
+            if in_place and self._prepare_rows_in_place(block, floats, thresholds, s, base_t):
+                out.update(floats)
+                continue
+            out.update(methods.prepare(self.method, floats, self.context(block, tuple(range(self.M)), thresholds, s, base_t)))
         return out
+
+    def _prepare_rows_in_place(self, block, floats: dict, thresholds, setting: Setting, base_t) -> bool:
+        for k in range(self.M):
+            rows = methods.prepare(self.method, {n: t[k : k + 1] for n, t in floats.items()},
+                                   self.context(block, (k,), thresholds, setting, base_t))
+            if k == 0 and not (rows.keys() == floats.keys() and all(
+                    rows[n].shape == t[:1].shape and rows[n].dtype == t.dtype for n, t in floats.items())):
+                return False  # nothing written yet
+            for n, t in floats.items():
+                if rows[n].data_ptr() != t[k].data_ptr():
+                    t[k : k + 1].copy_(rows[n])
+            del rows
+        return True
 
     def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], prepared: dict, base_t: dict | None = None) -> MergeResult:
         """One group of one block, recomputed from its members' (prepared) original task vectors."""
         index = torch.tensor(list(members), device=self.spec.device)
+        every_task = list(members) == list(range(self.M))  # the rows as they are: no copy
         vector, masks, scales = {}, {}, {}
         for s in self.settings(block):
             names = set(s.names)
-            rows = {k: t.index_select(0, index) for k, t in prepared.items() if k.split("::", 1)[0] in names}
+            rows = {k: t if every_task else t.index_select(0, index)
+                    for k, t in prepared.items() if k.split("::", 1)[0] in names}
             if not rows:
                 continue
             res = self.method.fn(rows, self.context(block, members, None, s, base_t))
@@ -368,7 +393,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         for block, groups in zip(session.blocks, parts):
             merged = any(len(g) > 1 or method.singletons for g in groups)
             base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
-            prepared = session.prepare_block(block, tvs, thresholds, base_t) if merged else None
+            prepared = session.prepare_block(block, tvs, thresholds, base_t, in_place=True) if merged else None
             plain = len(groups) == 1 and not (merged and method.modulated)
             entries = []
             for j, g in enumerate(groups):
