@@ -20,7 +20,17 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     # Selecting the k-th largest value is about twice as fast as sorting; only ties at that value need the
     # sort to keep exactly k entries, and a descending argsort breaks them as mergekit does.
-    mask = flat >= torch.kthvalue(flat, flat.numel() - k + 1).values
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        # numpy selects in place in the copy `abs` made: no further copy and no index tensor (kthvalue
+        # holds about three copies of the tensor, which breaks the merge's memory bound).
+        values = flat.numpy()
+        values.partition(flat.numel() - k)
+        kth = torch.tensor(values[flat.numel() - k])
+        del values
+        flat = x.abs().reshape(-1)
+    else:
+        kth = torch.kthvalue(flat, flat.numel() - k + 1).values
+    mask = flat >= kth
     if int(mask.sum()) != k:
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.argsort(flat.float(), descending=True)[:k]] = True
@@ -32,7 +42,11 @@ def trim(tvs: dict[str, torch.Tensor], density: float, scope: str, thresholds: t
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "tensor":
-        return {n: torch.stack([t[k] * topk_mask(t[k], density) for k in range(t.shape[0])]) for n, t in tvs.items()}
+        out = {n: torch.empty_like(t) for n, t in tvs.items()}  # filled row by row: no list of rows to stack
+        for n, t in tvs.items():
+            for k in range(t.shape[0]):
+                torch.mul(t[k], topk_mask(t[k], density), out=out[n][k])
+        return out
     if scope == "global":
         if thresholds is None:
             raise RuntimeError("scope: global needs per-task thresholds from the statistics pass")
