@@ -332,9 +332,9 @@ def dry_run(spec: MergeSpec) -> dict:
             "smallest_step": min(c.param_bytes for c in s.costs) / s.base_bytes,
             "steps": len(s.blocks) * (M - 1),
         },
-        # Two float32 task-vector buffers of the largest block (one processed, one read ahead) and the
-        # base, plus ~300 MB for Python and torch.
-        "expected_peak_memory_bytes": int((2 * M + 2) * largest * 4 + 300e6),
+        # The largest block's float32 task vectors (M), its base and the merged result, plus ~300 MB for
+        # Python and torch.
+        "expected_peak_memory_bytes": int((M + 2) * largest * 4 + 300e6),
         # Rough: disk/page-cache reads at ~1 GB/s and Gram matrices at ~20 GFLOP/s per pass.
         "expected_seconds": round(passes * (read_bytes / 1e9 + flops / 2e10), 1),
         "passes": passes,
