@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import build, make_family
+from merge_helpers import build, make_family
 from safetensors.torch import load_file, save_file
 
 from engine.cli import main

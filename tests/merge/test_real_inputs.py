@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import make_family
+from merge_helpers import make_family
 from safetensors.torch import load_file, save_file
 
 from merge.artifact import export, task_state_dict

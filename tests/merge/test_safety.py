@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_family
+from merge_helpers import make_family
 
 from merge import greedy, sizing
 from merge.artifact import export
