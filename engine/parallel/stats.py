@@ -3,7 +3,7 @@ expert rows it computed, tokens dropped, time inside expert kernels. Byte counts
 each collective; row and drop counts stay on the device until read, so counting adds no synchronisation."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -55,10 +55,5 @@ class ExchangeStats:
                 "compute_s": self.compute_s, "choices": dict(self.choices)}
 
 
-@contextmanager
 def maybe_timing(stats: ExchangeStats | None, device: torch.device):
-    if stats is None or not stats.time_compute:
-        yield
-    else:
-        with stats.timing(device):
-            yield
+    return stats.timing(device) if stats is not None and stats.time_compute else nullcontext()
