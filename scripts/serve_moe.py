@@ -36,6 +36,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int)
     parser.add_argument("--max-input-tokens", type=int)
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--scheduler", choices=["continuous", "static"])
+    parser.add_argument("--kv-cache-bytes", type=int, help="KV budget per rank (default: a fraction of free memory)")
+    parser.add_argument("--kv-cache-fraction", type=float)
+    parser.add_argument("--kv-block-size", type=int)
+    parser.add_argument("--step-tokens", type=int, help="tokens per rank per step (prefill chunk size)")
     parser.add_argument("--adapters", help="a saved TaskRouter folder (enables \"adapter\": \"auto\")")
     return parser.parse_args(argv)
 
@@ -68,6 +73,8 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size)
     model, router = attach_pool(model, config.adapters)
     runner = Runner(model, tokenizer, rank, world)
+    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not config.adapters:
+        runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
@@ -75,6 +82,18 @@ def main(argv=None) -> int:
         return 0
     names = frozenset(model.pool.names) if router is not None or config.adapters else frozenset()
     return serve(config, coordinator, tokenizer, model_kind(model), router, names)
+
+
+def rank_batch(model, config, tokenizer, world: int):
+    """This rank's running batch for the continuous scheduler, over a paged KV cache of the configured budget."""
+    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+
+    longest = -(-(config.max_input_tokens + config.max_new_tokens) // config.kv_block_size)
+    blocks = kv_blocks_for_budget(model, config.kv_block_size, config.kv_cache_bytes, config.kv_cache_fraction,
+                                  most_useful=config.max_batch_size * longest)
+    return RankBatch(model, num_blocks=blocks, block_size=config.kv_block_size, step_tokens=config.step_tokens,
+                     max_requests=config.max_batch_size, pad_token_id=tokenizer.pad_token_id,
+                     dummy_when_idle=world > 1)
 
 
 def attach_pool(model, adapters):
@@ -96,7 +115,13 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     from engine.serving.metrics import Metrics
 
     metrics = Metrics()
-    engine = BatchEngine(coordinator, config, metrics, router)
+    if coordinator.runner.batch is not None:
+        from engine.serving.scheduler import ContinuousEngine
+
+        engine = ContinuousEngine(coordinator, metrics, tokenizer, max_queue=config.max_queue,
+                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s)
+    else:
+        engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
     app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)
     class DrainingServer(uvicorn.Server):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.serving.batcher import BatchEngine, Overloaded, Request
 from engine.serving.coordinator import RankFailure
+from engine.serving.scheduler import RequestTooLarge, StepFailure
 
 
 class EmbeddingRequest(BaseModel):
@@ -88,6 +89,8 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
                            headers={"Retry-After": "1"}) from None
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
+        except RequestTooLarge as err:
+            raise APIError(413, str(err), "max_tokens") from None
 
     def encode(text: str, param: str) -> list[int]:
         ids = tokenizer.encode(text)
@@ -150,7 +153,7 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
         params = dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                       seed=body.seed if body.seed is not None else 0)
         request = Request("generate", encode(body.prompt, "prompt"), loop, params=params, stream=body.stream,
-                          text=body.prompt, adapter=body.adapter)
+                          text=body.prompt, adapter=body.adapter, stop=stops)
         if body.stream:
             request.tokens = asyncio.Queue()
         else:
@@ -166,6 +169,8 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
                 tokens = await request.future
             except RankFailure as err:
                 raise APIError(503, str(err), kind="server_error") from None
+            except StepFailure as err:
+                raise APIError(500, str(err), kind="server_error") from None
             text, stopped = _apply_stops(tokenizer.decode(tokens), stops)
             finish = "stop" if stopped or len(tokens) < body.max_tokens else "length"
             return {"id": ident, "object": "text_completion", "created": created, "model": model_name,

@@ -40,6 +40,12 @@ class Request:
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # continuous scheduler (engine.serving.scheduler): stop strings end generation as soon as one appears
+    stop: list[str] = field(default_factory=list)
+    id: str = ""
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    result: object = None  # offline requests (no event loop): the tokens, or the exception
 
     def batch_key(self):
         if self.kind == "embed":

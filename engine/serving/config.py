@@ -19,7 +19,15 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_tokens: int = 8192  # prompt tokens in one batch, over all ranks
-    max_batch_size: int = 64  # sequences in one batch
+    max_batch_size: int = 64  # sequences in one batch (continuous scheduler: running requests per rank)
+    # Decoder generation: "continuous" (iteration-level batching over a paged KV cache on every rank,
+    # engine.serving.scheduler) or "static" (one generate() call per batch, engine.serving.batcher: the baseline).
+    # Embeddings, encoder-decoder models and LoRA adapters use the static batcher.
+    scheduler: str = "continuous"
+    kv_cache_bytes: int | None = None  # KV budget per rank in bytes; unset: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.5
+    kv_block_size: int = 32  # tokens per KV block
+    step_tokens: int = 256  # tokens per rank per step: longer prompts are prefilled in chunks of this size
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # requests waiting; past it, 503 with Retry-After
     max_input_tokens: int = 512  # per input text; past it, 413

@@ -57,6 +57,7 @@ class Runner:
         self.model, self.tokenizer, self.rank, self.world = model, tokenizer, rank, world
         self.kind = model_kind(model)
         self.device = next(model.parameters()).device
+        self.batch = None  # the continuous scheduler's RankBatch (engine.serving.paged_batch), when serving with it
         track_routing(model)
 
     def run(self, op: dict, streamer=None, cancelled=None) -> dict:
@@ -66,6 +67,8 @@ class Runner:
             out = {"embeddings": self._embed(rows)}
         elif op["type"] == "generate":
             out = {"tokens": self._generate(rows, op, streamer, cancelled)}
+        elif op["type"] == "step":
+            out = self.batch.run(op, self.rank)
         elif op["type"] == "ping":
             out = {}
         else:
