@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--kv-block-size", type=int)
     parser.add_argument("--step-tokens", type=int, help="tokens per rank per step (prefill chunk size)")
     parser.add_argument("--adapters", help="a saved TaskRouter folder (enables \"adapter\": \"auto\")")
+    parser.add_argument("--enable-lora", action="store_true", default=None,
+                        help="accept adapters loaded at run time (POST /v1/load_lora_adapter)")
+    parser.add_argument("--lora-budget-bytes", type=int, help="device bytes per rank for adapter weights")
     return parser.parse_args(argv)
 
 
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
     from engine.registry import _entry_for, load
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
+    from engine.serving.lora_api import AdapterNames, lora_model
     from engine.serving.runner import Runner, model_kind
     from engine.serving.tokenizer import load_tokenizer
 
@@ -71,16 +75,16 @@ def main(argv=None) -> int:
     _, folder = _entry_for(config.model)
     model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
     tokenizer = load_tokenizer(folder, model.config.vocab_size)
-    model, router = attach_pool(model, config.adapters)
+    model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not config.adapters:
+    if config.scheduler == "continuous" and model_kind(model) == "decoder" and lora_model(model) is None:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
         follow(coordinator)
         return 0
-    names = frozenset(model.pool.names) if router is not None or config.adapters else frozenset()
+    names = AdapterNames(model)  # live: adapters loaded and unloaded at run time
     return serve(config, coordinator, tokenizer, model_kind(model), router, names)
 
 
@@ -96,25 +100,34 @@ def rank_batch(model, config, tokenizer, world: int):
                      dummy_when_idle=world > 1)
 
 
-def attach_pool(model, adapters):
-    """LoRA adapters for completions: a TaskRouter folder, or a mapping adapter name -> PEFT folder."""
-    if not adapters:
+def attach_pool(model, config):
+    """LoRA adapters for completions: a TaskRouter folder, a mapping adapter name -> PEFT folder, or (with
+    enable_lora) an empty pool that /v1/load_lora_adapter fills; within `lora_budget_bytes` on the device."""
+    adapters = config.adapters
+    if not adapters and not config.enable_lora:
         return model, None
-    from engine.lora import attach_adapters
+    from engine.lora import AdapterPool, attach_adapters
     from engine.lora.router import TaskRouter
 
     router = TaskRouter.load(adapters) if isinstance(adapters, str) else None
-    return attach_adapters(model, router if router is not None else adapters), router
+    pool = router if router is not None else (adapters or AdapterPool())
+    lm = attach_adapters(model, pool, cache_bytes=config.lora_budget_bytes)
+    if router is not None and lm.cache.capacity < router.k:
+        raise SystemExit(f"lora_budget_bytes={config.lora_budget_bytes} holds {lm.cache.capacity} adapter(s) but "
+                         f"the router mixes up to k={router.k} per request")
+    return lm, router
 
 
-def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset()) -> int:
+def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=None) -> int:
     import uvicorn
 
     from engine.serving.app import create_app
     from engine.serving.batcher import BatchEngine
+    from engine.serving.lora_api import AdapterNames, mount
     from engine.serving.metrics import Metrics
 
     metrics = Metrics()
+    adapter_names = adapter_names if adapter_names is not None else AdapterNames(coordinator.runner.model)
     if coordinator.runner.batch is not None:
         from engine.serving.scheduler import ContinuousEngine
 
@@ -124,6 +137,7 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
         engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
     app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)
+    mount(app, engine, adapter_names, config.model)
     class DrainingServer(uvicorn.Server):
         """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
         graceful shutdown, which would end the process with -15 instead)."""

@@ -14,6 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from engine.models.bert_moe import mean_pool_normalized
 from engine.moe.patch import take_routing_counts, track_routing
+from engine.serving.lora_api import POOL_OPS, apply_pool_op
 
 
 def model_kind(model) -> str:
@@ -69,6 +70,8 @@ class Runner:
             out = {"tokens": self._generate(rows, op, streamer, cancelled)}
         elif op["type"] == "step":
             out = self.batch.run(op, self.rank)
+        elif op["type"] in POOL_OPS:
+            out = apply_pool_op(self.model, op)
         elif op["type"] == "ping":
             out = {}
         else:
