@@ -349,6 +349,10 @@ def summarise(scores: dict) -> dict:
     return out
 
 
+def _pct(value: float | None) -> str:
+    return "  n/a " if value is None else f"{value:5.1f}%"
+
+
 def merge_scores(parts: list[dict]) -> dict:
     return {key: [v for part in parts for v in part[key]] for key in parts[0]}
 
@@ -371,7 +375,7 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter-lr", type=float, default=5e-3)
     parser.add_argument("--n-adapter", type=int, default=300, help="training pairs per task")
     parser.add_argument("--n-val", type=int, default=48, help="validation pairs per task (routers' view)")
-    parser.add_argument("--n-test", type=int, default=50, help="test pairs per task")
+    parser.add_argument("--n-test", type=int, default=40, help="test pairs per task")
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--eval-batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -451,10 +455,10 @@ def main(argv=None) -> int:
     summary = {regime: summarise(scores) for regime, scores in regimes.items()}
     total = time.perf_counter() - t0
 
-    header = f"{'method':<12}" + "".join(f"{r:>28}" for r in summary)
+    header = f"{'method':<12}" + "".join(f"{r:>24}" for r in summary)
     print("\nexact match (% of oracle)\n" + header)
     for method in METHODS:
-        cells = "".join(f"{s[method]['accuracy']:>20.3f} ({s[method]['pct_of_oracle']:>5.1f}%)"
+        cells = "".join(f"{s[method]['accuracy']:>15.3f} ({_pct(s[method]['pct_of_oracle'])})"
                         for s in summary.values())
         print(f"{method:<12}{cells}")
     print("\ntessera top-1 routing accuracy (no lenient counting)")

@@ -112,9 +112,11 @@ def attach_pool(model, config):
     router = TaskRouter.load(adapters) if isinstance(adapters, str) else None
     pool = router if router is not None else (adapters or AdapterPool())
     lm = attach_adapters(model, pool, cache_bytes=config.lora_budget_bytes)
-    if router is not None and lm.cache.capacity < router.k:
-        raise SystemExit(f"lora_budget_bytes={config.lora_budget_bytes} holds {lm.cache.capacity} adapter(s) but "
-                         f"the router mixes up to k={router.k} per request")
+    if router is not None and config.lora_budget_bytes is not None:
+        fit = config.lora_budget_bytes // lm.cache.bytes_per_adapter
+        if fit < min(router.k, len(lm.pool)):
+            raise SystemExit(f"lora_budget_bytes={config.lora_budget_bytes} holds {fit} adapter(s) but the router "
+                             f"mixes up to k={router.k} per request")
     return lm, router
 
 
