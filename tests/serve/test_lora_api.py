@@ -95,6 +95,25 @@ def test_unload_is_refused_while_requests_wait_for_the_adapter(llama_pool):
     assert loaded["status"] == 400 and "adapter 'a' is already loaded" in loaded["error"]
 
 
+def test_a_budget_below_the_routers_k_is_refused_at_start(llama_pool, tmp_path):
+    from engine import TaskRouter
+    from engine.serving.config import ServeConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from serve_moe import attach_pool
+
+    base, folders = llama_pool
+    TaskRouter.build({n: [f"example {n} {i}" for i in range(3)] for n in folders}, adapters=folders,
+                     k=3).save(tmp_path / "router")
+    one = AdapterCache.adapter_bytes(AdapterPool({"a": folders["a"]}), torch.float32)
+    config = ServeConfig(adapters=str(tmp_path / "router"), lora_budget_bytes=2 * one)
+    with pytest.raises(SystemExit, match="holds 2 adapter.* but the router mixes up to k=3"):
+        attach_pool(copy.deepcopy(base), config)
+    lm, router = attach_pool(copy.deepcopy(base), ServeConfig(adapters=str(tmp_path / "router"),
+                                                              lora_budget_bytes=3 * one))
+    assert lm.cache.capacity == 3 and router.k == 3
+
+
 # ---- a real server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
