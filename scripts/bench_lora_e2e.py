@@ -151,10 +151,10 @@ def batch_of(examples):
 
 
 def train(model, sample, steps: int, lr: float, log_name: str, logs: int = 4):
-    """AdamW with a short linear warm-up and cosine decay; `sample()` returns (ids, labels, mask)."""
+    """AdamW, linear warm-up over a tenth of the steps, cosine decay; `sample()` returns (ids, labels, mask)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
+    warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-base", action="store_true", help="train the base model even if shipped")
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--base-steps", type=int, default=3000)
+    parser.add_argument("--base-steps", type=int, default=1200)
     parser.add_argument("--base-batch", type=int, default=48)
     parser.add_argument("--base-lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=32, help="adapter training batch")
