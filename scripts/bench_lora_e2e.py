@@ -9,10 +9,13 @@ An input is two words of the task's language, "słońce między"; the answer is 
 "slonce miedzy". Nothing in the input names the task: the router must tell it from the words themselves.
 A word belongs to one language only (words listed for two languages are dropped) and to one split only.
 
-Base model. A small character-level Llama, trained here from scratch (no download) on the four transforms
-where the input starts with a marker token naming the transform, and on copying where it does not. The
-benchmark's inputs have no marker, so the base model alone copies: it has the skills but not the task.
-One LoRA adapter per task (PEFT, rank 8, all linear layers), trained on that task's unmarked pairs.
+Base model. A small character-level Llama (391k parameters), trained by this script from scratch (no
+download) on the four transforms where the input starts with a marker token naming the transform, and on
+copying where it does not; words of the adapter, validation and test splits are never seen. The benchmark's
+inputs have no marker, so the base model alone copies: it has the skills but not the task. The trained base
+is shipped in configs/lora/e2e_base (training.json records how it was made; `--train-base` remakes it, about
+13 minutes on one busy core), so a run trains only the adapters. One LoRA adapter per task (PEFT, rank 8,
+all linear layers), trained on that task's unmarked pairs.
 
 Methods, scored by exact match of the greedy answer on held-out test inputs:
   base        the base model alone
@@ -32,7 +35,7 @@ Regimes:
 "% of oracle" is a method's mean accuracy over the regime's queries divided by the oracle's on the same
 queries (the oracle uses the task's own adapter even where the regime removed it).
 
-  python scripts/bench_lora_e2e.py                 # writes benchmarks/results/lora_e2e_cpu.json
+  python scripts/bench_lora_e2e.py                 # writes benchmarks/results/lora_e2e_cpu.json (~15 min)
   python scripts/bench_lora_e2e.py --quick         # a smaller run to check the pipeline
 """
 from __future__ import annotations
