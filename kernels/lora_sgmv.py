@@ -93,7 +93,8 @@ if triton_importable():
                 tl.store(y_ptrs, (yt.to(tl.float32) + acc).to(yt.dtype), mask=y_mask)
 
 
-def _check(x, y, a_stack, b_stack, token_slots, token_weights):
+def check_operands(x, y, a_stack, b_stack, *routing):
+    """Shapes, devices and dtypes shared by both mixture kernels (x: [T, in], y: [T, out])."""
     if a_stack.dim() != 3 or b_stack.dim() != 3:
         raise ValueError(f"adapter stacks must be [slots, r, in] and [slots, out, r], got {tuple(a_stack.shape)} "
                          f"and {tuple(b_stack.shape)}")
@@ -101,17 +102,22 @@ def _check(x, y, a_stack, b_stack, token_slots, token_weights):
     if b_stack.shape[0] != n_slots or b_stack.shape[2] != rank:
         raise ValueError(f"B stack {tuple(b_stack.shape)} does not match A stack {tuple(a_stack.shape)}")
     if x.dim() != 2 or x.shape[1] != d_in:
-        raise ValueError(f"x must be [tokens, {d_in}], got {tuple(x.shape)}")
+        raise ValueError(f"x has {x.shape[-1]} features but the adapters expect {d_in} (x must be [tokens, in], "
+                         f"got {tuple(x.shape)})")
     if y.dim() != 2 or y.shape != (x.shape[0], b_stack.shape[1]):
         raise ValueError(f"y must be [{x.shape[0]}, {b_stack.shape[1]}], got {tuple(y.shape)}")
-    if token_slots.dim() != 2 or token_slots.shape[0] != x.shape[0] or token_weights.shape != token_slots.shape:
-        raise ValueError(f"token_slots and token_weights must both be [{x.shape[0]}, K], got "
-                         f"{tuple(token_slots.shape)} and {tuple(token_weights.shape)}")
-    devices = {t.device for t in (x, y, a_stack, b_stack, token_slots, token_weights)}
+    devices = {t.device for t in (x, y, a_stack, b_stack, *routing)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if a_stack.dtype != x.dtype or b_stack.dtype != x.dtype:
         raise ValueError(f"adapter dtype {a_stack.dtype}/{b_stack.dtype} differs from activations {x.dtype}")
+
+
+def _check(x, y, a_stack, b_stack, token_slots, token_weights):
+    check_operands(x, y, a_stack, b_stack, token_slots, token_weights)
+    if token_slots.dim() != 2 or token_slots.shape[0] != x.shape[0] or token_weights.shape != token_slots.shape:
+        raise ValueError(f"token_slots and token_weights must both be [{x.shape[0]}, K], got "
+                         f"{tuple(token_slots.shape)} and {tuple(token_weights.shape)}")
 
 
 def lora_sgmv_reference(x, y, a_stack, b_stack, token_slots, token_weights):
@@ -160,8 +166,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, block_m: int = 16):
-    """Two-launch Triton version of `lora_sgmv_reference` (same contract)."""
+BLOCK_M = 16
+
+
+def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, grouping=None):
+    """Two-launch Triton version of `lora_sgmv_reference` (same contract). `grouping`: what
+    `group_pairs(token_slots, slots, BLOCK_M)` returns, when every layer of a pass shares the token slots."""
     _check(x, y, a_stack, b_stack, token_slots, token_weights)
     if y.stride(1) != 1:
         raise ValueError("y must have unit stride along its feature dimension")
@@ -172,7 +182,8 @@ def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, block_m
     k = token_slots.shape[1]
     if x.shape[0] == 0 or k == 0:
         return y
-    pair_ids, tile_slot = group_pairs(token_slots, n_slots, block_m)
+    block_m = BLOCK_M
+    pair_ids, tile_slot = grouping if grouping is not None else group_pairs(token_slots, n_slots, block_m)
     weights = token_weights.to(torch.float32).reshape(-1).contiguous()
     block_r = max(16, _next_pow2(rank))
     block_k = min(64, max(16, _next_pow2(d_in)))
@@ -203,7 +214,7 @@ def lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, block_m
     return y
 
 
-def lora_sgmv(x, y, a_stack, b_stack, token_slots, token_weights, backend: str = "auto"):
+def lora_sgmv(x, y, a_stack, b_stack, token_slots, token_weights, backend: str = "auto", grouping=None):
     """Add the packed per-token LoRA mixture to `y` in place (see the module docstring).
 
     x: [T, in]; y: [T, out]; a_stack: [slots, r, in]; b_stack: [slots, out, r]; token_slots: [T, K] int
@@ -215,7 +226,7 @@ def lora_sgmv(x, y, a_stack, b_stack, token_slots, token_weights, backend: str =
     if use_triton:
         if not triton_available(x.device):
             raise RuntimeError(f"Triton cannot run on {x.device} here (no CUDA, or TRITON_INTERPRET is not 1)")
-        return lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights)
+        return lora_sgmv_triton(x, y, a_stack, b_stack, token_slots, token_weights, grouping)
     return lora_sgmv_reference(x, y, a_stack, b_stack, token_slots, token_weights)
 
 

@@ -45,6 +45,12 @@ def parse_args(argv=None):
     parser.add_argument("--enable-lora", action="store_true", default=None,
                         help="accept adapters loaded at run time (POST /v1/load_lora_adapter)")
     parser.add_argument("--lora-budget-bytes", type=int, help="device bytes per rank for adapter weights")
+    parser.add_argument("--api-key", help="every /v1 endpoint then needs 'Authorization: Bearer KEY' "
+                                          "(better: set TESSERA_API_KEY, which other users cannot see in ps)")
+    parser.add_argument("--chat-template", help="a Jinja chat template file for /v1/chat/completions, replacing "
+                                                "the tokenizer's own (models without a tokenizer have none)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="prompt + completion tokens per request (default: the model's position limit)")
     return parser.parse_args(argv)
 
 
@@ -52,7 +58,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.registry import _entry_for, load
+    from engine.loader import load
+    from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
     from engine.serving.lora_api import AdapterNames, lora_model
@@ -61,6 +68,7 @@ def main(argv=None) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     config = ServeConfig.load(args.config, **overrides)
+    config.api_key = config.api_key or os.environ.get("TESSERA_API_KEY") or None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     strategy = "single"
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, folder = _entry_for(config.model)
     model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
-    tokenizer = load_tokenizer(folder, model.config.vocab_size)
+    tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
     if config.scheduler == "continuous" and model_kind(model) == "decoder" and lora_model(model) is None:
@@ -85,7 +93,10 @@ def main(argv=None) -> int:
         follow(coordinator)
         return 0
     names = AdapterNames(model)  # live: adapters loaded and unloaded at run time
-    return serve(config, coordinator, tokenizer, model_kind(model), router, names)
+    kind = model_kind(model)
+    context = config.max_model_len or (getattr(model.config, "max_position_embeddings", None)
+                                       if kind == "decoder" else None)
+    return serve(config, coordinator, tokenizer, kind, router, names, context)
 
 
 def rank_batch(model, config, tokenizer, world: int):
@@ -120,7 +131,8 @@ def attach_pool(model, config):
     return lm, router
 
 
-def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=None) -> int:
+def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=None,
+          context_length: int | None = None) -> int:
     import uvicorn
 
     from engine.serving.app import create_app
@@ -138,7 +150,7 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     else:
         engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
-    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)
+    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names, context_length)
     mount(app, engine, adapter_names, config.model)
     class DrainingServer(uvicorn.Server):
         """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
@@ -153,7 +165,7 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=config.drain_timeout_s))
     print(f"tessera serving {config.model} ({kind}) on http://{config.host}:{config.port} "
-          f"with {coordinator.world} rank(s)", flush=True)
+          f"with {coordinator.world} rank(s){', API key required' if config.api_key else ''}", flush=True)
     server.run()  # returns after SIGTERM/SIGINT, once requests in flight have finished
     engine.stop(timeout=config.drain_timeout_s)
     print("tessera: drained, exiting", flush=True)

@@ -26,10 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.lora.errors import AdapterError
+from foundation.dtypes import SAFETENSORS_DTYPES
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<nested>(?:\.base_layer)*)"
                   r"\.lora_(?P<ab>[AB])\.weight$")
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MIXABLE = ("F32", "F16", "BF16")  # what the mixture kernels take
 # Config fields whose non-default values change what the saved tensors mean in ways the mixture cannot apply.
 _REFUSED_FIELDS = {
     "use_dora": "DoRA adapters (use_dora) rescale the merged weight per column, which a per-row output mixture "
@@ -153,7 +154,7 @@ def _read_header(name: str, weights: Path) -> tuple[dict[str, dict[str, tuple]],
                                        "weights of linear layers and expert parameters can be mixed)")
                 sl = f.get_slice(key)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if dtype not in _FLOAT_DTYPES:
+                if dtype not in _MIXABLE:
                     raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {dtype}, expected F32/F16/BF16")
                 if len(shape) != 2:
                     raise AdapterError(f"adapter {name!r}: tensor {key!r} has shape {shape}, expected 2-D")
@@ -170,7 +171,7 @@ def _read_header(name: str, weights: Path) -> tuple[dict[str, dict[str, tuple]],
         raise AdapterError(f"adapter {name!r}: lora_A and lora_B tensors do not pair up for {unpaired[:4]}")
     if len(dtypes) > 1:
         raise AdapterError(f"adapter {name!r}: mixed dtypes {sorted(dtypes)} in {weights}")
-    return pairs, _FLOAT_DTYPES[dtypes.pop()]
+    return pairs, SAFETENSORS_DTYPES[dtypes.pop()]
 
 
 def _read_modules(name: str, cfg: dict, pairs: dict[str, dict[str, tuple]]):
@@ -292,8 +293,7 @@ class AdapterPool:
     def add(self, name: str, folder: str | Path) -> AdapterSpec:
         """Register one adapter folder after checking it against the pool."""
         spec = self.check(name, folder)
-        self._specs[name] = spec
-        self.version += 1
+        self.add_spec(spec)
         return spec
 
     def add_spec(self, spec: AdapterSpec) -> None:

@@ -4,10 +4,12 @@ PEFT adapts a stacked parameter W (E, out, in) with one rank-r pair per expert: 
 `gate_up_proj` the update lands before the activation, so it cannot be added to the layer's output: the
 expert computation itself changes. An `ExpertLoRA` rides on the block's `ExpertWeights` (`lora=`), and
 `run_experts` hands such weights to `ExpertLoRA.run`: pairs sorted by expert, as the fused kernels sort them;
-per expert one GEMM for gate/up, the packed segment-grouped mixture (`kernels.lora_sgmv`) adds each pair's
-adapters' shrink/expand for that expert, the activation, one GEMM for down plus its mixture. The fused Triton
-expert kernels are left as they are (another helper owns them); with expert adapters active a block runs this
-path instead, and without them the fused path runs untouched.
+per expert one GEMM for gate/up; then one launch of the packed segment-grouped mixture (`kernels.lora_sgmv`)
+adds every pair's adapters' shrink/expand for its expert (the group is (adapter slot, expert)); the
+activation; per expert one GEMM for down; one more mixture launch. The fused Triton expert kernels are left as
+they are (another helper owns them): with expert adapters active a block runs this path instead (its base
+GEMMs are one matmul per expert with rows, like the `torch` backend), and without them the fused path runs
+untouched.
 
 Under MoEShard a rank holds FFN columns [start, stop) of every expert: the gate and up rows of B follow the
 slice, and for down_proj the columns of A do (partial A h sums over ranks before B, which is linear), so
@@ -48,52 +50,60 @@ class ExpertLoRA:
             down = (a[..., start:stop], b, s)
         return ExpertLoRA(gate_up, down, self.routing, self.backend)
 
-    @staticmethod
-    def _delta(which, routing, expert: int, x: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor,
-               backend: str) -> None:
-        a, b, scales = which
-        slots = routing[0][tokens]
-        weights = routing[1][tokens] * scales[slots.clamp(min=0).long()]
-        lora_sgmv(x, out, a[:, expert], b[:, expert], slots, weights, backend=backend)
+    def _mix(self, pair, x, out, slots, weights, experts, num_experts) -> None:
+        """out += the pairs' adapter mixture for their experts: one packed launch over all experts, with
+        (adapter slot, expert) as the group, so each expert's A and B tiles of each adapter are read once per
+        run of pairs that share them."""
+        a, b, scales = pair
+        combined = torch.where(slots >= 0, slots.long() * num_experts + experts[:, None], -1).to(torch.int32)
+        scaled = weights * scales[slots.clamp(min=0).long()]
+        lora_sgmv(x, out, a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), combined, scaled,
+                  backend=self.backend)
 
     def run(self, hidden, topk_ids, topk_weights, weights, out_dtype=None) -> torch.Tensor:
         """What `run_experts` returns for `weights` (an ExpertWeights with this LoRA), LoRA included."""
         num_tokens, top_k = topk_ids.shape
-        routing = self.routing(num_tokens)
+        token_slots, token_weights = self.routing(num_tokens)
         num_experts, ffn = weights.num_experts, weights.ffn_width
         flat = topk_ids.reshape(-1)
-        valid = (flat >= 0) & (flat < num_experts)
-        key = torch.where(valid, flat, num_experts)
+        key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
+        order = order[:sum(counts)]  # pairs computed here, sorted by expert
+        tokens, experts = order // top_k, key[order]
+        x = hidden[tokens]
+        slots, slot_weights = token_slots[tokens], token_weights[tokens]
+        w13 = weights.w13 if weights.w13 is not None else \
+            weights.w1 if weights.w3 is None else torch.cat([weights.w1, weights.w3], dim=1)
+        pre = _per_expert(x, w13, counts)
+        if weights.b1 is not None:
+            pre[:, :ffn] += weights.b1[experts]
+        if self.gate_up is not None:
+            self._mix(self.gate_up, x, pre, slots, slot_weights, experts, num_experts)
+        if weights.w3 is None:
+            h = apply_activation_reference(pre, weights.activation)
+        else:
+            h = apply_activation_reference(pre[:, :ffn], weights.activation) * pre[:, ffn:]
+        y = _per_expert(h, weights.w2, counts)
+        if weights.b2 is not None:
+            y += weights.b2[experts]
+        if self.down is not None:
+            self._mix(self.down, h.contiguous(), y, slots, slot_weights, experts, num_experts)
+        if topk_weights is not None:
+            y = y * topk_weights.reshape(-1)[order, None]
         out = torch.zeros(num_tokens, weights.hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if not count:
-                continue
-            pairs = order[start:start + count]
+        return out.index_add_(0, tokens, y.to(out.dtype))
+
+
+def _per_expert(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x (pairs sorted by expert, `counts` per expert) @ w[e].T for each pair's expert."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.matmul(x[start:start + count], w[expert].T, out=out[start:start + count])
             start += count
-            tokens = pairs // top_k
-            x = hidden[tokens]
-            w1 = weights.w1[expert] if weights.w3 is None else torch.cat([weights.w1[expert], weights.w3[expert]])
-            pre = x @ w1.T
-            if weights.b1 is not None:
-                pre[:, :ffn] += weights.b1[expert]
-            if self.gate_up is not None:
-                self._delta(self.gate_up, routing, expert, x, tokens, pre, self.backend)
-            if weights.w3 is None:
-                h = apply_activation_reference(pre, weights.activation)
-            else:
-                h = apply_activation_reference(pre[:, :ffn], weights.activation) * pre[:, ffn:]
-            y = h @ weights.w2[expert].T
-            if weights.b2 is not None:
-                y = y + weights.b2[expert]
-            if self.down is not None:
-                self._delta(self.down, routing, expert, h.contiguous(), tokens, y, self.backend)
-            if topk_weights is not None:
-                y = y * topk_weights.reshape(-1)[pairs, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        return out
+    return out
 
 
 def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertLoRA) -> torch.Tensor:
@@ -101,6 +111,16 @@ def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertL
     num_experts, ffn = weights.num_experts, weights.ffn_width
     out = torch.zeros(hidden.shape, dtype=torch.float32)
     token_slots, token_weights = lora.routing(hidden.shape[0])
+
+    def mix(pair, t, e, vec):  # sum over token t's adapters of w * s * B_e A_e vec
+        a, b, scales = pair
+        total = torch.zeros(b.shape[-2])
+        for k, slot in enumerate(token_slots[t].tolist()):
+            if slot >= 0:
+                weight = float(token_weights[t, k] * scales[slot])
+                total = total + weight * (b[slot, e].float() @ (a[slot, e].float() @ vec))
+        return total
+
     for t in range(hidden.shape[0]):
         x = hidden[t].float()
         for j, e in enumerate(topk_ids[t].tolist()):
@@ -110,11 +130,8 @@ def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertL
             up = None if weights.w3 is None else weights.w3[e].float() @ x
             if weights.b1 is not None:
                 gate = gate + weights.b1[e].float()
-            for k, slot in enumerate(token_slots[t].tolist()):
-                if slot < 0 or lora.gate_up is None:
-                    continue
-                a, b, s = lora.gate_up
-                delta = float(token_weights[t, k] * s[slot]) * (b[slot, e].float() @ (a[slot, e].float() @ x))
+            if lora.gate_up is not None:
+                delta = mix(lora.gate_up, t, e, x)
                 gate = gate + delta[:ffn]
                 if up is not None:
                     up = up + delta[ffn:]
@@ -124,10 +141,7 @@ def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertL
             y = weights.w2[e].float() @ h
             if weights.b2 is not None:
                 y = y + weights.b2[e].float()
-            for k, slot in enumerate(token_slots[t].tolist()):
-                if slot < 0 or lora.down is None:
-                    continue
-                a, b, s = lora.down
-                y = y + float(token_weights[t, k] * s[slot]) * (b[slot, e].float() @ (a[slot, e].float() @ h))
+            if lora.down is not None:
+                y = y + mix(lora.down, t, e, h)
             out[t] += (1.0 if topk_weights is None else float(topk_weights[t, j])) * y
     return out

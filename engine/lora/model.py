@@ -83,25 +83,35 @@ class LoRAModel:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
-        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs)
+    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, seq_lens=None,
+                **kwargs):
+        """`seq_lens`: a packed batch ([1, T] inputs holding rows of these lengths back to back; the model's
+        own inputs, e.g. position_ids, must keep the rows apart): adapter_weights has one entry per row."""
+        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens)
 
     def generate(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
-        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs)
+        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs, None)
 
-    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs):
+    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise RoutingError("pass input_ids or inputs_embeds so the rows of the batch are known")
         rows = ref.shape[0]
+        if seq_lens is not None:
+            seq_lens = torch.as_tensor(seq_lens, dtype=torch.long)
+            if ref.shape[0] != 1 or seq_lens.dim() != 1 or int(seq_lens.sum()) != ref.shape[1] or \
+                    bool((seq_lens < 0).any()):
+                raise RoutingError(f"seq_lens must be row lengths that sum to the packed length {ref.shape[-1]} of "
+                                   f"a [1, T] batch, got {seq_lens.tolist()} for {tuple(ref.shape)}")
+            rows = seq_lens.numel()
         with self._lock, torch.no_grad():
             if route is not None:
                 adapter_weights = self._route(route, queries, input_ids, kwargs.get("attention_mask"),
                                               rows, route_kwargs or {})
             elif queries is not None:
                 raise RoutingError("queries= is only used with route='auto'")
-            names = self._activate(adapter_weights, rows)
+            names = self._activate(adapter_weights, rows, seq_lens)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -144,7 +154,7 @@ class LoRAModel:
                                    f"attach_adapters(..., tokenizer=...)") from exc
         return self.tokenizer
 
-    def _activate(self, adapter_weights, rows) -> list[str]:
+    def _activate(self, adapter_weights, rows, seq_lens=None) -> list[str]:
         """Pin the batch's adapters in the cache and publish slots/weights to the layers."""
         if adapter_weights is None:
             return []
@@ -173,7 +183,7 @@ class LoRAModel:
                 slots[b, j] = slot_of[name]
                 weights[b, j] = w
         device = self.cache.device
-        self.state.set(slots.to(device), weights.to(device))
+        self.state.set(slots.to(device), weights.to(device), None if seq_lens is None else seq_lens.to(device))
         return names
 
 
@@ -206,8 +216,6 @@ def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, 
     if any(isinstance(m, MixtureLoRALinear) for m in model.modules()):
         raise AdapterError("this model already has adapters attached")
     pool.check_model(model)
-    if pool.expert_shapes:
-        _ensure_moe_blocks(model)
     param = next(model.parameters())
     cache = AdapterCache(pool, param.device, param.dtype, cache_bytes)
     state = MixtureState(cache, backend)
@@ -218,7 +226,7 @@ def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, 
 def _ensure_moe_blocks(model: nn.Module) -> None:
     """Expert LoRA runs inside tessera's MoE blocks: convert a Hugging Face MoE model in place if needed."""
     from engine.moe.layer import MoEBlock
-    from engine.moe.patch import patch_moe
+    from engine.families import patch_moe
 
     if not any(isinstance(m, MoEBlock) for m in model.modules()):
         patch_moe(model)
@@ -241,12 +249,22 @@ def wrap_modules(model: nn.Module, pool: AdapterPool, state: MixtureState) -> No
             raise AdapterError(f"{experts!r} is not inside a tessera MoE block, so its expert LoRA cannot run")
         if not isinstance(block.__dict__.get("expert_weights"), _ExpertHook):
             block.expert_weights = _ExpertHook(block.expert_weights, experts, state)
-            block.register_forward_pre_hook(_note_rows(state))
+            block.register_forward_pre_hook(_before_block(state, experts))
 
 
-def _note_rows(state: MixtureState):
+def _before_block(state: MixtureState, experts: str):
+    """Note the batch's rows for the block's token routing, and refuse expert LoRA under a distributed
+    executor: MoEShard and expert parallelism run other ranks' tokens, whose adapter slots this rank's cache
+    does not know, so the adapters would be silently skipped."""
+    from engine.moe.layer import local_executor
+
     def hook(module, args):
         state.rows_seen = args[0].shape[0] if args and args[0].dim() == 3 else None
+        if state.slots is not None and module.executor is not local_executor and \
+                any(k.startswith(experts + ".") for k in state.cache.expert_parameters()):
+            raise AdapterError(f"{experts!r}: expert LoRA does not run under a distributed strategy yet (other "
+                               "ranks' tokens carry adapter slots this rank's cache does not know); serve "
+                               "expert adapters on one process")
     return hook
 
 

@@ -37,6 +37,16 @@ class ServeConfig:
     heartbeat_s: float = 2.0  # idle ranks are pinged this often, so a dead rank is noticed
     rank_timeout_s: float = 60.0  # a collective that waits longer means a rank is gone
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    # When set, every /v1 endpoint needs `Authorization: Bearer <api_key>` (also from TESSERA_API_KEY).
+    api_key: str | None = None
+    chat_template: str | None = None  # a Jinja chat template (or its file) replacing the tokenizer's own
+    max_model_len: int | None = None  # prompt + completion tokens; None: the model's max_position_embeddings
+
+    def __post_init__(self):
+        if self.scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler: {self.scheduler!r} is not 'continuous' or 'static'")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 1]")
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> "ServeConfig":

@@ -43,7 +43,7 @@ def lora_model(model):
 
 class AdapterNames:
     """The live adapter names of rank 0's model: what completions check `adapter` against, and what
-    /v1/models lists (`names()`)."""
+    /v1/models lists (`names`, set as the app's `state.adapter_names`)."""
 
     def __init__(self, model):
         self.model = lora_model(model)
@@ -59,13 +59,6 @@ class AdapterNames:
 
     def __len__(self) -> int:
         return len(self.names())
-
-
-def adapter_models(names: AdapterNames, base: str, created: int = 0) -> list[dict]:
-    """/v1/models entries for the adapters, as vLLM lists them (parent = the base model)."""
-    pool = names.model.pool if names.model is not None else None
-    return [{"id": name, "object": "model", "created": created, "owned_by": "tessera", "parent": base,
-             "root": str(pool.spec(name).path)} for name in names.names()]
 
 
 # ---- on every rank ---------------------------------------------------------------------------------------
@@ -112,12 +105,10 @@ def run_pool_op(engine, op: dict) -> dict:
 
 
 def request_error(status: int, message: str, param: str | None = None):
-    from engine.serving.app import APIError
+    from engine.serving.openai_protocol import APIError
 
     kind = {404: "not_found_error", 409: "conflict_error"}.get(status, "invalid_request_error")
-    err = APIError(status, message, param, kind=kind)
-    err.args = (message,)  # streaming responses report str(err)
-    return err
+    return APIError(status, message, param, kind=kind)
 
 
 def sub_batches(batch: list, mixtures: list[dict], model):
@@ -154,17 +145,11 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
     """Add the load/unload endpoints to the server's FastAPI app."""
     from fastapi.responses import PlainTextResponse
 
-    from engine.serving.app import APIError
     from engine.serving.batcher import Overloaded, Request
     from engine.serving.coordinator import RankFailure
+    from engine.serving.openai_protocol import APIError
 
-    app.state.adapter_names = names.names  # what the app's /v1/models lists, read live
-    if not any(getattr(route, "path", None) == "/v1/models" for route in app.routes):
-        @app.get("/v1/models")
-        async def models():  # the app's own /v1/models, where it has one, lists the same names
-            base = {"id": model_name, "object": "model", "created": 0, "owned_by": "tessera"}
-            return {"object": "list", "data": [base] + adapter_models(names, model_name)}
-
+    app.state.adapter_names = names.names  # what completions accept and /v1/models lists, read live
     async def change(op: dict) -> None:
         if names.model is None:
             raise APIError(400, "this server runs without LoRA adapters: start it with --enable-lora or "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
@@ -62,6 +63,22 @@ def kv_blocks_for_budget(model, block_size: int, kv_bytes: int | None, kv_fracti
     return int(blocks)
 
 
+@dataclass
+class RowSampling:
+    """How one request picks its tokens: temperature (0: greedy), top-p, its own generator, OpenAI's presence and
+    frequency penalties (over the tokens it generated), and how many alternatives to report with each token's
+    log-probability (None: no log-probabilities)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    entries: list = field(default_factory=list)  # per generated token: (logprob, [(id, logprob), ...])
+    delivered: int = 0  # tokens already reported
+
+
 class RankBatch:
     """The requests one rank is generating, stepped by the caller: `step(add, cancel)` runs one forward pass."""
 
@@ -87,8 +104,7 @@ class RankBatch:
         self.manager.batch_processor = self.processor
         self.cache, self.scheduler = self.processor.cache, self.processor.scheduler
         self.num_blocks, self.block_size = int(self.cache.num_blocks), block_size
-        self.sampling: dict[str, tuple[float, float, torch.Generator | None]] = {}
-        self.delivered: dict[str, int] = {}  # tokens already reported per request
+        self.sampling: dict[str, RowSampling] = {}
         self.preemptions = 0
         self.processor.model_runner._sample = self._sample
         offload = self.processor.offloading_manager.offload_requests
@@ -102,13 +118,14 @@ class RankBatch:
         self.processor.offloading_manager.offload_requests = counted_offload
 
     def add(self, request_id: str, token_ids: list[int], max_tokens: int, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None) -> None:
+            top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
+            frequency_penalty: float = 0.0, logprobs: int | None = None) -> None:
         generator = None
         if temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        self.sampling[request_id] = (temperature, top_p, generator)
-        self.delivered[request_id] = 0
+        self.sampling[request_id] = RowSampling(temperature, top_p, generator, presence_penalty, frequency_penalty,
+                                                logprobs)
         self.manager.add_request(list(token_ids), request_id=request_id, max_new_tokens=max_tokens, streaming=True)
 
     def cancel(self, request_id: str) -> None:
@@ -134,11 +151,15 @@ class RankBatch:
 
     def step(self) -> list[dict]:
         """One forward pass over the scheduled requests (or a dummy one): returns an event per request that
-        advanced: {"id", "tokens" (new since the last event), "finish": None | "stop" | "length", "error"}."""
+        advanced: {"id", "tokens" (new since the last event), "logprobs" (an entry per token, or None),
+        "finish": None | "stop" | "length" | "error", "error" (the message, or None)}."""
         try:
             scheduled = self.processor.prepare_next_batch()
         except Exception as err:  # scheduling itself failed: every request here fails, the rank goes on
-            return self._fail_all(err)
+            events = self._fail_all(err)
+            if self.dummy_when_idle:
+                self._dummy_forward()  # no forward ran yet: the other ranks' collectives still need this one
+            return events
         if scheduled:
             try:
                 self.processor._generation_step(self.model)
@@ -169,30 +190,34 @@ class RankBatch:
             out = outputs.get_nowait()
             if out.request_id not in self.sampling:  # cancelled meanwhile
                 continue
-            tokens = list(out.generated_tokens)[self.delivered[out.request_id]:]
-            self.delivered[out.request_id] += len(tokens)
+            row = self.sampling[out.request_id]
+            tokens = list(out.generated_tokens)[row.delivered:]
+            entries = row.entries[row.delivered: row.delivered + len(tokens)] if row.logprobs is not None else None
+            row.delivered += len(tokens)
             finish, error = None, None
             if out.error is not None:
                 finish, error = "error", out.error
             elif out.is_finished():
                 finish = "stop" if tokens and tokens[-1] in self.eos else "length"
-                tokens = tokens[:-1] if finish == "stop" else tokens
+                if finish == "stop":
+                    tokens, entries = tokens[:-1], entries[:-1] if entries is not None else None
             if finish is not None:
                 self._forget(out.request_id)
-            events.append({"id": out.request_id, "tokens": tokens, "finish": finish, "error": error})
+            events.append({"id": out.request_id, "tokens": tokens, "logprobs": entries, "finish": finish,
+                           "error": error})
         return events
 
     def _fail_all(self, err: Exception) -> list[dict]:
         self.processor.fail_all_requests(err)
         events = self._events()
         for request_id in list(self.sampling):  # anything the processor did not report
-            events.append({"id": request_id, "tokens": [], "finish": "error", "error": f"{type(err).__name__}: {err}"})
+            events.append({"id": request_id, "tokens": [], "logprobs": None, "finish": "error",
+                           "error": f"{type(err).__name__}: {err}"})
             self._forget(request_id)
         return events
 
     def _forget(self, request_id: str) -> None:
         self.sampling.pop(request_id, None)
-        self.delivered.pop(request_id, None)
 
     def _dummy_forward(self) -> None:
         """One token through the model without the paged cache, so this rank joins the step's collectives."""
@@ -202,14 +227,29 @@ class RankBatch:
 
     def _sample(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         """Replaces the runner's sampler: row i of `scores` belongs to the i-th scheduled request that predicts a
-        token this step; each uses its own temperature, top-p and generator."""
+        token this step; each uses its own penalties, temperature, top-p and generator, and records its
+        log-probabilities (of the model's own distribution, before penalties and temperature) if asked."""
         logits = scores[0]
-        rows = [f.state.request_id for f in self.processor.inputs_and_outputs.requests_in_batch if f.has_new_token]
+        scheduled = [f.state for f in self.processor.inputs_and_outputs.requests_in_batch if f.has_new_token]
         tokens = torch.argmax(logits, dim=-1)
-        for i, request_id in enumerate(rows[: logits.shape[0]]):
-            temperature, top_p, generator = self.sampling.get(request_id, (0.0, 1.0, None))
-            if temperature > 0:
-                tokens[i] = sample_row(logits[i], temperature, top_p, generator)
+        for i, state in enumerate(scheduled[: logits.shape[0]]):
+            row = self.sampling.get(state.request_id)
+            if row is None:
+                continue
+            raw = logits[i]
+            if row.presence_penalty or row.frequency_penalty:
+                generated = state.to_generation_output().generated_tokens
+                counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=raw.device),
+                                        minlength=raw.shape[0]).to(raw.dtype) if generated else torch.zeros_like(raw)
+                raw = raw - counts * row.frequency_penalty - (counts > 0).to(raw.dtype) * row.presence_penalty
+                tokens[i] = torch.argmax(raw)
+            if row.temperature > 0:
+                tokens[i] = sample_row(raw, row.temperature, row.top_p, row.generator)
+            if row.logprobs is not None:
+                logprobs = torch.log_softmax(logits[i].float(), dim=-1)
+                top = logprobs.topk(row.logprobs) if row.logprobs else None
+                alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                row.entries.append((logprobs[tokens[i]].item(), alternatives))
         output_ids[0, : tokens.shape[0]].copy_(tokens.to(output_ids.dtype))
 
 

@@ -10,26 +10,26 @@ The narrow interface (used by the HTTP app and by `generate_batch` offline):
 
     engine.submit(request)            # a batcher.Request of kind "generate"; raises Overloaded / RankFailure /
                                       # RequestTooLarge at once
-    async for tokens in engine.generate(request): ...   # lists of new token ids per step; raises StepFailure
-                                                        # (a rank's step failed) or RankFailure; closing the
-                                                        # iterator early cancels the request
+    async for step in engine.generate(request): ...   # a Generation (tokens, logprobs) of each step's new tokens;
+                                                      # raises StepFailure (a rank's step failed) or RankFailure;
+                                                      # closing the iterator early cancels the request
 
-A streaming request also gets its tokens one by one on `request.tokens` (then None, or the exception), and a
-non-streaming one its whole list on `request.future`, as with the static batcher.
+As with the static batcher, a streaming request also gets `(token id, logprob entry or None)` per token on
+`request.tokens` (then None, or the exception), and a non-streaming one its `Generation` on `request.future`.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import queue
 import threading
 import time
 import uuid
 from typing import AsyncIterator
 
-from engine.serving.batcher import Overloaded, Request
+from engine.serving.batcher import Overloaded, Request, fail_and_exit
 from engine.serving.coordinator import Coordinator, RankFailure
+from engine.serving.sampling import Generation
 
 _STOP = object()
 
@@ -81,8 +81,8 @@ class ContinuousEngine:
             raise Overloaded from None
         self._gauge_waiting()
 
-    async def generate(self, request: Request) -> AsyncIterator[list[int]]:
-        """Submit `request` (streaming) and yield its new tokens per step until it ends."""
+    async def generate(self, request: Request) -> AsyncIterator[Generation]:
+        """Submit `request` (streaming) and yield its new tokens (and their log-probabilities) until it ends."""
         request.stream, request.tokens = True, asyncio.Queue()
         self.submit(request)
         try:
@@ -90,9 +90,11 @@ class ContinuousEngine:
                 items = [await request.tokens.get()]
                 while not request.tokens.empty():
                     items.append(request.tokens.get_nowait())
-                tokens = [item for item in items if isinstance(item, int)]
-                if tokens:
-                    yield tokens
+                pairs = [item for item in items if isinstance(item, tuple)]
+                if pairs:
+                    entries = [entry for _, entry in pairs]
+                    yield Generation([token for token, _ in pairs],
+                                     entries if request.params.get("logprobs") is not None else None)
                 if isinstance(items[-1], Exception):
                     raise items[-1]
                 if items[-1] is None:
@@ -127,6 +129,8 @@ class ContinuousEngine:
             self.coordinator.stop()
         except RankFailure as err:
             self._fail(str(err))
+        except Exception as err:  # rank 0 itself cannot step (its requests' errors come back as events)
+            self._fail(f"rank 0's scheduler failed: {type(err).__name__}: {err}")
 
     def _take(self, item) -> None:
         if item is _STOP:
@@ -152,12 +156,12 @@ class ContinuousEngine:
         results = self.coordinator.execute({"type": "step", "add": add, "cancel": cancel})
         now = time.perf_counter()
         self.kv = [result["kv"] for result in results]
+        if self.metrics is not None:  # before answering: a client that then reads /metrics sees this step
+            self.metrics.record_results(results)
+            self.metrics.record_kv(self.kv, waiting=self.queue.qsize() + len(self.incoming))
         for result in results:
             for event in result["events"]:
                 self._deliver(event, now)
-        if self.metrics is not None:
-            self.metrics.record_results(results)
-            self.metrics.record_kv(self.kv, waiting=self.queue.qsize() + len(self.incoming))
 
     def _place(self) -> list[list[dict]]:
         """New requests to the rank with the most free KV blocks (counting what this step already placed)."""
@@ -183,7 +187,8 @@ class ContinuousEngine:
             p = request.params
             add[rank].append(dict(request_id=request.id, token_ids=request.token_ids, max_tokens=p["max_tokens"],
                                   temperature=p.get("temperature", 0.0), top_p=p.get("top_p", 1.0),
-                                  seed=p.get("seed")))
+                                  seed=p.get("seed"), presence_penalty=p.get("presence_penalty", 0.0),
+                                  frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs")))
         self._gauge_waiting()
         return add
 
@@ -204,10 +209,12 @@ class ContinuousEngine:
                 finish = finish or "stop"
                 if event["finish"] is None:
                     self.to_cancel[rank].append(request.id)  # leaves its rank's batch at the next step
+        entries = event["logprobs"] or [None] * len(tokens)
         request.generated.extend(tokens)
+        request.entries.extend(entries)
         if request.stream:
-            for token in tokens:
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, token)
+            for pair in zip(tokens, entries):
+                _post(request, request.tokens.put_nowait, pair)
         if self.metrics is not None:
             self.metrics.tokens_out.inc(len(tokens))
         if finish is None:
@@ -219,7 +226,8 @@ class ContinuousEngine:
         if self.metrics is not None and request.first_token_at is not None and len(request.generated) > 1:
             self.metrics.time_per_output_token.observe((now - request.first_token_at) / (len(request.generated) - 1))
         request.finish_reason = finish
-        self._finish(request, list(request.generated))
+        wanted = request.params.get("logprobs") is not None
+        self._finish(request, Generation(list(request.generated), list(request.entries) if wanted else None))
 
     def _finish(self, request: Request, value) -> None:
         """Hand the end of a request to its client: None/exception after the streamed tokens, else the result."""
@@ -228,10 +236,10 @@ class ContinuousEngine:
             return
         if request.stream:
             end = value if isinstance(value, Exception) else None
-            request.loop.call_soon_threadsafe(request.tokens.put_nowait, end)
+            _post(request, request.tokens.put_nowait, end)
         elif request.future is not None:
             setter = request.future.set_exception if isinstance(value, Exception) else request.future.set_result
-            request.loop.call_soon_threadsafe(lambda: request.future.done() or setter(value))
+            _post(request, lambda: request.future.done() or setter(value))
 
     def _gauge_waiting(self) -> None:
         if self.metrics is not None:
@@ -242,15 +250,17 @@ class ContinuousEngine:
         self.healthy, self.failure = False, message
         if self.metrics is not None:
             self.metrics.healthy.set(0)
-        error = RankFailure(message)
-        pending = [request for request, _ in self.active.values()] + list(self.incoming)
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        for request in pending:
-            if request is not _STOP:
-                self._finish(request, error)
-        print(f"tessera serve: {message}; exiting", flush=True)
-        threading.Timer(2.0, lambda: os._exit(1)).start()
+        fail_and_exit(message, [request for request, _ in self.active.values()] + list(self.incoming), self.queue,
+                      self._finish)
+
+
+def _post(request: Request, fn, *args) -> None:
+    """Run `fn(*args)` on the request's event loop; a loop that has closed (its client is gone for good) only
+    marks the request cancelled, so it leaves its rank's batch at the next step."""
+    try:
+        request.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        request.cancelled = True
 
 
 class _LocalRunner:
@@ -295,4 +305,4 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, te
     for request in requests:
         if isinstance(request.result, Exception):
             raise request.result
-    return [request.result for request in requests]
+    return [request.result.tokens for request in requests]

@@ -24,10 +24,13 @@ def _pool_folders(model, root, mlp_targets):
     }
 
 
-@pytest.mark.parametrize("build,mlp", [(tiny_llama, ("gate_proj", "down_proj")), (tiny_qwen2, ("up_proj",)),
-                                       (tiny_mixtral, ())], ids=["llama", "qwen2", "mixtral"])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_available("cpu"), reason="no interpreter"))])
+TRITON = pytest.mark.skipif(not triton_available("cpu"), reason="no interpreter")
+
+
+@pytest.mark.parametrize("build,mlp,backend", [
+    (tiny_llama, ("gate_proj", "down_proj"), "torch"), (tiny_qwen2, ("up_proj",), "torch"), (tiny_mixtral, (), "torch"),
+    pytest.param(tiny_llama, ("gate_proj", "down_proj"), "triton", marks=TRITON),
+], ids=["llama", "qwen2", "mixtral", "llama-triton"])
 def test_mixed_ranks_and_targets_match_peft_per_row(build, mlp, backend, tmp_path):
     model = build()
     folders = _pool_folders(model, tmp_path, mlp)
@@ -72,3 +75,21 @@ def test_dora_and_embedding_lora_are_refused_by_name(field, config, message, tmp
     with pytest.raises(AdapterError, match=f"adapter 'bad': .*{message}"):
         pool.add("bad", folder)
     assert len(pool) == 0
+
+
+@pytest.mark.parametrize("build,mlp", [(tiny_llama, ("gate_proj", "down_proj")), (tiny_qwen2, ("up_proj",))],
+                         ids=["llama", "qwen2"])
+def test_dense_models_loaded_by_engine_mix_a_mixed_pool_like_peft(build, mlp, tmp_path):
+    """The same mixed pool on dense checkpoints saved by transformers and loaded with engine.load."""
+    import engine
+
+    model = build()
+    model.save_pretrained(tmp_path / "base")
+    folders = _pool_folders(model, tmp_path, mlp)
+    lm = engine.load(tmp_path / "base", device="cpu", adapters=folders,
+                     adapter_options={"base_model": model.config._name_or_path, "backend": "torch"})
+    ids = torch.randint(3, 96, (len(MIXES), 6))
+    got = lm(input_ids=ids, adapter_weights=MIXES).logits
+    for row, mix in enumerate(MIXES):
+        expected = peft_mixture_logits(model, mix, folders, tmp_path, ids[row:row + 1])
+        torch.testing.assert_close(got[row:row + 1], expected, rtol=1e-4, atol=1e-4)
