@@ -96,6 +96,8 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     from engine.serving.metrics import Metrics
 
     metrics = Metrics()
+    if coordinator.world == 1:
+        metrics.routing_reader = coordinator.runner.routing_counts
     engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
     app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)

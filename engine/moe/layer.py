@@ -65,7 +65,8 @@ class MoEBlock(nn.Module):
         self.health: tuple[RouterHealth, int] | None = None
         self.last_topk_ids: torch.Tensor | None = None
         # Per-expert routed pair counts (last slot: dropped pairs), accumulated on the device when a server or
-        # benchmark asks for load statistics (`track_routing`); read and reset between forward passes.
+        # benchmark asks for load statistics (`track_routing`); read on the host only when someone asks
+        # (`engine.moe.patch.routing_counts`, e.g. a /metrics scrape).
         self.routed_counts: torch.Tensor | None = None
 
     def expert_weights(self) -> ExpertWeights:
@@ -84,9 +85,9 @@ class MoEBlock(nn.Module):
         self._check_logits(logits)
         topk_ids, topk_weights = route(self.spec, logits, x.dtype, (batch, seq_len), self.capacity)
         self.last_topk_ids = topk_ids
-        if self.routed_counts is not None:
+        if self.routed_counts is not None:  # on the device: bincount would read its size back to the host
             ids = topk_ids.reshape(-1).clamp(0, self.spec.num_experts)
-            self.routed_counts += torch.bincount(ids, minlength=self.spec.num_experts + 1)
+            self.routed_counts.index_add_(0, ids, torch.ones_like(ids, dtype=self.routed_counts.dtype))
         out = self.executor(self, x, topk_ids, topk_weights)
         extra = self.extra_output(x)
         if extra is not None:

@@ -12,7 +12,7 @@ Inputs, all identical on every rank so every rank makes the same choice without 
     t_moeshard = a_s + b_s · rows                       (G·rows gathered rows, equal work on every rank)
     t_ep       = a_e + b_e · pairs / G + c_e · busiest  (the busiest owner computes and receives `busiest`)
 
-`a` holds fixed costs (collective latency, launches, EP's per-layer host sync), `b_s` MoEShard's G× larger
+`a` holds fixed costs (collective latency, launches), `b_s` MoEShard's G× larger
 activation traffic plus its share of compute, `b_e` EP's local sorting and packing, `c_e` the hot rank's link and
 kernel time. MoEShard's `rows` is the same whatever the skew; EP's `busiest` grows with it. Fitting on whole
 paths rather than summing link and kernel estimates keeps the memory-bound glue (gathers, packing, sorting) in
@@ -136,8 +136,8 @@ def _measure(dist: Dist, layers: dict, backend: str, token_sizes, repeats: int, 
             x, ids, w = _inputs(shape, tokens, False, dist.device)
             _, hot, _ = _inputs(shape, tokens, True, dist.device)
             return [lambda: moeshard_forward(dist, x, ids, w, tokens, ffn_part, backend),
-                    lambda: ep_dropless_forward(dist, owners, x, ids, w, expert_part, backend),
-                    lambda: ep_dropless_forward(dist, owners, x, hot, w, expert_part, backend)]
+                    lambda: ep_dropless_forward(dist, owners, x, ids, w, tokens, expert_part, backend),
+                    lambda: ep_dropless_forward(dist, owners, x, hot, w, tokens, expert_part, backend)]
 
         (shard_small, ep_small, _), (shard_large, ep_large, ep_hot) = (
             _best_times(paths(n), dist.device, repeats) for n in (small, large))

@@ -13,7 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from engine.models.bert_moe import mean_pool_normalized
-from engine.moe.patch import take_routing_counts, track_routing
+from engine.moe.patch import routing_counts, track_routing
 
 
 def model_kind(model) -> str:
@@ -73,8 +73,12 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out["seconds"] = time.perf_counter() - start
-        out["routing"] = take_routing_counts(self.model)
+        if self.world > 1:  # rank 0's /metrics cannot reach this device: totals ride with the (synchronised) result
+            out["routing"] = self.routing_counts()
         return out
+
+    def routing_counts(self) -> dict[str, list[int]]:
+        return routing_counts(self.model)
 
     def _pad(self, rows: list[list[int]], left: bool):
         rows = rows or [[self.tokenizer.pad_token_id]]  # a rank without work runs a dummy row
