@@ -49,6 +49,12 @@ class ExpertOwners:
         return self.owner[torch.where(valid, flat_ids, self.num_experts)]
 
 
+def one_hot_on_device(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`F.one_hot` checks its input's range on the host on CPU (an `.item()`); a comparison never reads it.
+    Ids at or past `num_classes` give an all-zero row."""
+    return (ids[..., None] == torch.arange(num_classes, device=ids.device)).to(torch.int64)
+
+
 def deepspeed_capacity(rows: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """DeepSpeed-MoE's expert capacity per rank: `ceil(k · tokens / E · capacity_factor)`, at least
     `min_capacity` (top-1 and top-2 gating use k = 1 and 2)."""
@@ -60,7 +66,7 @@ def capacity_slots(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> t
     Returns each pair's slot `expert * capacity + location` (T, k) and whether it is kept (T, k)."""
     ids = topk_ids.to(torch.int64)
     valid = (ids >= 0) & (ids < num_experts)
-    one_hot = torch.nn.functional.one_hot(torch.where(valid, ids, num_experts), num_experts + 1)[..., :num_experts]
+    one_hot = one_hot_on_device(torch.where(valid, ids, num_experts), num_experts)
     # (T, k, E) → choice-major order (k, T, E); cumulative count gives each pair's location in its expert.
     by_choice = one_hot.transpose(0, 1).reshape(-1, num_experts)
     locations = (torch.cumsum(by_choice, dim=0) - 1).view(ids.shape[1], ids.shape[0], num_experts).transpose(0, 1)
@@ -123,7 +129,7 @@ def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     starts = torch.tensor([0, *itertools.accumulate(bounds)], dtype=torch.int64, device=hidden.device)
     total = int(sum(bounds))
     # Each pair's place in its destination's chunk: its rank among this rank's pairs for that destination.
-    one_hot = torch.nn.functional.one_hot(dest, dist.size + 1)
+    one_hot = one_hot_on_device(dest, dist.size + 1)
     location = (torch.cumsum(one_hot, dim=0) - 1).gather(1, dest[:, None]).squeeze(1)
     slot = torch.where(dest < dist.size, starts[dest.clamp(max=dist.size - 1)] + location, total)  # total: dump row
     send_x = hidden.new_zeros(total + 1, hidden_size)
