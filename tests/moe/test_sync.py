@@ -160,6 +160,8 @@ def decode_launches(family_name: str, batch: int, tracked: bool) -> list[str]:
         track_routing(model)
     _, block = moe_blocks(model)[0]
     hidden = torch.randn(batch, 1, block.expert_weights().hidden_size)
+    with torch.no_grad(), mocked_triton():
+        block(hidden)  # first call: lazily made buffers (the router-health flags)
     guard = SyncGuard()
     with torch.no_grad(), mocked_triton(guard), guard:
         block(hidden)
