@@ -1,5 +1,7 @@
-"""Launcher for the fused MoE expert computation: align, first GEMM + activation, second GEMM + routing weight,
-combine. Four launches per layer whatever the number of experts, and no host synchronisation.
+"""Launcher for the fused MoE expert computation: align, first GEMM (gate and up together) + activation, second
+GEMM + routing weight, combine. Four launches per layer at decode sizes (align takes a second one for large
+batches), whatever the number of experts; no host synchronisation, no torch ops that launch kernels, and every
+grid and buffer sized from shapes alone (so the layer can be captured in a CUDA graph).
 
 The weights may be a slice of every expert (see `kernels.expert_gemm`): the result is then this slice's exact
 partial output, and partial outputs of all slices sum to the full one.
@@ -10,7 +12,7 @@ import torch
 
 from kernels.combine import combine_topk
 from kernels.expert_gemm import apply_activation_reference, expert_down, expert_up
-from kernels.moe_align import moe_align
+from kernels.moe_align import align_launches, moe_align
 from kernels.moe_configs import moe_kernel_config
 
 
@@ -18,13 +20,16 @@ def fused_experts(
     hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None,
     w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None = None, activation: str = "silu",
     out_dtype: torch.dtype | None = None, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """`hidden (T, H)`, `topk_ids (T, k)` with ids outside `[0, E)` meaning "not computed here",
     `topk_weights (T, k)` or None, optional biases `b1 (E, F_s)` and `b2 (E, H)`; returns `(T, H)` in
-    `out_dtype` (default: hidden's dtype)."""
+    `out_dtype` (default: hidden's dtype). Gated experts are fastest with `w3` stored beside `w1` in one tensor
+    (see `kernels.expert_gemm.merged_gate_up`); `config` overrides the block configuration (the tuner's)."""
     num_tokens, top_k = topk_ids.shape
-    num_experts = w1.shape[0]
-    config = moe_kernel_config(num_tokens * top_k, num_experts, hidden.device, hidden.dtype)
+    num_experts, ffn, hidden_size = w1.shape
+    if config is None:
+        config = moe_kernel_config(num_tokens, top_k, num_experts, ffn, hidden_size, hidden.dtype, hidden.device)
     aligned = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config, b1)
     pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
@@ -32,6 +37,9 @@ def fused_experts(
     return combine_topk(pair_out, topk_ids, num_experts, out_dtype or hidden.dtype)
 
 
+def fused_experts_launches(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Kernel launches of one `fused_experts` call with merged gate/up weights: align, up, down, combine."""
+    return align_launches(num_tokens * top_k, num_experts) + 3
 def fused_experts_reference(hidden, topk_ids, topk_weights, w1, w2, w3=None, activation="silu", out_dtype=None,
                             b1=None, b2=None):
     """Plain PyTorch, token by token through each expert, accumulated in fp32."""

@@ -1,56 +1,123 @@
-"""Block sizes for the MoE kernels, keyed by device and by how many rows each expert gets.
+"""Block configurations for the MoE GEMMs: a tuned file for this device and shape when there is one, else a
+table that is safe on every GPU of the device's generation.
 
-Kept apart from the kernels so that tuning is an edit to this table, not to kernel code. Rows per expert is
-`num_pairs / num_experts`, known on the host from shapes alone (no device read). Few rows per expert means the
-GEMMs are bound by reading weights: small row blocks waste less padding and wide K tiles stream the weights.
-Many rows means compute-bound: large square tiles.
+Tuned files are `kernels/configs/E=..,N=..,K=..,device=..,dtype=...json`, one per (device name, experts, FFN
+width each rank holds `N`, hidden size `K`, dtype), written by `scripts/tune_moe.py`. A file maps token counts
+to configurations; a call uses the entry whose token count is nearest its own.
+
+The safe tables are keyed by rows per expert (`tokens * top_k / E`, known on the host from shapes alone). Few
+rows per expert means the GEMMs are bound by reading weights: small row blocks waste less padding and wide K
+tiles stream the weights. Many rows means compute-bound: large tiles. `kernels.launch_check` compiles every
+entry of every table and every tuned file for its GPUs and fails on shared memory over their limit or spills.
 """
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 
-# (max rows per expert, config) in increasing order; the first bucket that fits is used.
-_CUDA_TABLE = [
-    (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (64, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (256, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
-    (float("inf"), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
-]
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# Shared memory one block may use (bytes, opt-in maximum) by compute capability.
+SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-# Hopper has more shared memory per SM: deeper pipelines and wider tiles for the compute-bound buckets.
-_SM90_TABLE = [
-    (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=5)),
-    (64, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (512, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
-    (float("inf"), dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)),
-]
 
-# 4-byte elements double the shared memory per tile: narrower K tiles keep the pipelined buffers of the gated
-# GEMM (x, w1 and w3 tiles per stage) inside Hopper's 227 KiB (checked by tests/moe/moe_aot.py).
-_FP32_TABLE = [
-    (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)),
-    (64, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)),
-    (512, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3)),
-    (float("inf"), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)),
-]
+def _cfg(m, n, k, warps, stages, group=8):
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_SIZE_M=group, num_warps=warps, num_stages=stages)
+
+
+# (max rows per expert, config) in increasing order; the first bucket that fits is used. BLOCK_N is the width
+# of the GEMM tile: for gated experts it holds BLOCK_N / 2 gate and BLOCK_N / 2 up columns.
+SAFE_TABLES = {
+    # H100/H200 (227 KiB of shared memory per block).
+    ("sm90", 2): [(16, _cfg(16, 64, 128, 4, 5)), (64, _cfg(32, 128, 128, 4, 4)), (512, _cfg(64, 128, 64, 4, 4)),
+                  (float("inf"), _cfg(128, 256, 64, 8, 3))],
+    ("sm90", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 3)),
+                  (float("inf"), _cfg(128, 128, 32, 8, 3))],
+    # A100 (163 KiB).
+    ("sm80", 2): [(16, _cfg(16, 64, 128, 4, 4)), (64, _cfg(32, 64, 128, 4, 4)), (256, _cfg(64, 128, 64, 4, 4)),
+                  (float("inf"), _cfg(128, 128, 64, 8, 3))],
+    ("sm80", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 3)),
+                  (float("inf"), _cfg(128, 128, 32, 8, 3))],
+    # A10/A40/L4/L40S/RTX 30xx/40xx (99 KiB).
+    ("sm86", 2): [(16, _cfg(16, 64, 128, 4, 4)), (64, _cfg(32, 64, 128, 4, 3)), (256, _cfg(64, 128, 64, 4, 3)),
+                  (float("inf"), _cfg(128, 128, 64, 8, 2))],
+    ("sm86", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 2)),
+                  (float("inf"), _cfg(128, 128, 32, 8, 2))],
+}
 
 # Triton's interpreter runs each program in numpy: larger tiles mean fewer programs; padding cost is small.
-_INTERPRETER_TABLE = [(float("inf"), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1))]
+INTERPRETER_CONFIG = _cfg(16, 64, 64, 4, 1, group=1)
 
 
-def _table_for(device: torch.device, dtype: torch.dtype):
-    if device.type != "cuda":
-        return _INTERPRETER_TABLE
-    if dtype.itemsize >= 4:
-        return _FP32_TABLE
-    major, _ = torch.cuda.get_device_capability(device)
-    return _SM90_TABLE if major >= 9 else _CUDA_TABLE
+def generation(arch: int) -> str:
+    """The safe table a compute capability uses, by how much shared memory its blocks get."""
+    if arch in (80, 87):
+        return "sm80"
+    if arch >= 90 and arch not in (120, 121):
+        return "sm90"
+    return "sm86"
 
 
-def moe_kernel_config(num_pairs: int, num_experts: int, device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes and launch options for both expert GEMMs of one MoE layer call."""
-    rows_per_expert = num_pairs / max(num_experts, 1)
-    for bound, config in _table_for(torch.device(device), dtype):
+def safe_config(arch: int, rows_per_expert: float, dtype: torch.dtype) -> dict:
+    for bound, config in SAFE_TABLES[generation(arch), 4 if dtype.itemsize >= 4 else 2]:
         if rows_per_expert <= bound:
             return dict(config)
     raise AssertionError("the last bucket is unbounded")
+
+
+def config_file_name(device_name: str, num_experts: int, n: int, k: int, dtype: torch.dtype) -> str:
+    return f"E={num_experts},N={n},K={k},device={device_name.replace(' ', '_')},dtype={DTYPE_NAMES[dtype]}.json"
+
+
+@functools.cache
+def tuned_configs(path: Path) -> dict[int, dict] | None:
+    """Token count -> config from a tuned file, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())["configs"]
+    configs = {}
+    for tokens, config in table.items():
+        missing = [key for key in CONFIG_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"{path}: the entry for {tokens} tokens lacks {missing}")
+        configs[int(tokens)] = {key: int(config[key]) for key in CONFIG_KEYS}
+    return configs
+
+
+@functools.cache
+def _cuda_identity(index: int) -> tuple[str, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), major * 10 + minor
+
+
+def device_identity(device) -> tuple[str, int] | None:
+    """(device name, compute capability) of a CUDA device; for the meta device (compile checks) those of the
+    target Triton compiles for; None on CPU (Triton's interpreter)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "meta":
+        from triton.runtime import driver
+
+        active = driver.active
+        return getattr(active, "device_name", "unknown"), active.get_current_target().arch
+    return None
+
+
+def moe_kernel_config(num_tokens: int, top_k: int, num_experts: int, n: int, k: int, dtype: torch.dtype,
+                      device) -> dict:
+    """Block sizes and launch options for both expert GEMMs of one MoE layer call (`n` = FFN width held,
+    `k` = hidden size)."""
+    identity = device_identity(device)
+    if identity is None:
+        return dict(INTERPRETER_CONFIG)
+    name, arch = identity
+    if dtype in DTYPE_NAMES:
+        tuned = tuned_configs(CONFIG_DIR / config_file_name(name, num_experts, n, k, dtype))
+        if tuned:
+            return dict(tuned[min(tuned, key=lambda tokens: (abs(tokens - num_tokens), tokens))])
+    return safe_config(arch, num_tokens * top_k / max(num_experts, 1), dtype)

@@ -58,7 +58,7 @@ def test_expert_gemms_match_reference(gated, activation, ffn):
     ids = torch.randint(0, num_experts, (num_tokens, top_k), device=DEVICE)
     ids[0, 1] = num_experts  # dropped pair
     w1, w2, w3 = _weights(num_experts, ffn, hidden, gated)
-    config = moe_kernel_config(ids.numel(), num_experts, DEVICE, x.dtype)
+    config = moe_kernel_config(num_tokens, top_k, num_experts, ffn, hidden, x.dtype, DEVICE)
     aligned = moe_align(ids, num_experts, config["BLOCK_M"])
     inter = expert_up(x, aligned, top_k, w1, w3, activation, config)
     want_inter = expert_up_reference(x, ids, top_k, w1, w3, activation)
