@@ -227,6 +227,45 @@ def fail_or_stall(rank, world, mode, stall_s=0.0):
     return ("returned", None, time.monotonic() - start)
 
 
+def no_host_sync(rank, world):
+    """Every strategy's MoE layers under the dispatch mode of tests/moe/sync_guard.py, on the torch backend's
+    CUDA path (grouped GEMMs), routing tracked: → {strategy: (relative error, pass agreements)}. The guard
+    raises on any host synchronisation inside a layer; the pass's agreement runs before the layers."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe"))
+    import engine.moe.experts as experts
+    from engine.moe.layer import MoEBlock
+    from engine.moe.patch import track_routing
+    from sync_guard import SyncGuard
+
+    original_forward, original_check = MoEBlock.forward, experts._grouped_mm_works
+    guard = SyncGuard()
+
+    def guarded(self, hidden_states):
+        with guard:
+            return original_forward(self, hidden_states)
+
+    experts._grouped_mm_works = lambda x: True
+    results = {}
+    try:
+        inputs = rank_inputs("mixtral", rank)
+        reference = forward(build("mixtral"), inputs)
+        for strategy in STRATEGIES:
+            model = distribute(build("mixtral"), strategy, capacity_factor=100.0)
+            track_routing(model)
+            MoEBlock.forward = guarded
+            try:
+                out = forward(model, inputs)
+            finally:
+                MoEBlock.forward = original_forward
+            results[strategy] = (relative_error(out, reference), model.tessera_parallel.sync.host_syncs)
+    finally:
+        experts._grouped_mm_works = original_check
+    return results
+
+
 def two_rank_session(rank, world, folders):
     """Everything the two-rank tests check, in one process group (one start-up instead of six)."""
     return {
@@ -238,6 +277,7 @@ def two_rank_session(rank, world, folders):
         "auto": auto_switching(rank, world),
         "empty_rank": empty_rank_layer(rank, world),
         "capacity": ep_capacity_drops(rank, world, 0.5),
+        "no_sync": no_host_sync(rank, world),
         "loading": rank_local_loading(rank, world, folders),
         "generation": {f: lockstep_generation(rank, world, f, [(2, 5, 3), (1, 7, 6)])
                        for f in ("qwen3_moe", "switch_transformers")},
