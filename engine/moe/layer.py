@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from engine.moe.experts import ExpertWeights, run_experts
+from engine.moe.launch_errors import explain_launch_failure
 from engine.moe.router import RouterSpec, route, router_logits
 
 
@@ -86,12 +87,18 @@ class MoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden_size = hidden_states.shape
         x = hidden_states.reshape(-1, hidden_size)
-        if self.backend == "triton" and (self.capacity is None or self.spec.expert_capacity is None):
-            topk_ids, topk_weights = self._fused_route(x)
-        else:
-            topk_ids, topk_weights = self._torch_route(x, (batch, seq_len))
-        self.last_topk_ids = topk_ids
-        out = self.executor(self, x, topk_ids, topk_weights)
+        try:
+            if self.backend == "triton" and (self.capacity is None or self.spec.expert_capacity is None):
+                topk_ids, topk_weights = self._fused_route(x)
+            else:
+                topk_ids, topk_weights = self._torch_route(x, (batch, seq_len))
+            self.last_topk_ids = topk_ids
+            out = self.executor(self, x, topk_ids, topk_weights)
+        except Exception as err:
+            explained = explain_launch_failure(err, x.device, f"MoE block ({self.extra_repr()}) on {x.shape[0]} tokens")
+            if explained is err:
+                raise
+            raise explained from err
         extra = self.extra_output(x)
         if extra is not None:
             out = out + extra

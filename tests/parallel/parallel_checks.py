@@ -266,6 +266,33 @@ def no_host_sync(rank, world):
     return results
 
 
+def failing_kernel_in_calibration(rank, world):
+    """Rank 1's up-projection kernel runs out of shared memory at auto's larger calibration size (as Hopper's
+    would at Mixtral shapes with an oversized tile). → ("raised", error type, message, seconds) or "returned"."""
+    import time
+
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if rank == 1:
+        run = InterpretedFunction.run
+
+        def failing_run(self, *args, grid, warmup, **kwargs):
+            if self.fn.__name__ == "_expert_up_kernel" and args[0].shape[0] >= 32:
+                raise OutOfResources(245760, 232448, "shared memory")
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        InterpretedFunction.run = failing_run
+    from engine.parallel import apply_strategy
+
+    start = time.monotonic()
+    try:
+        model = apply_strategy(build("mixtral", "triton"), "auto", calibration_tokens=(4, 16))
+    except Exception as e:
+        return ("raised", type(e).__name__, str(e), time.monotonic() - start)
+    return ("returned", None, repr(model.tessera_parallel.cost_model), time.monotonic() - start)
+
+
 def two_rank_session(rank, world, folders):
     """Everything the two-rank tests check, in one process group (one start-up instead of six)."""
     return {
