@@ -211,7 +211,7 @@ def _entry_for(name_or_path) -> tuple[ModelEntry | None, Path]:
 
 def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, capacity: str | None = None,
          strategy: str | None = None, task: str | None = None, tasks=None, adapters=None,
-         adapter_options: dict | None = None):
+         adapter_options: dict | None = None, cuda_graphs: bool = False):
     """A ready model: weights loaded, MoE blocks on tessera's layer, eval mode.
 
     `name_or_path`: a registered name, a local folder (a Hugging Face checkpoint or a FlexMerge artifact), or a
@@ -221,7 +221,8 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     nearest task by `tasks` (task -> validation examples, a task folder, or a `TaskRouter`). `adapters`: LoRA
     adapters to attach (registered adapter names, a dict name -> PEFT folder, an `AdapterPool` or a
     `TaskRouter`), with `adapter_options` passed on to `engine.lora.attach_adapters` (tokenizer, cache_bytes,
-    backend).
+    backend). `cuda_graphs`: generate() replays its decode steps from CUDA graphs, captured now for each batch
+    bucket (`engine.moe.graphs`; one CUDA device, strategy "single").
     """
     from engine.families import family_for
     from engine.moe.patch import patch_moe
@@ -246,6 +247,9 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     strategy = strategy or "single"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if cuda_graphs and (device.type != "cuda" or strategy != "single"):
+        raise ValueError(f"cuda_graphs=True needs a CUDA device and strategy 'single', got {device} and "
+                         f"{strategy!r} (ranks agree on token counts on the host before every pass)")
 
     import transformers
 
@@ -264,6 +268,10 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
         model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
         model = patch_moe(model.to(device).eval(), backend=backend, capacity=capacity)
     model.tessera_entry = entry
+    if cuda_graphs:
+        from engine.moe.graphs import capture_decode_buckets, enable_graphed_decode
+
+        capture_decode_buckets(enable_graphed_decode(model))
     if adapters is not None:
         from engine.lora import attach_adapters
 
