@@ -25,11 +25,19 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16)
 
 
 class GraphedLayer:
-    """`layer(hidden)` for hidden states of one fixed shape, replayed from a CUDA graph."""
+    """`layer(hidden)` for hidden states of one fixed shape, replayed from a CUDA graph.
+
+    A block used on its own checks its router logits on the host; captured, it raises device flags instead
+    (a `RouterHealth`, `self.health`): call `self.health.raise_if_bad()` when convenient."""
 
     def __init__(self, layer: nn.Module, example: torch.Tensor, warmup: int = 2):
+        from engine.moe.layer import MoEBlock, RouterHealth
+
         if example.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got {example.device}")
+        if isinstance(layer, MoEBlock) and layer.health is None:
+            layer.health = (RouterHealth([layer.extra_repr()]), 0)
+        self.health = layer.health[0] if isinstance(layer, MoEBlock) else None
         self.layer = layer
         self.static_input = example.clone()
         side = torch.cuda.Stream(example.device)
