@@ -174,8 +174,6 @@ def run(args) -> dict:
                     rows.append(row)
                     print_row(row)
     if args.decode_graphs:
-        if device.type != "cuda":
-            raise SystemExit("--decode-graphs needs a CUDA device (CUDA graphs)")
         rows += decode_graph_rows(args, device, dtype)
     return dict(device=device_name, device_type=device.type, dtype=args.dtype, torch=torch.__version__,
                 triton=_version("triton"), transformers=_version("transformers"), results=rows)
@@ -264,6 +262,8 @@ def main(argv=None):
     for shape in args.shapes:
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    if args.decode_graphs and torch.device(args.device).type != "cuda":
+        parser.error("--decode-graphs needs a CUDA device (CUDA graphs)")
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

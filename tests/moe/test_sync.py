@@ -176,3 +176,31 @@ def test_decode_layer_launch_count(family_name):
             launches = decode_launches(family_name, batch, tracked)
             assert len(launches) <= LAUNCH_BUDGET, f"{len(launches)} launches: {launches}"
             assert launches[0] == "triton:_route_kernel" and launches.count("triton:_route_kernel") == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend, strategy", [("triton", "single"), ("torch", "single"), ("triton", "moeshard")])
+def test_cuda_layers_under_sync_debug_mode(backend, strategy):
+    """On a GPU, torch itself says whether anything synchronises: `set_sync_debug_mode("error")` raises on
+    every synchronising CUDA call. bf16 on Hopper puts the torch backend on its grouped-GEMM path."""
+    import engine
+
+    model = engine.load("tiny-mixtral", backend=backend, device="cuda", dtype="bfloat16")
+    if strategy == "moeshard":
+        dist = Dist(None, 0, 1, "nccl", torch.device("cuda", torch.cuda.current_device()))
+        plan_parts(model, strategy, dist, meta=False)
+        install_executors(model, strategy, dist)
+    track_routing(model)
+    x = torch.randn(4, 3, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    blocks = [block for _, block in moe_blocks(model)]
+    with torch.no_grad():
+        for block in blocks:  # warm-up: kernel compilation and lazily made buffers may synchronise
+            block(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for block in blocks:
+                block(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(sum(c) > 0 for c in routing_counts(model).values())
