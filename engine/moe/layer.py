@@ -95,7 +95,8 @@ class MoEBlock(nn.Module):
             self.last_topk_ids = topk_ids
             out = self.executor(self, x, topk_ids, topk_weights)
         except Exception as err:
-            explained = explain_launch_failure(err, x.device, f"MoE block ({self.extra_repr()}) on {x.shape[0]} tokens")
+            where = f"MoE block ({self.extra_repr()}) on {x.shape[0]} tokens"
+            explained = explain_launch_failure(err, x.device, where)
             if explained is err:
                 raise
             raise explained from err

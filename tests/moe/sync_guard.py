@@ -121,3 +121,21 @@ def mocked_triton(guard: SyncGuard | None = None):
 
     with _patched(InterpretedFunction, "run", run), _patched(JITFunction, "run", run):
         yield records
+
+
+@contextlib.contextmanager
+def guarded_layers(guard: SyncGuard):
+    """Every MoEBlock forward runs under the guard (the rest of a Hugging Face model is not ours to check)."""
+    from engine.moe.layer import MoEBlock
+
+    original = MoEBlock.forward
+
+    def forward_under_guard(self, hidden_states):
+        with guard:
+            return original(self, hidden_states)
+
+    MoEBlock.forward = forward_under_guard
+    try:
+        yield guard
+    finally:
+        MoEBlock.forward = original

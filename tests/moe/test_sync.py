@@ -6,19 +6,16 @@ the guard sees. The torch backend's grouped-GEMM path (CUDA bf16 on Hopper) is f
 `_grouped_mm` also runs on CPU; its numbers are checked too. The per-expert loop (the CPU fallback) reads the
 counts on purpose and is not covered. Multi-rank strategies are covered in tests/parallel (`no_host_sync`).
 """
-import contextlib
-
 import pytest
 import torch
 
 import engine.moe.experts as experts
 from engine.families import FAMILIES
-from engine.moe.layer import MoEBlock
 from engine.moe.patch import moe_blocks, routing_counts, track_routing
 from engine.parallel.pass_sync import PassSync
 from engine.parallel.runtime import Dist
 from engine.parallel.strategy import install_executors, plan_parts
-from sync_guard import HostSync, SyncGuard, mocked_triton
+from sync_guard import HostSync, SyncGuard, guarded_layers, mocked_triton
 
 triton = pytest.importorskip("triton")
 FAMILY_NAMES = list(FAMILIES)
@@ -60,22 +57,6 @@ def forward(model, inputs):
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-@contextlib.contextmanager
-def guarded_layers(guard: SyncGuard):
-    """Every MoEBlock forward runs under the guard (the rest of the Hugging Face model is not ours to check)."""
-    original = MoEBlock.forward
-
-    def forward_under_guard(self, hidden_states):
-        with guard:
-            return original(self, hidden_states)
-
-    MoEBlock.forward = forward_under_guard
-    try:
-        yield guard
-    finally:
-        MoEBlock.forward = original
 
 
 @pytest.fixture

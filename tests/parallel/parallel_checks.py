@@ -236,17 +236,10 @@ def no_host_sync(rank, world):
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe"))
     import engine.moe.experts as experts
-    from engine.moe.layer import MoEBlock
     from engine.moe.patch import track_routing
-    from sync_guard import SyncGuard
+    from sync_guard import SyncGuard, guarded_layers
 
-    original_forward, original_check = MoEBlock.forward, experts._grouped_mm_works
-    guard = SyncGuard()
-
-    def guarded(self, hidden_states):
-        with guard:
-            return original_forward(self, hidden_states)
-
+    original_check = experts._grouped_mm_works
     experts._grouped_mm_works = lambda x: True
     results = {}
     try:
@@ -255,11 +248,8 @@ def no_host_sync(rank, world):
         for strategy in STRATEGIES:
             model = distribute(build("mixtral"), strategy, capacity_factor=100.0)
             track_routing(model)
-            MoEBlock.forward = guarded
-            try:
+            with guarded_layers(SyncGuard()):
                 out = forward(model, inputs)
-            finally:
-                MoEBlock.forward = original_forward
             results[strategy] = (relative_error(out, reference), model.tessera_parallel.sync.host_syncs)
     finally:
         experts._grouped_mm_works = original_check
