@@ -19,7 +19,6 @@ Routing weights are the family router's; EP only decides which pairs are compute
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -43,6 +42,13 @@ class ExpertOwners:
             owner[lo:hi] = r
             start[r] = lo
         self.owner, self.start = owner.to(device), start.to(device)
+        self.sizes = torch.tensor([hi - lo for lo, hi in self.ranges]).to(device)  # experts per owner
+
+    def chunk_starts(self, top_k: int, rows: int) -> torch.Tensor:
+        """`(G + 1,)` offsets of each owner's chunk of `dropless_bounds`, computed on the device (a tensor
+        built from host values per call would be a synchronous copy on CUDA)."""
+        chunks = torch.cumsum(self.sizes.clamp(max=top_k) * rows, 0)
+        return torch.nn.functional.pad(chunks, (1, 0))
 
     def owner_of(self, flat_ids: torch.Tensor) -> torch.Tensor:
         valid = (flat_ids >= 0) & (flat_ids < self.num_experts)
@@ -126,7 +132,7 @@ def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     flat = topk_ids.reshape(-1).to(torch.int64)
     dest = owners.owner_of(flat)  # G for pairs computed nowhere
     bounds = dropless_bounds(owners, rows, top_k)
-    starts = torch.tensor([0, *itertools.accumulate(bounds)], dtype=torch.int64, device=hidden.device)
+    starts = owners.chunk_starts(top_k, rows)
     total = int(sum(bounds))
     # Each pair's place in its destination's chunk: its rank among this rank's pairs for that destination.
     one_hot = one_hot_on_device(dest, dist.size + 1)

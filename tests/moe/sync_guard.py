@@ -39,12 +39,13 @@ SYNCING_OPS = {
     aten._unique.default: "unique",
     aten.equal.default: "torch.equal",
     aten.is_nonzero.default: "bool() of a tensor",
+    aten.lift_fresh.default: "torch.tensor(host data): on CUDA a synchronous host-to-device copy",
 }
 # Ops that only make views, read metadata or allocate: no kernel runs.
 NO_LAUNCH = {
     aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
     aten.new_empty_strided.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
-    aten.sym_storage_offset.default, aten.is_contiguous.default, aten.lift_fresh.default, aten.set_.source_Storage,
+    aten.sym_storage_offset.default, aten.is_contiguous.default, aten.set_.source_Storage,
 }
 
 
