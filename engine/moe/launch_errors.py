@@ -22,18 +22,27 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} (Triton interpreter)"
 
 
-def failed_launch(err: BaseException) -> tuple[str, dict] | None:
-    """(kernel name, its keyword arguments) of the innermost Triton launch in `err`'s traceback, or None."""
+def _innermost_launch(tb) -> tuple[str, dict] | None:
     found = None
-    tb = err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        kernel = frame.f_locals.get("self")
-        fn = getattr(kernel, "fn", None)
+        fn = getattr(frame.f_locals.get("self"), "fn", None)
         if fn is not None and "grid" in frame.f_locals and "kwargs" in frame.f_locals:
             config = {k: v for k, v in frame.f_locals["kwargs"].items() if isinstance(v, (int, float, bool, str))}
             found = (getattr(fn, "__name__", str(fn)), config)
         tb = tb.tb_next
+    return found
+
+
+def failed_launch(err: BaseException) -> tuple[str, dict, BaseException] | None:
+    """(kernel name, its keyword arguments, the error it raised) of the innermost Triton launch in `err`'s
+    traceback or in those of its causes (a launcher may re-raise with context), or None."""
+    found = None
+    while err is not None:
+        launch = _innermost_launch(err.__traceback__)
+        if launch is not None:
+            found = (*launch, err)
+        err = err.__cause__
     return found
 
 
@@ -42,6 +51,6 @@ def explain_launch_failure(err: Exception, device: torch.device, what: str) -> E
     launch = failed_launch(err)
     if launch is None:
         return err
-    kernel, config = launch
+    kernel, config, cause = launch
     return KernelLaunchError(f"{what}: Triton kernel {kernel} failed on {device_name(device)} with configuration "
-                             f"{config}: {type(err).__name__}: {err}")
+                             f"{config}: {type(cause).__name__}: {cause}")
