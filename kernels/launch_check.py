@@ -249,6 +249,23 @@ def decode_launch_problems() -> list[str]:
     return problems
 
 
+def failure_report_problems() -> list[str]:
+    """A configuration the GPU cannot run fails with an error naming the kernel, configuration and device."""
+    from kernels.fused_moe import fused_experts
+
+    too_big = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_SIZE_M=1, num_warps=4, num_stages=8)
+    w13 = _meta(8, 256, 512, dtype=torch.bfloat16)
+    args = (_meta(4, 512, dtype=torch.bfloat16), _meta(4, 2, dtype=torch.int64), None, w13[:, :128],
+            _meta(8, 512, 128, dtype=torch.bfloat16), w13[:, 128:])
+    try:
+        fused_experts(*args, config=too_big)
+    except RuntimeError as error:
+        if all(word in str(error) for word in ("expert_up", "stand-in sm_90", "'num_stages': 8")):
+            return []
+        return [f"an over-limit launch raised an unclear error: {error}"]
+    return ["an over-limit launch did not fail"]
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -270,7 +287,7 @@ def check_target(arch: int, device_name: str | None = None) -> tuple[list[Compil
                 except Exception as error:  # noqa: BLE001 - a compile error is a finding, reported below
                     errors.append(f"sm_{arch} {label}: {type(error).__name__}: {str(error)[:400]}")
         if arch == 90 and device_name is None:
-            errors += decode_launch_problems()
+            errors += decode_launch_problems() + failure_report_problems()
     return stand_in.compiled, errors
 
 
