@@ -30,24 +30,38 @@ def _cfg(m, n, k, warps, stages, group=8):
 
 
 # (max rows per expert, config) in increasing order; the first bucket that fits is used. BLOCK_N is the width
-# of the GEMM tile: for gated experts it holds BLOCK_N / 2 gate and BLOCK_N / 2 up columns.
+# of the GEMM tile: for gated experts it holds BLOCK_N / 2 gate and BLOCK_N / 2 up columns. 4-byte dtypes run
+# full-precision FMA dots (no tensor cores), which need more registers: 8 warps from 32 rows on.
 SAFE_TABLES = {
     # H100/H200 (227 KiB of shared memory per block).
     ("sm90", 2): [(16, _cfg(16, 64, 128, 4, 5)), (64, _cfg(32, 128, 128, 4, 4)), (512, _cfg(64, 128, 64, 4, 4)),
                   (float("inf"), _cfg(128, 256, 64, 8, 3))],
-    ("sm90", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 3)),
+    ("sm90", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 8, 3)), (512, _cfg(64, 128, 32, 8, 3)),
                   (float("inf"), _cfg(128, 128, 32, 8, 3))],
     # A100 (163 KiB).
     ("sm80", 2): [(16, _cfg(16, 64, 128, 4, 4)), (64, _cfg(32, 64, 128, 4, 4)), (256, _cfg(64, 128, 64, 4, 4)),
                   (float("inf"), _cfg(128, 128, 64, 8, 3))],
-    ("sm80", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 3)),
+    ("sm80", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 8, 3)), (512, _cfg(64, 128, 32, 8, 3)),
                   (float("inf"), _cfg(128, 128, 32, 8, 3))],
     # A10/A40/L4/L40S/RTX 30xx/40xx (99 KiB).
     ("sm86", 2): [(16, _cfg(16, 64, 128, 4, 4)), (64, _cfg(32, 64, 128, 4, 3)), (256, _cfg(64, 128, 64, 4, 3)),
                   (float("inf"), _cfg(128, 128, 64, 8, 2))],
-    ("sm86", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 2)),
+    ("sm86", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 8, 3)), (512, _cfg(64, 128, 32, 8, 2)),
                   (float("inf"), _cfg(128, 128, 32, 8, 2))],
 }
+
+# The registry's published MoE families: (experts, hidden, FFN width, top-k, gated, activation, routing weights
+# in fp32). The tuner tunes them and the compile check compiles them, whole and as the slice of G ranks.
+PUBLISHED_SHAPES = {
+    "switch-base-8": (8, 768, 3072, 1, False, "relu", False),
+    "switch-base-64": (64, 768, 3072, 1, False, "relu", False),
+    "switch-base-128": (128, 768, 3072, 1, False, "relu", False),
+    "mixtral-8x7b": (8, 4096, 14336, 2, True, "silu", True),
+    "qwen1.5-moe-a2.7b": (60, 2048, 1408, 4, True, "silu", False),
+    "qwen3-30b-a3b": (128, 2048, 768, 8, True, "silu", False),
+    "olmoe-1b-7b": (64, 2048, 1024, 8, True, "silu", False),
+}
+SLICES = (1, 2, 4, 8)  # MoEShard ranks: each holds F / G columns of every expert
 
 # Triton's interpreter runs each program in numpy: larger tiles mean fewer programs; padding cost is small.
 INTERPRETER_CONFIG = _cfg(16, 64, 64, 4, 1, group=1)
@@ -108,6 +122,17 @@ def device_identity(device) -> tuple[str, int] | None:
     return None
 
 
+def config_for(identity: tuple[str, int], num_tokens: int, top_k: int, num_experts: int, n: int, k: int,
+               dtype: torch.dtype, config_dir: Path = CONFIG_DIR) -> dict:
+    """The tuned entry nearest `num_tokens` for this device and shape, else the generation's safe table."""
+    name, arch = identity
+    if dtype in DTYPE_NAMES:
+        tuned = tuned_configs(Path(config_dir) / config_file_name(name, num_experts, n, k, dtype))
+        if tuned:
+            return dict(tuned[min(tuned, key=lambda tokens: (abs(tokens - num_tokens), tokens))])
+    return safe_config(arch, num_tokens * top_k / max(num_experts, 1), dtype)
+
+
 def moe_kernel_config(num_tokens: int, top_k: int, num_experts: int, n: int, k: int, dtype: torch.dtype,
                       device) -> dict:
     """Block sizes and launch options for both expert GEMMs of one MoE layer call (`n` = FFN width held,
@@ -115,9 +140,4 @@ def moe_kernel_config(num_tokens: int, top_k: int, num_experts: int, n: int, k: 
     identity = device_identity(device)
     if identity is None:
         return dict(INTERPRETER_CONFIG)
-    name, arch = identity
-    if dtype in DTYPE_NAMES:
-        tuned = tuned_configs(CONFIG_DIR / config_file_name(name, num_experts, n, k, dtype))
-        if tuned:
-            return dict(tuned[min(tuned, key=lambda tokens: (abs(tokens - num_tokens), tokens))])
-    return safe_config(arch, num_tokens * top_k / max(num_experts, 1), dtype)
+    return config_for(identity, num_tokens, top_k, num_experts, n, k, dtype)

@@ -4,9 +4,9 @@ A backend takes token rows, each token's expert ids and routing weights, and ret
 experts' outputs. Expert ids outside `[0, E)` mean "not computed here" (dropped by a capacity limit, or held by
 another rank) and contribute zero. All backends give the same answer; they differ in speed and where they run:
 
-- `triton`: our fused kernels (`kernels.fused_moe`), four launches at decode (align, two GEMMs, combine; the
-  MoE block adds one for its fused router), no host synchronisation. CUDA, or CPU through Triton's interpreter
-  (slow, for tests).
+- `triton`: our fused kernels (`kernels.fused_moe`), four launches at decode sizes (align, two GEMMs, combine;
+  five for large batches; the MoE block adds one for its fused router), no host synchronisation. CUDA, or CPU
+  through Triton's interpreter (slow, for tests).
 - `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM, no host synchronisation) on
   Hopper GPUs in bf16, else one matmul per expert that has rows: that fallback reads the per-expert counts on
   the host (a synchronisation on CUDA, free on CPU). The fast CPU path.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import triton_available
-from kernels.expert_gemm import ACTIVATIONS, apply_activation_reference
+from kernels.expert_gemm import ACTIVATIONS, apply_activation_reference, shares_gate_up_storage
 from kernels.fused_moe import fused_experts_reference
 
 BACKENDS = ("triton", "torch", "reference", "eager")
@@ -40,6 +40,10 @@ def activation_from_hf(name: str) -> str:
 @dataclass
 class ExpertWeights:
     """`w1 (E, F_s, H)`, optional `w3 (E, F_s, H)` (gated experts: act(x w1ᵀ) · x w3ᵀ), `w2 (E, H, F_s)`.
+
+    Gated experts keep gate and up in one tensor, so the kernels run both as one GEMM: `w1` and `w3` are views
+    of it (`[w1; w3]` concatenated as `w13 (E, 2F_s, H)`, Hugging Face's `gate_up_proj` in any of its layouts,
+    or a column slice of those). Given apart, they are merged into `w13` once, here.
 
     `F_s` may be a slice `[start, stop)` of the full hidden FFN width: columns of every expert's first matrix
     and the same rows of its second. The partial outputs of slices that cover `[0, F)` sum to the full output;
@@ -63,6 +67,9 @@ class ExpertWeights:
                              f"got {tuple(self.w2.shape)}")
         if self.w3 is not None and self.w3.shape != self.w1.shape:
             raise ValueError(f"gated experts need w3 shaped like w1 {tuple(self.w1.shape)}, got {tuple(self.w3.shape)}")
+        if self.w3 is not None and not shares_gate_up_storage(self.w1, self.w3):
+            self.w13 = torch.cat([self.w1, self.w3], dim=1)
+            self.w1, self.w3 = self.w13[:, :f], self.w13[:, f:]
 
     @property
     def num_experts(self) -> int:
@@ -78,7 +85,7 @@ class ExpertWeights:
 
     def slice(self, start: int, stop: int) -> "ExpertWeights":
         """Views (no copies) of FFN columns `[start, stop)` of every expert."""
-        return ExpertWeights(  # a slice of [w1; w3] is not one block any more: no w13
+        return ExpertWeights(  # views into the same merged tensor, but no longer one [w1; w3] block: no w13
             self.w1[:, start:stop], self.w2[:, :, start:stop],
             None if self.w3 is None else self.w3[:, start:stop], self.activation,
             b1=None if self.b1 is None else self.b1[:, start:stop],

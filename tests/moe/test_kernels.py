@@ -155,3 +155,80 @@ def test_expert_biases_and_their_slices(activation):
     torch.testing.assert_close(run_experts(x, ids, weights, full, "torch"), want, rtol=1e-5, atol=1e-5)
     partial = sum(run_experts(x, ids, weights, full.slice(a, b), "triton") for a, b in [(0, 11), (11, 30)])
     torch.testing.assert_close(partial, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved", "slice"])
+def test_gate_up_layouts_run_as_one_gemm_without_copies(layout):
+    """w1 and w3 as views of one tensor in every layout the families store (no merge copy), and as a column
+    slice of a concatenated one (MoEShard's view of its rank's part)."""
+    from kernels.expert_gemm import merged_gate_up
+
+    num_tokens, top_k, hidden, ffn, num_experts = 13, 2, 32, 24, 3
+    x = torch.randn(num_tokens, hidden, device=DEVICE)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), device=DEVICE)
+    weights = torch.rand(num_tokens, top_k, device=DEVICE)
+    gate_up = torch.randn(num_experts, 2 * ffn, hidden, device=DEVICE) * hidden ** -0.5
+    w2 = torch.randn(num_experts, hidden, ffn, device=DEVICE) * ffn ** -0.5
+    if layout == "interleaved":
+        w1, w3 = gate_up[:, 0::2], gate_up[:, 1::2]
+    else:
+        w1, w3 = gate_up[:, :ffn], gate_up[:, ffn:]
+    if layout == "slice":
+        w1, w3, w2 = w1[:, 5:17], w3[:, 5:17], w2[:, :, 5:17]
+    view, offset = merged_gate_up(w1, w3)
+    assert view.data_ptr() == w1.data_ptr() and offset == w3.storage_offset() - w1.storage_offset()
+    got = fused_experts(x, ids, weights, w1, w2, w3, "silu")
+    torch.testing.assert_close(got, fused_experts_reference(x, ids, weights, w1, w2, w3, "silu"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_expert_weights_store_gate_and_up_merged():
+    from engine.moe.experts import ExpertWeights
+
+    w1, w3, w2 = torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(2, 4, 6)
+    weights = ExpertWeights(w1, w2, w3, "silu")
+    assert weights.w13.shape == (2, 12, 4) and weights.w1._base is weights.w13 and weights.w3._base is weights.w13
+    torch.testing.assert_close(weights.w1, w1)
+    torch.testing.assert_close(weights.w3, w3)
+    part = weights.slice(2, 5)  # each rank's part: its columns of gate and of up, still one tensor
+    torch.testing.assert_close(part.w1, w1[:, 2:5])
+    torch.testing.assert_close(part.w3, w3[:, 2:5])
+    assert part.w1._base is part.w3._base
+
+
+def test_tuned_config_files_are_used_for_their_device_and_shape(tmp_path):
+    import json
+
+    from kernels.moe_configs import config_file_name, config_for, safe_config
+
+    tuned = {"16": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
+             "4096": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4)}
+    name = "NVIDIA H100 80GB HBM3"
+    path = tmp_path / config_file_name(name, 8, 1792, 4096, torch.bfloat16)
+    path.write_text(json.dumps({"device": name, "capability": 90, "configs": tuned}))
+    assert config_for((name, 90), 1, 2, 8, 1792, 4096, torch.bfloat16, tmp_path) == tuned["16"]
+    assert config_for((name, 90), 3000, 2, 8, 1792, 4096, torch.bfloat16, tmp_path) == tuned["4096"]
+    # another shape, dtype or device: the safe table of the device's generation
+    assert config_for((name, 90), 1, 2, 8, 3584, 4096, torch.bfloat16, tmp_path) == safe_config(90, 0.25, torch.bfloat16)
+    assert config_for(("NVIDIA L4", 89), 1, 2, 8, 1792, 4096, torch.bfloat16, tmp_path) == safe_config(
+        89, 0.25, torch.bfloat16)
+    bad = tmp_path / config_file_name(name, 8, 1792, 4096, torch.float16)
+    bad.write_text(json.dumps({"configs": {"1": {"BLOCK_M": 16}}}))
+    with pytest.raises(ValueError, match="lacks"):
+        config_for((name, 90), 1, 2, 8, 1792, 4096, torch.float16, tmp_path)
+
+
+def test_tuner_lists_the_registry_shapes_and_refuses_without_a_gpu(capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "tune_moe.py"
+    spec = importlib.util.spec_from_file_location("tune_moe", path)
+    tune_moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_moe)
+    assert tune_moe.main(["--dry-run", "--families", "mixtral-8x7b", "--slices", "1", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "E=8,N=14336,K=4096" in out and "E=8,N=1792,K=4096" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        tune_moe.main(["--families", "mixtral-8x7b"])
