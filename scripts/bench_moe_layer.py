@@ -189,11 +189,12 @@ def mixtral_block(shape: str, dtype, device, backend: str):
     hidden, ffn, top_k, _, _ = SHAPES[shape]
     config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=8,
                            num_experts_per_tok=top_k, router_jitter_noise=0.0)
-    hf_block = MixtralSparseMoeBlock(config)
+    with torch.device(device):  # built on the device: initialising Mixtral's experts on the host takes long
+        hf_block = MixtralSparseMoeBlock(config).to(dtype)
     with torch.no_grad():
         for param in hf_block.parameters():
             param.normal_(0, hidden ** -0.5)
-    hf_block = hf_block.to(device=device, dtype=dtype).eval()
+    hf_block = hf_block.eval()
     return FAMILIES["mixtral"].convert(hf_block, config, backend, None)
 
 

@@ -39,18 +39,19 @@ if [ "$DRY_RUN" != 1 ]; then
   $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: gpu_check.sh needs one')" || exit 2
 fi
 
-# Block configurations for the registry families' shapes on this GPU (kernels/configs/*.json).
-if [ -f scripts/tune_moe.py ]; then
-  step tune_moe 50 $PY scripts/tune_moe.py ${TUNE_ARGS:---quick --out "$OUT_DIR"}
-else
-  echo "=== tune_moe: scripts/tune_moe.py is missing"; printf 'tune_moe\tmissing\t0\n' >> "$STEPS_FILE"; status=1
+# Block configurations for the registry families' shapes on this GPU, written under $OUT_DIR/kernel_configs
+# (copy them into kernels/configs/ to use them). Short: bf16, G = 1, four token counts.
+TUNE_ARGS=${TUNE_ARGS:---tokens 1 16 256 4096 --out "$OUT_DIR/kernel_configs"}
+if [ "$DRY_RUN" = 1 ]; then
+  $PY scripts/tune_moe.py --dry-run $TUNE_ARGS | tail -5  # lists the shapes and files; needs no GPU
 fi
+step tune_moe 50 $PY scripts/tune_moe.py $TUNE_ARGS
 # Every CUDA-marked test: kernel parity, captured MoE layers and graphed decode against eager (test_cuda_graphs),
 # LoRA kernels; then MoE layers under torch.cuda.set_sync_debug_mode("error") (test_sync) as a step of its own.
-step cuda_tests 80 $PY -m pytest -q -m cuda tests -k "not sync_debug_mode" -p no:cacheprovider
+step cuda_tests 70 $PY -m pytest -q -m cuda tests -k "not sync_debug_mode" -p no:cacheprovider
 step sync_debug 25 $PY -m pytest -q tests/moe/test_sync.py -k sync_debug_mode -p no:cacheprovider
 # Layer benchmark: tessera triton/torch against transformers' grouped_mm and HF eager; + graphed decode steps.
-step bench_moe_layer 60 $PY scripts/bench_moe_layer.py --device cuda --dtype bfloat16 --repeats 5 \
+step bench_moe_layer 75 $PY scripts/bench_moe_layer.py --device cuda --dtype bfloat16 --repeats 5 \
   --experts 8,128 --tokens 16,256,4096,32768 --decode-graphs --out "$OUT_DIR"
 step moeshard_overhead 35 $PY scripts/bench_moeshard.py --single-gpu-overhead --out "$OUT_DIR"
 step lora_kernels 20 $PY scripts/bench_routing.py --kernels-only --device cuda --out "$OUT_DIR/routing_kernels_cuda.json"
