@@ -195,7 +195,24 @@ def lora_cases():
                        functools.partial(lora_mixture_triton, x, y, a, b, slots, weights, split))
 
 
-CASES = [moe_cases, lora_cases]
+def routing_cases():
+    """The one-launch router (`kernels.routing`) for every published family's experts, top-k and hidden size,
+    in every dtype, at decode and prefill token counts, with routing counts tracked (its atomics included)."""
+    from kernels.routing import fused_route
+
+    for family, (experts, hidden, _, top_k, _, _, fp32_weights) in PUBLISHED_SHAPES.items():
+        switch = family.startswith("switch")
+        for dtype in DTYPES:
+            weights_dtype = dtype if switch or not fp32_weights else torch.float32
+            for tokens in (1, 16, 32768):
+                args = (_meta(tokens, hidden, dtype=dtype), _meta(experts, hidden, dtype=dtype), None, top_k)
+                yield (f"route {family} {dtype} T={tokens}",
+                       functools.partial(fused_route, *args, switch=switch, normalize=not switch,
+                                         weights_dtype=weights_dtype, bad_flag=_meta(1, dtype=torch.int32),
+                                         counts=_meta(experts + 1, dtype=torch.int64)))
+
+
+CASES = [moe_cases, lora_cases, routing_cases]
 
 
 # ---------------------------------------------------------------- launch counting
