@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 
-from merge.flexmerge import FORMAT, MANIFEST, PLAN, TORCH_DTYPES, _file_hash
-from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files
+from foundation.atomic import atomic_folder
+from foundation.dtypes import parse_dtype
+from foundation.io import Checkpoint
+from merge.flexmerge import FORMAT, MANIFEST, PLAN, _file_hash
+from merge.io import ShardWriter, copy_side_files
 
 _STORES: "weakref.WeakValueDictionary[tuple, _Store]" = weakref.WeakValueDictionary()
 
@@ -78,10 +81,7 @@ def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[s
     """Task `task`'s full state dict (original tensor names) and the store its tensors live in."""
     path = Path(path)
     manifest = read_manifest(path)
-    if isinstance(dtype, str):
-        if dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-        dtype = TORCH_DTYPES[dtype]
+    dtype = None if dtype is None else parse_dtype(dtype)
     if task not in manifest["tasks"]:
         raise KeyError(f"task {task!r} is not in artifact {path}; its tasks are {manifest['tasks']}")
     store = _store(path, dtype, device)
@@ -113,7 +113,7 @@ def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Mod
     import transformers
 
     state, store = task_state_dict(path, task, dtype=dtype, device=device)
-    dtype = TORCH_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dtype = None if dtype is None else parse_dtype(dtype)
     config = transformers.AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     if not archs or not hasattr(transformers, archs[0]):

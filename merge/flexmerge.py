@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foundation.atomic import atomic_folder
+from foundation.dtypes import parse_dtype
+from foundation.io import Checkpoint
 from merge import blocks as blocks_mod
 from merge import greedy, methods, sizing
 from merge.config import MergeSpec
-from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
+from merge.io import ShardWriter, copy_side_files
 from merge.methods import Context, MergeResult
 from merge.sparsify import threshold_from_histogram
 from merge.stats import Stats, read_task_vectors, scan
@@ -30,7 +33,6 @@ from merge.stats import Stats, read_task_vectors, scan
 FORMAT = "tessera-flexmerge"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def peak_rss_bytes() -> int:
@@ -87,11 +89,11 @@ class Session:
         w.update(spec.weights)
         self.weights = torch.tensor([w[t] for t in self.tasks], dtype=torch.float32)
         self.blocks = blocks_mod.assign(self.base.names, spec.blocks)
-        if spec.dtype is not None and spec.dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {spec.dtype!r}")
+        if spec.dtype is not None:
+            parse_dtype(spec.dtype)
         self.costs = [
             sizing.block_cost(
-                [(math.prod(self.base.shape[n]), element_size(self.out_dtype(n))) for n in b.tensors],
+                [(math.prod(self.base.shape[n]), self.out_dtype(n).itemsize) for n in b.tensors],
                 self.method.masks,
                 self.method.scales,
             )
@@ -109,7 +111,7 @@ class Session:
     def out_dtype(self, name: str) -> torch.dtype:
         dtype = self.base.dtype[name]
         if self.spec.dtype is not None and dtype.is_floating_point:
-            return TORCH_DTYPES[self.spec.dtype]
+            return parse_dtype(self.spec.dtype)
         return dtype
 
     def scan(self, on_block=None) -> Stats:

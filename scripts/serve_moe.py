@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.registry import _entry_for, load
+    from engine.loader import load
+    from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
     from engine.serving.runner import Runner, model_kind

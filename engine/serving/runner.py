@@ -12,8 +12,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from engine.models.bert_moe import mean_pool_normalized
 from engine.moe.patch import routing_counts, track_routing
+from engine.pooling import mean_pool_normalized
 
 
 def model_kind(model) -> str:

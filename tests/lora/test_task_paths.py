@@ -7,7 +7,7 @@ import torch
 
 import engine
 from engine.cli import main as tessera
-from engine.lora.task_paths import TaskRoutedModel
+from merge.task_paths import TaskRoutedModel
 from merge.artifact import load_task_model
 
 _spec = importlib.util.spec_from_file_location("merge_fixtures", Path(__file__).parents[1] / "merge" / "conftest.py")
