@@ -34,7 +34,7 @@ def no_router_health_check(monkeypatch, request):
 def build(family_name: str, backend: str):
     import transformers
 
-    from engine.moe.patch import patch_moe
+    from engine.families import patch_moe
 
     family = FAMILIES[family_name]
     torch.manual_seed(0)
