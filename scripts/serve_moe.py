@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config.adapters)
     runner = Runner(model, tokenizer, rank, world)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not config.adapters:
+    if config.scheduler == "continuous" and model_kind(model) == "decoder":
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
@@ -131,7 +131,8 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
         from engine.serving.scheduler import ContinuousEngine
 
         engine = ContinuousEngine(coordinator, metrics, tokenizer, max_queue=config.max_queue,
-                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s)
+                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s,
+                                  router=router)
     else:
         engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
