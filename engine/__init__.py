@@ -20,6 +20,7 @@ _LAZY = {
     "list_models": "engine.registry",
     "ModelEntry": "engine.registry",
     "TaskRouter": "engine.lora.router",
+    "generate_batch": "engine.serving.scheduler",  # offline continuous batching, the server's scheduler
 }
 
 __all__ = sorted(_LAZY)

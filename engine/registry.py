@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from foundation.cache import build_once, cache_dir
+from foundation.cache import build_once, cache_dir, save_model
 from foundation.dtypes import parse_dtype
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
@@ -184,7 +184,7 @@ def materialize_tiny(entry: ModelEntry) -> Path:
 
     def write(tmp: Path) -> None:
         cls = transformers_class(entry.model_class or family.auto_class)
-        build_tiny(family, entry.options, cls, parse_dtype(entry.dtype)).save_pretrained(tmp)
+        save_model(build_tiny(family, entry.options, cls, parse_dtype(entry.dtype)), tmp)
 
     return build_once(folder, write)
 

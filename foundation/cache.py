@@ -21,3 +21,13 @@ def build_once(folder: Path, write: Callable[[Path], None]) -> Path:
         with atomic_folder(folder, exist_ok=True) as tmp:
             write(tmp)
     return folder
+
+
+def save_model(model, folder: Path) -> None:
+    """`model.save_pretrained(folder)` on every process: under a process group transformers writes only on rank
+    0, which would leave the other ranks' cache folders without weights (each rank builds its own copy)."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    try:
+        model.save_pretrained(folder)
+    finally:
+        del model.should_save_on_this_rank

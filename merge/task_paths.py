@@ -20,7 +20,6 @@ class TaskRoutedModel:
             raise ValueError(f"the router knows tasks {missing} that the artifact does not have "
                              f"(artifact tasks: {sorted(models)})")
         self.models, self.router = models, router
-        self.last_tasks: list[str] = []
 
     @property
     def config(self):
@@ -38,7 +37,6 @@ class TaskRoutedModel:
         are the usual model inputs, batched along dim 0. Returns the outputs' tensors, rows in input order."""
         rows = len(queries)
         tasks = self.route(queries)
-        self.last_tasks = tasks
         merged: dict[str, torch.Tensor] = {}
         for task in dict.fromkeys(tasks):
             index = torch.tensor([i for i, t in enumerate(tasks) if t == task])

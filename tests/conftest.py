@@ -16,6 +16,8 @@ os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
 os.environ["HF_HUB_CACHE"] = os.path.join(_CACHE, "hf", "hub")
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("XDG_CACHE_HOME", os.path.join(_CACHE, "xdg"))  # torch hub, matplotlib, pip, ...
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_CACHE, "matplotlib"))
 
 import torch  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from foundation.cache import build_once, cache_dir
+from foundation.cache import build_once, cache_dir, save_model
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -69,7 +69,7 @@ def build(num_experts: int = 8, top_k: int = 2, seed: int = 0) -> Path:
     folder = cache_dir("models", f"minilm-moe-e{num_experts}k{top_k}s{seed}-v{FORMAT_VERSION}-{digest}")
 
     def write(tmp: Path) -> None:
-        upcycle(source, num_experts, top_k, seed).save_pretrained(tmp)
+        save_model(upcycle(source, num_experts, top_k, seed), tmp)
         for name in TOKENIZER_FILES + ("sentence_bert_config.json", "modules.json"):
             shutil.copy(source / name, tmp / name)
         shutil.copytree(source / "1_Pooling", tmp / "1_Pooling")

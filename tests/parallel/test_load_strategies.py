@@ -1,6 +1,7 @@
 """engine.load under every distributed strategy builds the same model as one process from the same checkpoint:
 checkpoints saved by transformers for every family and layout (Switch encoder-only and encoder-decoder, Mixtral
-with on-disk aliases, Qwen2-MoE in shards, BERT-MoE stacked), and a family that exists only in this file."""
+with on-disk aliases, Qwen2-MoE in shards, Qwen3-MoE, OLMoE, BERT-MoE stacked), and a family that exists only in
+this file."""
 import pytest
 import torch
 import transformers
@@ -12,6 +13,7 @@ STRATEGIES = ("moeshard", "ep", "ep-capacity", "auto")
 SAVED = {"switch-encoder": ("switch_transformers", "SwitchTransformersEncoderModel"),
          "switch": ("switch_transformers", "SwitchTransformersForConditionalGeneration"),
          "mixtral": ("mixtral", "MixtralForCausalLM"), "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+         "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "olmoe": ("olmoe", "OlmoeForCausalLM"),
          "bert_moe": ("bert_moe", "BertMoeModel"), "flex_olmo": ("flex_olmo", "FlexOlmoForCausalLM")}
 
 
@@ -42,14 +44,15 @@ def output(model, rank: int) -> torch.Tensor:
 
 
 def load_everywhere(rank, world, folders):
-    """→ {(checkpoint, strategy): (class built, relative error against one process)} and the errors of two
-    wrong model classes."""
+    """→ {(checkpoint, strategy): (class built, relative error against one process)}, the errors of two
+    wrong model classes, and the files of a tiny model every rank built into the cache at once."""
     import engine
     from engine.families import register_family
-    from engine.registry import register_model
+    from engine.registry import get_model_entry, materialize_tiny, register_model
 
     register_family(flex_olmo_family())  # in this rank process only
-    results = {}
+    register_model(name="built-by-every-rank", family="olmoe", source="tiny", options={"seed": 7})
+    results = {"tiny": sorted(p.name for p in materialize_tiny(get_model_entry("built-by-every-rank")).iterdir())}
     for name, folder in folders.items():
         reference = output(engine.load(folder, backend="torch", device="cpu"), rank)
         for strategy in STRATEGIES:
@@ -101,6 +104,12 @@ def test_a_wrong_model_class_names_the_tensors_and_folder(loaded):
         assert f"{folders['switch-encoder']}: the checkpoint has no tensor 'decoder.block." in rank["lacks"]
         assert f"{folders['switch']}: " in rank["unused"] and "not used by SwitchTransformersEncoderModel" in rank["unused"]
         assert "decoder.block." in rank["unused"]
+
+
+def test_every_rank_builds_a_complete_cached_model_under_a_process_group(loaded):
+    _, ranks = loaded
+    for rank in ranks:  # transformers' save_pretrained writes on rank 0 only unless told otherwise
+        assert {"config.json", "model.safetensors"} <= set(rank["tiny"])
 
 
 def test_the_test_family_left_no_trace():
