@@ -85,7 +85,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder" and lora_model(model) is None:
+    # a live pool (--enable-lora) and a device budget for adapters (sub-batches) are the static batcher's
+    live_pool = lora_model(model) is not None and (config.enable_lora or config.lora_budget_bytes is not None)
+    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not live_pool:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
@@ -142,11 +144,14 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
 
     metrics = Metrics()
     adapter_names = adapter_names if adapter_names is not None else AdapterNames(coordinator.runner.model)
+    if coordinator.world == 1:
+        metrics.routing_reader = coordinator.runner.routing_counts
     if coordinator.runner.batch is not None:
         from engine.serving.scheduler import ContinuousEngine
 
         engine = ContinuousEngine(coordinator, metrics, tokenizer, max_queue=config.max_queue,
-                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s)
+                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s,
+                                  router=router)
     else:
         engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()

@@ -151,9 +151,9 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
 
     app.state.adapter_names = names.names  # what completions accept and /v1/models lists, read live
     async def change(op: dict) -> None:
-        if names.model is None:
-            raise APIError(400, "this server runs without LoRA adapters: start it with --enable-lora or "
-                                "--adapters", "lora_name")
+        if names.model is None or not hasattr(engine, "held"):  # only the static batcher runs pool changes
+            raise APIError(400, "this server does not change its adapters at run time: start it with "
+                                "--enable-lora", "lora_name")
         loop = asyncio.get_running_loop()
         request = Request("lora", [], loop, params=op, future=loop.create_future())
         try:
