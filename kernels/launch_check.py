@@ -195,6 +195,23 @@ def lora_cases():
                        functools.partial(lora_mixture_triton, x, y, a, b, slots, weights, split))
 
 
+def routing_cases():
+    """The one-launch router (`kernels.routing`) for every published family's experts, top-k and hidden size,
+    in every dtype, at decode and prefill token counts, with routing counts tracked (its atomics included)."""
+    from kernels.routing import fused_route
+
+    for family, (experts, hidden, _, top_k, _, _, fp32_weights) in PUBLISHED_SHAPES.items():
+        switch = family.startswith("switch")
+        for dtype in DTYPES:
+            weights_dtype = dtype if switch or not fp32_weights else torch.float32
+            for tokens in (1, 16, 32768):
+                args = (_meta(tokens, hidden, dtype=dtype), _meta(experts, hidden, dtype=dtype), None, top_k)
+                yield (f"route {family} {dtype} T={tokens}",
+                       functools.partial(fused_route, *args, switch=switch, normalize=not switch,
+                                         weights_dtype=weights_dtype, bad_flag=_meta(1, dtype=torch.int32),
+                                         counts=_meta(experts + 1, dtype=torch.int64)))
+
+
 def lora_sgmv_cases():
     """The packed, adapter-grouped LoRA mixture (kernels.lora_sgmv) at the families' hidden sizes: decode and
     prefill token counts, ranks 16 and 64, one adapter per token (expand in place) and three (fp32 atomics),
@@ -218,7 +235,7 @@ def lora_sgmv_cases():
                        functools.partial(lora_sgmv_triton, x, y, a, b, slots, weights, grouping))
 
 
-CASES = [moe_cases, lora_cases, lora_sgmv_cases]
+CASES = [moe_cases, lora_cases, lora_sgmv_cases, routing_cases]
 
 
 # ---------------------------------------------------------------- launch counting
@@ -272,6 +289,23 @@ def decode_launch_problems() -> list[str]:
     return problems
 
 
+def failure_report_problems() -> list[str]:
+    """A configuration the GPU cannot run fails with an error naming the kernel, configuration and device."""
+    from kernels.fused_moe import fused_experts
+
+    too_big = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_SIZE_M=1, num_warps=4, num_stages=8)
+    w13 = _meta(8, 256, 512, dtype=torch.bfloat16)
+    args = (_meta(4, 512, dtype=torch.bfloat16), _meta(4, 2, dtype=torch.int64), None, w13[:, :128],
+            _meta(8, 512, 128, dtype=torch.bfloat16), w13[:, 128:])
+    try:
+        fused_experts(*args, config=too_big)
+    except RuntimeError as error:
+        if all(word in str(error) for word in ("expert_up", "stand-in sm_90", "'num_stages': 8")):
+            return []
+        return [f"an over-limit launch raised an unclear error: {error}"]
+    return ["an over-limit launch did not fail"]
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -293,7 +327,7 @@ def check_target(arch: int, device_name: str | None = None) -> tuple[list[Compil
                 except Exception as error:  # noqa: BLE001 - a compile error is a finding, reported below
                     errors.append(f"sm_{arch} {label}: {type(error).__name__}: {str(error)[:400]}")
         if arch == 90 and device_name is None:
-            errors += decode_launch_problems()
+            errors += decode_launch_problems() + failure_report_problems()
     return stand_in.compiled, errors
 
 

@@ -216,3 +216,19 @@ def test_tuned_config_files_are_used_for_their_device_and_shape(tmp_path):
     bad.write_text(json.dumps({"configs": {"1": {"BLOCK_M": 16}}}))
     with pytest.raises(ValueError, match="lacks"):
         config_for((name, 90), 1, 2, 8, 1792, 4096, torch.float16, tmp_path)
+
+
+def test_tuner_lists_the_registry_shapes_and_refuses_without_a_gpu(capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "tune_moe.py"
+    spec = importlib.util.spec_from_file_location("tune_moe", path)
+    tune_moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_moe)
+    assert tune_moe.main(["--dry-run", "--families", "mixtral-8x7b", "--slices", "1", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "E=8,N=14336,K=4096" in out and "E=8,N=1792,K=4096" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        tune_moe.main(["--families", "mixtral-8x7b"])
