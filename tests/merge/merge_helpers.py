@@ -5,6 +5,9 @@ from pathlib import Path
 
 import torch
 import transformers as T
+from safetensors.torch import load_file, save_file
+
+from merge.config import load_spec
 
 CONFIGS = {
     "bert": lambda: T.BertForSequenceClassification(T.BertConfig(
@@ -45,3 +48,18 @@ def make_family(root: Path, kind: str = "bert", tasks=("a", "b", "c"), scale: fl
         models[task] = root / task
         model.save_pretrained(models[task], **save_kwargs)
     return base_dir, models
+
+
+def spec(base, models, out, **extra):
+    """A merge spec of `base` and `models` (task -> folder) written to `out`."""
+    return load_spec(None, {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "out": str(out),
+                            **extra})
+
+
+def rewrite(folder, change) -> dict[str, torch.Tensor]:
+    """Apply `change` to the tensors of `folder/model.safetensors` in place on disk; returns them."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return tensors
