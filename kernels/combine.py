@@ -14,7 +14,7 @@ if triton_importable():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["num_tokens"])  # a new batch size never recompiles
+    @triton.jit(do_not_specialize=["num_tokens", "num_experts", "top_k"])  # one compile per dtype and width
     def _combine_topk_kernel(
         pair_out_ptr, expert_ids_ptr, out_ptr, num_tokens, N, num_experts, top_k,
         stride_pm, stride_pn, stride_om, stride_on,
