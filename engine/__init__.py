@@ -12,14 +12,15 @@ from engine.hf_experts import register_experts_implementation
 register_experts_implementation()  # `from_pretrained(..., experts_implementation="tessera")` after `import engine`
 
 _LAZY = {
-    "load": "engine.registry",
-    "patch_moe": "engine.moe.patch",
+    "load": "engine.loader",
+    "patch_moe": "engine.families",
     "register_model": "engine.registry",
     "register_adapter": "engine.registry",
     "get_model_entry": "engine.registry",
     "list_models": "engine.registry",
     "ModelEntry": "engine.registry",
     "TaskRouter": "engine.lora.router",
+    "generate_batch": "engine.serving.scheduler",  # offline continuous batching, the server's scheduler
 }
 
 __all__ = sorted(_LAZY)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
+
+from foundation.timing import best_seconds
 
 
 def _forward(model, input_ids, attention_mask):
@@ -18,24 +19,12 @@ def _forward(model, input_ids, attention_mask):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def _seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def run_demo(model_name: str, batch: int, seq_len: int, repeats: int, backends: list[str] | None) -> list[dict]:
     from engine.moe.experts import default_backend
-    from engine.moe.patch import moe_blocks, patch_moe
-    from engine.registry import default_device, load
+    from engine.families import patch_moe
+    from engine.moe.patch import moe_blocks
+    from engine.loader import load
+    from engine.registry import default_device
 
     device = default_device()
     reference = load(model_name, backend="eager", device=device)
@@ -44,7 +33,7 @@ def run_demo(model_name: str, batch: int, seq_len: int, repeats: int, backends: 
     input_ids = torch.randint(2, vocab, (batch, seq_len), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
     want = _forward(reference, input_ids, attention_mask)
-    eager_s = _seconds(lambda: _forward(reference, input_ids, attention_mask), repeats)
+    eager_s = best_seconds({"eager": lambda: _forward(reference, input_ids, attention_mask)}, device, repeats)["eager"]
     backends = backends or [default_backend(device)]
     print(f"model {model_name} ({type(reference).__name__}) on {device}: batch {batch} × {seq_len} tokens")
     print(f"{'implementation':22} {'max rel err':>12} {'ms/forward':>11} {'speed-up':>9}")
@@ -54,7 +43,7 @@ def run_demo(model_name: str, batch: int, seq_len: int, repeats: int, backends: 
         model = patch_moe(copy.deepcopy(reference), backend=backend)
         got = _forward(model, input_ids, attention_mask)
         err = ((got - want).abs().max() / want.abs().max()).item()
-        seconds = _seconds(lambda: _forward(model, input_ids, attention_mask), repeats)
+        seconds = best_seconds({backend: lambda: _forward(model, input_ids, attention_mask)}, device, repeats)[backend]
         blocks = len(moe_blocks(model))
         print(f"{'tessera ' + backend:22} {err:>12.1e} {seconds * 1e3:>11.2f} {eager_s / seconds:>9.2f}"
               f"   ({blocks} MoE blocks on tessera)")

@@ -15,19 +15,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from foundation.cache import build_once, cache_dir, save_model
+from foundation.dtypes import parse_dtype
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-STRATEGIES = ("single", "moeshard", "ep", "ep-capacity", "auto")
 
 
 @dataclass
@@ -51,14 +48,6 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 _ADAPTERS: dict[str, Path] = {}  # LoRA adapter name -> PEFT folder
 _LOADED_DIRS: set[Path] = set()
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def register_model(entry: ModelEntry | None = None, **fields) -> ModelEntry:
@@ -135,13 +124,36 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_class(family, class_name: str | None):
+def transformers_class(name: str, config=None):
+    """The transformers model class called `name`: exported by transformers, or registered with an Auto class
+    for `config`'s type (as tessera's own models are). None if there is none."""
     import transformers
 
-    name = class_name or family.auto_class
-    if not hasattr(transformers, name):
-        raise ValueError(f"transformers has no model class {name!r}")
-    return getattr(transformers, name)
+    if hasattr(transformers, name):
+        return getattr(transformers, name)
+    for auto in (n for n in dir(transformers) if n.startswith("AutoModel")):
+        try:
+            found = getattr(transformers, auto)._model_mapping[type(config)]
+        except (AttributeError, KeyError, ValueError):
+            continue
+        if found.__name__ == name:
+            return found
+    return None
+
+
+def model_class(config, family, class_name: str | None = None, where: str = "the model entry"):
+    """The class to build: the entry's `model_class`, else the first of config.json's `architectures`, else the
+    family's default."""
+    archs = getattr(config, "architectures", None) or []
+    name = class_name or (archs[0] if archs else family.auto_class)
+    found = transformers_class(name, config)
+    if found is None:
+        import transformers
+
+        origin = "the entry's model_class" if class_name else f"{where}: architectures" if archs else "the family"
+        raise ValueError(f"{origin} names model class {name!r}, which transformers {transformers.__version__} "
+                         "does not have")
+    return found
 
 
 def build_tiny(family, options: dict, model_class, dtype: torch.dtype):
@@ -157,31 +169,24 @@ def build_tiny(family, options: dict, model_class, dtype: torch.dtype):
     return model
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
-
-
 def materialize_tiny(entry: ModelEntry) -> Path:
     """Save a `tiny` entry's model once as a checkpoint folder in the cache (atomically) and return it."""
     from engine.families import family_for
 
     family = family_for(entry.family)
-    key = json.dumps([entry.family, entry.model_class, entry.dtype, entry.options], sort_keys=True, default=str)
-    folder = cache_dir() / "models" / f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (folder / "config.json").exists():
-        return folder
-    model = build_tiny(family, entry.options, _model_class(family, entry.model_class), parse_dtype(entry.dtype))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(staging)
-        os.replace(staging, folder)
-    except OSError:
-        if not (folder / "config.json").exists():  # not a concurrent writer that won the race
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    if family.tiny_config is None:
+        raise ValueError(f"model {entry.name!r}: family {family.name!r} has no tiny config to build from")
+    # The key holds the whole resolved config, so a changed family default never reuses a stale model.
+    config = family.tiny_config(**entry.options.get("config", {})).to_dict()
+    key = json.dumps([entry.family, entry.model_class, entry.dtype, entry.options, config], sort_keys=True,
+                     default=str)
+    folder = cache_dir("models", f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+    def write(tmp: Path) -> None:
+        cls = transformers_class(entry.model_class or family.auto_class)
+        save_model(build_tiny(family, entry.options, cls, parse_dtype(entry.dtype)), tmp)
+
+    return build_once(folder, write)
 
 
 def _resolve_source(entry: ModelEntry) -> Path:
@@ -207,83 +212,3 @@ def _entry_for(name_or_path) -> tuple[ModelEntry | None, Path]:
         return None, resolve_hub_id(name)
     entry = get_model_entry(name)  # a KeyError listing the registered names if it is none of them
     return entry, _resolve_source(entry)
-
-
-def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, capacity: str | None = None,
-         strategy: str | None = None, task: str | None = None, tasks=None, adapters=None,
-         adapter_options: dict | None = None):
-    """A ready model: weights loaded, MoE blocks on tessera's layer, eval mode.
-
-    `name_or_path`: a registered name, a local folder (a Hugging Face checkpoint or a FlexMerge artifact), or a
-    hub id already in the local cache. `backend`: "triton", "torch", "reference" or "eager" (Hugging Face's own
-    modules). `capacity`: None (dropless) or "hf". `strategy` (under torchrun): "single", "moeshard", "ep",
-    "ep-capacity" or "auto". `task`: the task of a FlexMerge artifact, or "auto" to route each query to its
-    nearest task by `tasks` (task -> validation examples, a task folder, or a `TaskRouter`). `adapters`: LoRA
-    adapters to attach (registered adapter names, a dict name -> PEFT folder, an `AdapterPool` or a
-    `TaskRouter`), with `adapter_options` passed on to `engine.lora.attach_adapters` (tokenizer, cache_bytes,
-    backend).
-    """
-    from engine.families import family_for
-    from engine.moe.patch import patch_moe
-
-    entry, folder = _entry_for(name_or_path)
-    if _is_merge_artifact(folder):
-        from merge.artifact import load_task_model
-
-        if task is None:
-            raise ValueError(f"{folder} is a FlexMerge artifact: pass task=<name> to choose the task's model, "
-                             "or task='auto' with tasks=<validation examples per task>")
-        if task == "auto":
-            from engine.lora.task_paths import load_task_routed
-
-            if tasks is None:
-                raise ValueError("task='auto' routes queries by the tasks' validation examples: pass tasks=")
-            return load_task_routed(folder, tasks, dtype=dtype, device=device)
-        return load_task_model(folder, task, dtype=dtype, device=device)
-    dtype = parse_dtype(dtype or (entry.dtype if entry else "float32"))
-    device = torch.device(device) if device is not None else default_device()
-    backend = backend or (entry.backend if entry else None)
-    strategy = strategy or "single"
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    family = family_for(entry.family if entry else config)
-    model_class = _model_class(family, entry.model_class if entry else None)
-
-    if strategy != "single":
-        from engine.parallel import load_parallel
-
-        model = load_parallel(folder, family, strategy=strategy, backend=backend, dtype=dtype, device=device,
-                              capacity=capacity, model_class=model_class)
-    else:
-        extra = {"experts_implementation": "eager"} if backend == "eager" and family.uses_experts_interface else {}
-        _check_weights_present(folder)
-        model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
-        model = patch_moe(model.to(device).eval(), backend=backend, capacity=capacity)
-    model.tessera_entry = entry
-    if adapters is not None:
-        from engine.lora import attach_adapters
-
-        if isinstance(adapters, (list, tuple)):  # registered adapter names
-            adapters = {name: get_adapter_path(name) for name in adapters}
-        return attach_adapters(model, adapters, **(adapter_options or {}))
-    return model
-
-
-def _is_merge_artifact(folder: Path) -> bool:
-    try:
-        from merge.artifact import is_artifact
-    except ImportError:
-        return False
-    return is_artifact(folder)
-
-
-def _check_weights_present(folder: Path) -> None:
-    if not any(folder.glob("*.safetensors")):
-        found = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(f"{folder} has no *.safetensors weights (tessera loads only safetensors, never "
-                                f"pickle); found {found}")
-

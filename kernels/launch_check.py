@@ -198,7 +198,30 @@ def lora_cases():
                        functools.partial(lora_mixture_triton, x, y, a, b, slots, weights, split))
 
 
-CASES = [moe_cases, lora_cases]
+def lora_sgmv_cases():
+    """The packed, adapter-grouped LoRA mixture (kernels.lora_sgmv) at the families' hidden sizes: decode and
+    prefill token counts, ranks 16 and 64, one adapter per token (expand in place) and three (fp32 atomics),
+    and the expert-LoRA shapes (FFN-wide inputs and outputs). The grouping is given, as meta tensors cannot
+    run its data-dependent indexing."""
+    from kernels.lora_sgmv import BLOCK_M, lora_sgmv_triton
+
+    dims = sorted({(h, h) for _, h, *_ in PUBLISHED_SHAPES.values()}
+                  | {(h, 2 * f) for _, h, f, *_ in PUBLISHED_SHAPES.values()}
+                  | {(f, h) for _, h, f, *_ in PUBLISHED_SHAPES.values()})
+    for dtype in DTYPES:
+        for d_in, d_out in dims:
+            for tokens, rank, k in [(1, 16, 1), (16, 64, 3), (512, 16, 1), (4096, 64, 3)]:
+                n_slots = 8
+                tiles = tokens * k // BLOCK_M + n_slots + 1
+                x, y = _meta(tokens, d_in, dtype=dtype), _meta(tokens, d_out, dtype=dtype)
+                a, b = _meta(n_slots, rank, d_in, dtype=dtype), _meta(n_slots, d_out, rank, dtype=dtype)
+                slots, weights = _meta(tokens, k, dtype=torch.int32), _meta(tokens, k, dtype=torch.float32)
+                grouping = (_meta(tiles * BLOCK_M, dtype=torch.int32), _meta(tiles, dtype=torch.int32))
+                yield (f"lora_sgmv {d_in}->{d_out} r={rank} T={tokens} K={k} {dtype}",
+                       functools.partial(lora_sgmv_triton, x, y, a, b, slots, weights, grouping))
+
+
+CASES = [moe_cases, lora_cases, lora_sgmv_cases]
 
 
 # ---------------------------------------------------------------- launch counting

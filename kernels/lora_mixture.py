@@ -13,14 +13,16 @@ K adapters with arbitrary weights, and the whole heterogeneous batch runs in two
   one pass over y.
 
 Tokens of row b are the contiguous block x[b * L:(b + 1) * L] (padded batches, as transformers builds them).
-`lora_mixture_reference` is the plain-PyTorch definition; it groups (row, k) pairs by adapter slot, which is
-also the fallback when Triton is missing.
+`lora_mixture_reference` is the plain-PyTorch definition (the packed kernel's reference, `kernels.lora_sgmv`,
+with every token taking its row's slots), which is also the fallback when Triton is missing. Packed batches
+(rows of any length) and adapter-grouped work are `kernels.lora_sgmv`.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels import triton_available, triton_importable
+from kernels.lora_sgmv import check_operands, lora_sgmv_reference, row_token_slots
 
 if triton_importable():
     import triton
@@ -106,46 +108,24 @@ if triton_importable():
 
 def _check(x, y, a_stack, b_stack, slots, weights):
     """Validate shapes and devices; return (x2, rows, tokens per row)."""
-    if a_stack.dim() != 3 or b_stack.dim() != 3:
-        raise ValueError(f"adapter stacks must be [slots, r, in] and [slots, out, r], got {tuple(a_stack.shape)} "
-                         f"and {tuple(b_stack.shape)}")
-    n_slots, rank, d_in = a_stack.shape
-    if b_stack.shape[0] != n_slots or b_stack.shape[2] != rank:
-        raise ValueError(f"B stack {tuple(b_stack.shape)} does not match A stack {tuple(a_stack.shape)}")
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x has {x.shape[-1]} features but the adapters expect {d_in}")
-    x2 = x.reshape(-1, d_in)
-    if y.dim() != 2 or y.shape != (x2.shape[0], b_stack.shape[1]):
-        raise ValueError(f"y must be [{x2.shape[0]}, {b_stack.shape[1]}], got {tuple(y.shape)}")
     if slots.dim() != 2 or weights.shape != slots.shape:
         raise ValueError(f"slots and weights must both be [rows, K], got {tuple(slots.shape)} and "
                          f"{tuple(weights.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    check_operands(x2, y, a_stack, b_stack, slots, weights)
     rows = slots.shape[0]
     if rows == 0 or x2.shape[0] % rows:
         raise ValueError(f"{x2.shape[0]} tokens cannot be split evenly into {rows} rows")
-    devices = {t.device for t in (x, y, a_stack, b_stack, slots, weights)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if a_stack.dtype != x.dtype or b_stack.dtype != x.dtype:
-        raise ValueError(f"adapter dtype {a_stack.dtype}/{b_stack.dtype} differs from activations {x.dtype}")
     return x2, rows, x2.shape[0] // rows
 
 
 def lora_mixture_reference(x, y, a_stack, b_stack, slots, weights):
     """Plain-PyTorch definition of the mixture (fp32 accumulation, v rounded to the adapter dtype like the
-    kernel). Adds the mixture to y (shape [tokens, out]) in place and returns y."""
+    kernel): the packed reference with every token taking its row's slots. Adds the mixture to y (shape
+    [tokens, out]) in place and returns y."""
     x2, rows, per_row = _check(x, y, a_stack, b_stack, slots, weights)
-    xb = x2.view(rows, per_row, -1)
-    yb = y.view(rows, per_row, -1)
-    if slots.numel() and int(slots.max()) >= a_stack.shape[0]:
-        raise ValueError(f"slot {int(slots.max())} is out of range for {a_stack.shape[0]} adapter slots")
-    for slot in torch.unique(slots[slots >= 0]).tolist():
-        row_idx, k_idx = (slots == slot).nonzero(as_tuple=True)
-        w = weights[row_idx, k_idx].float()[:, None, None]
-        v = (xb[row_idx].float() @ a_stack[slot].float().T) * w
-        delta = v.to(b_stack.dtype).float() @ b_stack[slot].float().T
-        yb.index_add_(0, row_idx, delta.to(y.dtype))
-    return y
+    token_slots, token_weights = row_token_slots(slots, weights, per_row)
+    return lora_sgmv_reference(x2, y, a_stack, b_stack, token_slots, token_weights)
 
 
 def _next_pow2(n: int) -> int:

@@ -14,22 +14,36 @@ from pathlib import Path
 
 import torch
 
-from merge.flexmerge import FORMAT, MANIFEST, PLAN, TORCH_DTYPES, _file_hash
-from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files
+from foundation.atomic import atomic_folder
+from foundation.dtypes import parse_dtype
+from foundation.io import Checkpoint
+from merge.config import check_out_apart
+from merge.flexmerge import FORMAT, MANIFEST, PLAN, _file_hash
+from merge.io import ShardWriter, copy_side_files
 
 _STORES: "weakref.WeakValueDictionary[tuple, _Store]" = weakref.WeakValueDictionary()
 
 
 class _Store:
-    """All stored tensors of one artifact, read once, in one dtype on one device."""
+    """The stored tensors of one artifact in one dtype on one device, read on first use and kept, so a task
+    reads only its own blocks and tasks loaded later reuse the shared ones. `keep=False` keeps nothing
+    (export streams block by block)."""
 
-    def __init__(self, path: Path, dtype, device):
-        ckpt = Checkpoint(path)
-        self.tensors = ckpt.read(ckpt.names)
-        for k, t in self.tensors.items():
-            if dtype is not None and t.is_floating_point() and not k.endswith("::scale"):
-                t = t.to(dtype)
-            self.tensors[k] = t.to(device) if device is not None else t
+    def __init__(self, path: Path, dtype, device, keep: bool = True):
+        self.ckpt = Checkpoint(path)
+        self.dtype, self.device, self.keep = dtype, device, keep
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        missing = [k for k in keys if k not in self.tensors]
+        fresh = {}
+        for k, t in self.ckpt.read(missing).items():
+            if self.dtype is not None and t.is_floating_point() and not k.endswith("::scale"):
+                t = t.to(self.dtype)
+            fresh[k] = t.to(self.device) if self.device is not None else t
+        if self.keep:
+            self.tensors.update(fresh)
+        return {k: fresh[k] if k in fresh else self.tensors[k] for k in keys}
 
 
 def is_artifact(path) -> bool:
@@ -74,25 +88,27 @@ def _store(path: Path, dtype, device) -> _Store:
     return store
 
 
-def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[str, torch.Tensor], "_Store"]:
-    """Task `task`'s full state dict (original tensor names) and the store its tensors live in."""
-    path = Path(path)
+def task_blocks(path: Path, task: str, store: _Store):
+    """Task `task`'s tensors one block at a time (original names): `{name: tensor}` per block."""
     manifest = read_manifest(path)
-    if isinstance(dtype, str):
-        if dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-        dtype = TORCH_DTYPES[dtype]
     if task not in manifest["tasks"]:
         raise KeyError(f"task {task!r} is not in artifact {path}; its tasks are {manifest['tasks']}")
-    store = _store(path, dtype, device)
-    t = store.tensors
-    state = {}
+    names = set(store.ckpt.names)
     for block in manifest["blocks"]:
-        group = next(g for g in block["groups"] if task in g["tasks"])
+        group = next((g for g in block["groups"] if task in g["tasks"]), None)
+        if group is None:
+            continue
         pos, sfx = group["tasks"].index(task), group["suffix"]
-        for n in block["tensors"]:
-            if group["kind"] != "modulated" or n + sfx in t:
-                state[n] = t[n + sfx]
+        tensors = group.get("tensors", block["tensors"])
+        plain = [n for n in tensors if group["kind"] != "modulated" or n + sfx in names]
+        keys = [n + sfx for n in plain]
+        for n in tensors:
+            if n not in plain:
+                keys += [k for k in (f"{n}::base", f"{n}{sfx}::vector", f"{n}{sfx}::mask", f"{n}{sfx}::scale") if k in names]
+        t = store.get(keys)
+        state = {n: t[n + sfx] for n in plain}
+        for n in tensors:
+            if n in plain:
                 continue
             base, vec = t[f"{n}::base"], t[f"{n}{sfx}::vector"]
             delta = vec.float()
@@ -101,6 +117,18 @@ def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[s
             if f"{n}{sfx}::scale" in t:
                 delta = delta * t[f"{n}{sfx}::scale"][pos].float()
             state[n] = (base.float() + delta).to(base.dtype)
+        yield state
+
+
+def task_state_dict(path, task: str, *, dtype=None, device=None) -> tuple[dict[str, torch.Tensor], "_Store"]:
+    """Task `task`'s full state dict (original tensor names) and the store its tensors live in. Only the
+    task's own stored tensors are read."""
+    path = Path(path)
+    read_manifest(path)  # a clear error for a folder that is not an artifact
+    store = _store(path, None if dtype is None else parse_dtype(dtype), device)
+    state = {}
+    for block in task_blocks(path, task, store):
+        state.update(block)
     return state, store
 
 
@@ -113,7 +141,7 @@ def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Mod
     import transformers
 
     state, store = task_state_dict(path, task, dtype=dtype, device=device)
-    dtype = TORCH_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dtype = None if dtype is None else parse_dtype(dtype)
     config = transformers.AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     if not archs or not hasattr(transformers, archs[0]):
@@ -131,16 +159,18 @@ def load_task_model(path, task: str, *, dtype=None, device=None) -> torch.nn.Mod
 def export(path, task: str, out, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write `task`'s model as a standard Hugging Face checkpoint folder (config and tokenizer included)."""
     path = Path(path)
+    check_out_apart(out, [path])
     verify(path)
-    state, _ = task_state_dict(path, task)
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    manifest = read_manifest(path)
+    if task not in manifest["tasks"]:
+        raise KeyError(f"task {task!r} is not in artifact {path}; its tasks are {manifest['tasks']}")
     with atomic_folder(out, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, total_bytes=total, desc=f"export {task}")
-        for n, t in state.items():
-            writer.add(n, t)
+        writer = ShardWriter(tmp, max_shard_bytes, desc=f"export {task}")
+        for block in task_blocks(path, task, _Store(path, None, None, keep=False)):
+            for n, t in block.items():
+                writer.add(n, t)
         writer.close()
         copy_side_files(path, tmp)
         for name in (MANIFEST, PLAN):
             (tmp / name).unlink(missing_ok=True)
     return Path(out)
-

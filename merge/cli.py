@@ -29,7 +29,7 @@ def cmd_merge(args) -> int:
     overrides = {
         "base": args.base, "method": args.method, "size": args.size, "blocks": args.blocks, "out": args.out,
         "similarity": args.similarity, "device": args.device, "dtype": args.dtype, "plan": args.plan,
-        "overwrite": args.overwrite or None, "max_shard_size": args.max_shard_size,
+        "overwrite": args.overwrite or None, "max_shard_size": args.max_shard_size, "tokenizer_source": args.tokenizer_source,
         "models": dict(args.model) if args.model else None, "params": dict(args.param) if args.param else None,
     }
     spec = load_spec(args.config, overrides)
@@ -83,7 +83,7 @@ def cmd_export(args) -> int:
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("merge", help="FlexMerge fine-tuned checkpoints into an artifact of any size",
                               description="Merge M fine-tuned checkpoints of one base into an artifact of size 1x..Mx.")
-    p.add_argument("config", nargs="?", help="YAML config (base, models, method, params, size, blocks, out)")
+    p.add_argument("config", nargs="?", help="YAML config (base, models, method, params, size, blocks, out), or a mergekit config")
     p.add_argument("--base", help="pretrained checkpoint folder")
     p.add_argument("--model", action="append", type=_kv, metavar="TASK=DIR", help="a fine-tuned model (repeatable)")
     p.add_argument("--method", help="merge algorithm, e.g. task_arithmetic, ties, dare_ties, emr, tsv_m")
@@ -95,6 +95,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--device", help="where the algebra runs: cpu (default) or cuda")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype (default: the base's)")
     p.add_argument("--plan", help="replay a plan.json written by an earlier merge")
+    p.add_argument("--tokenizer-source", help="vocabularies that differ: base, union, or a model's task name (mergekit's)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print blocks, reachable sizes, memory and time; read no weights")

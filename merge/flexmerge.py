@@ -13,16 +13,22 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from foundation.atomic import atomic_folder
+from foundation.dtypes import parse_dtype
+from foundation.io import Checkpoint
 from merge import blocks as blocks_mod
 from merge import greedy, methods, sizing
-from merge.config import MergeSpec
-from merge.io import Checkpoint, ShardWriter, atomic_folder, copy_side_files, element_size
+from merge import settings as settings_mod
+from merge import vocab as vocab_mod
+from merge.card import model_card
+from merge.config import MergeSpec, check_out_apart
+from merge.io import ShardWriter, copy_side_files
 from merge.methods import Context, MergeResult
 from merge.sparsify import threshold_from_histogram
 from merge.stats import Stats, read_task_vectors, scan
@@ -30,16 +36,18 @@ from merge.stats import Stats, read_task_vectors, scan
 FORMAT = "tessera-flexmerge"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> None:
-    """Same architecture, tensor names, shapes and dtypes as the base, or an error naming what differs."""
+def check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[str]:
+    """Same architecture and tensor names as the base, or an error naming what differs. Returns the
+    task-specific tensors: those whose shape differs between models or from the base, or that the base
+    lacks (per-task classification heads). They are stored per task and never merged."""
     base_cfg = base.config() or {}
+    specific = set()
     for task, ckpt in models.items():
         cfg = ckpt.config() or {}
         for key in ("architectures", "model_type"):
@@ -48,25 +56,34 @@ def check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> None:
         missing = [n for n in base.names if n not in ckpt.shape]
         if missing:
             raise ValueError(f"model {task!r} ({ckpt.folder}) lacks tensor {missing[0]} of the base" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        extra = [n for n in ckpt.names if n not in base.shape]
-        if extra:
-            raise ValueError(f"{ckpt.file_of[extra[0]]}: tensor {extra[0]} is not in the base {base.folder}")
+        specific.update(n for n in ckpt.names if n not in base.shape or ckpt.shape[n] != base.shape[n])
         for n in base.names:
-            if ckpt.shape[n] != base.shape[n]:
-                raise ValueError(f"{ckpt.file_of[n]}: tensor {n} has shape {list(ckpt.shape[n])}, the base has {list(base.shape[n])}")
-            if ckpt.dtype[n] != base.dtype[n]:
+            if ckpt.dtype[n] != base.dtype[n] and not (ckpt.dtype[n].is_floating_point and base.dtype[n].is_floating_point):
                 raise ValueError(f"{ckpt.file_of[n]}: tensor {n} is {ckpt.dtype[n]}, the base's is {base.dtype[n]}")
+    return sorted(specific)
+
+
+@dataclass
+class Setting:
+    """The parameters of some tensors of a block: those for which every per-tensor setting agrees."""
+
+    names: list[str]
+    params: dict
+    weights: torch.Tensor
+    task_params: dict[str, list]
 
 
 class Session:
     """Everything known from the config and the headers alone (no weights read)."""
 
     def __init__(self, spec: MergeSpec):
+        check_out_apart(spec.out, [spec.base, *spec.models.values()] + ([spec.plan] if spec.plan else []))
         self.spec = spec
         self.method = methods.get(spec.method)
         user_params = dict(spec.params or {})
         weight = user_params.pop("weight", None)
-        self.params = methods.resolve_params(self.method, user_params)
+        self.param_settings = user_params
+        self.params = methods.resolve_params(self.method, self._evaluate(user_params, "", 0.0))
         if spec.similarity not in greedy.SIMILARITIES:
             raise ValueError(f"similarity must be one of {greedy.SIMILARITIES}, got {spec.similarity!r}")
         if spec.device.startswith("cuda") and not torch.cuda.is_available():
@@ -74,42 +91,84 @@ class Session:
         self.base = Checkpoint(spec.base)
         self.tasks = list(spec.models)
         self.ckpts = {t: Checkpoint(p) for t, p in spec.models.items()}
-        check_compatible(self.base, self.ckpts)
+        self.vocab = None
+        if spec.tokenizer_source is not None:
+            self.base, self.ckpts, self.vocab = vocab_mod.align(spec.tokenizer_source, self.base, self.ckpts)
+        specific = check_compatible(self.base, self.ckpts)
         self.models = [self.ckpts[t] for t in self.tasks]
         w = {t: 1.0 for t in self.tasks}
-        if isinstance(weight, dict):
+        if isinstance(weight, dict) and "value" not in weight:
             unknown = sorted(set(map(str, weight)) - set(self.tasks))
             if unknown:
                 raise ValueError(f"params.weight names unknown task(s) {unknown}; tasks are {self.tasks}")
-            w.update({str(k): float(v) for k, v in weight.items()})
+            w.update({str(k): v for k, v in weight.items()})
         elif weight is not None:
-            w = {t: float(weight) for t in self.tasks}
+            w = {t: weight for t in self.tasks}
         w.update(spec.weights)
-        self.weights = torch.tensor([w[t] for t in self.tasks], dtype=torch.float32)
-        self.blocks = blocks_mod.assign(self.base.names, spec.blocks)
-        if spec.dtype is not None and spec.dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {spec.dtype!r}")
+        self.weight_settings = [w[t] for t in self.tasks]
+        allowed = {**methods.COMMON_PARAMS, **self.method.defaults}
+        self.model_params = {t: dict(spec.model_params.get(t) or {}) for t in self.tasks}
+        for t, p in self.model_params.items():
+            unknown = sorted(set(p) - set(allowed))
+            if unknown:
+                raise ValueError(f"model {t!r}: method {self.method.name!r} has no parameter(s) {unknown}; it takes {sorted(allowed)}")
+        self.per_model_names = sorted({k for p in self.model_params.values() for k in p})
+        self.per_tensor = any(settings_mod.varies(v) for v in [*user_params.values(), *self.weight_settings,
+                                                              *(x for p in self.model_params.values() for x in p.values())])
+        self.n_layers = settings_mod.count_layers(self.base.names)
+        self.weights = torch.tensor([float(self._evaluate({"w": x}, "", 0.0).get("w", 1.0)) for x in self.weight_settings],
+                                    dtype=torch.float32)
+        self.specific = {t: [n for n in specific if n in c.shape] for t, c in zip(self.tasks, self.models)}
+        self.blocks = blocks_mod.assign([n for n in self.base.names if n not in specific], spec.blocks)
+        if spec.dtype is not None:
+            parse_dtype(spec.dtype)
         self.costs = [
             sizing.block_cost(
-                [(math.prod(self.base.shape[n]), element_size(self.out_dtype(n))) for n in b.tensors],
+                [(math.prod(self.base.shape[n]), self.out_dtype(n).itemsize) for n in b.tensors],
                 self.method.masks,
                 self.method.scales,
             )
             for b in self.blocks
         ]
         self.base_bytes = sum(c.param_bytes for c in self.costs)
+        self.specific_bytes = int(sum(math.prod(c.shape[n]) * self.out_dtype(n, c).itemsize
+                                      for c, names in zip(self.models, self.specific.values()) for n in names))
         self.global_scope = self.params.get("scope") == "global"
         if self.global_scope and "density" not in self.params:
             raise ValueError(f"scope: global trims by magnitude; {self.method.name} does not (use ties or magnitude_prune)")
+        self._settings: dict[str, list[Setting]] = {}
+
+    @staticmethod
+    def _evaluate(values: dict, name: str, t: float) -> dict:
+        out = {k: settings_mod.evaluate(v, name, t) for k, v in values.items()}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def settings(self, block: blocks_mod.Block) -> list[Setting]:
+        """The block's tensors grouped by their evaluated parameters (one group unless settings vary)."""
+        if block.name in self._settings:
+            return self._settings[block.name]
+        groups: dict[str, Setting] = {}
+        for n in block.tensors:
+            t = settings_mod.layer_fraction(n, self.n_layers)
+            params = methods.resolve_params(self.method, self._evaluate(self.param_settings, n, t))
+            weights = [float(self._evaluate({"w": x}, n, t).get("w", 1.0)) for x in self.weight_settings]
+            task_params = {k: [self._evaluate({k: self.model_params[task].get(k)}, n, t).get(k) for task in self.tasks]
+                           for k in self.per_model_names}
+            key = json.dumps([params, weights, task_params], sort_keys=True, default=str)
+            if key not in groups:
+                groups[key] = Setting([], params, torch.tensor(weights, dtype=torch.float32), task_params)
+            groups[key].names.append(n)
+        self._settings[block.name] = list(groups.values())
+        return self._settings[block.name]
 
     @property
     def M(self) -> int:
         return len(self.tasks)
 
-    def out_dtype(self, name: str) -> torch.dtype:
-        dtype = self.base.dtype[name]
+    def out_dtype(self, name: str, ckpt: Checkpoint | None = None) -> torch.dtype:
+        dtype = (ckpt or self.base).dtype[name]
         if self.spec.dtype is not None and dtype.is_floating_point:
-            return TORCH_DTYPES[self.spec.dtype]
+            return parse_dtype(self.spec.dtype)
         return dtype
 
     def scan(self, on_block=None) -> Stats:
@@ -139,36 +198,56 @@ class Session:
             return None
         return threshold_from_histogram(stats.histogram, float(self.params["density"]))
 
-    def context(self, block: blocks_mod.Block, members: tuple[int, ...], thresholds=None) -> Context:
+    def context(self, block: blocks_mod.Block, members: tuple[int, ...], thresholds=None, setting: Setting | None = None,
+                base_t: dict | None = None) -> Context:
+        setting = setting or self.settings(block)[0]
         idx = list(members)
         names = [self.tasks[i] for i in idx]
+        dev = self.spec.device
         return Context(
-            params=self.params,
-            weights=self.weights[idx].to(self.spec.device),
-            thresholds=None if thresholds is None else thresholds[idx].to(self.spec.device),
-            rng=methods.seeded_rng(int(self.params["seed"]), block.name, names),
+            params=setting.params,
+            weights=setting.weights[idx].to(dev),
+            thresholds=None if thresholds is None else thresholds[idx].to(dev),
+            rng=methods.seeded_rng(int(setting.params["seed"]), block.name, names),
+            task_params={k: [v[i] for i in idx] for k, v in setting.task_params.items()} or None,
+            base=None if base_t is None else {n: base_t[n].to(device=dev, dtype=torch.float32) for n in setting.names},
         )
 
-    def prepare_block(self, block: blocks_mod.Block, tvs: dict, thresholds) -> dict:
+    def prepare_block(self, block: blocks_mod.Block, tvs: dict, thresholds, base_t: dict | None = None) -> dict:
         """The method's per-task step (trimming, drops) for every task of the block, done once."""
-        floats = {n: t for n, t in tvs.items() if self.base.dtype[n].is_floating_point}
-        return methods.prepare(self.method, floats, self.context(block, tuple(range(self.M)), thresholds))
+        out = {}
+        for s in self.settings(block):
+            floats = {n: tvs[n] for n in s.names if self.base.dtype[n].is_floating_point}
+            if floats:
+                out.update(methods.prepare(self.method, floats, self.context(block, tuple(range(self.M)), thresholds, s, base_t)))
+        return out
 
-    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], prepared: dict) -> MergeResult:
+    def merge_group(self, block: blocks_mod.Block, members: tuple[int, ...], prepared: dict, base_t: dict | None = None) -> MergeResult:
         """One group of one block, recomputed from its members' (prepared) original task vectors."""
         index = torch.tensor(list(members), device=self.spec.device)
-        rows = {n: t.index_select(0, index) for n, t in prepared.items()}
-        return self.method.fn(rows, self.context(block, members))
+        vector, masks, scales = {}, {}, {}
+        for s in self.settings(block):
+            names = set(s.names)
+            rows = {k: t.index_select(0, index) for k, t in prepared.items() if k.split("::", 1)[0] in names}
+            if not rows:
+                continue
+            res = self.method.fn(rows, self.context(block, members, None, s, base_t))
+            vector.update(res.vector)
+            masks.update(res.masks or {})
+            scales.update(res.scales or {})
+        return MergeResult(vector, masks or None, scales or None)
 
     @property
     def linear(self) -> bool:
-        """Merged groups are fixed combinations Σ c_k τ_k (no DARE, no data-dependent masks)."""
-        return self.method.coefficients is not None and self.params.get("dare") is None
+        """Merged groups are fixed combinations Σ c_k τ_k (no DARE, no data-dependent masks), the same in
+        every tensor."""
+        if self.method.coefficients is None or self.params.get("dare") is not None or self.per_tensor:
+            return False
+        return self.method.coefficients(Context(self.params, self.weights)) is not None
 
     def steps_for(self, stats: Stats) -> list[greedy.Step]:
-        if self.spec.plan is None:
-            return greedy.plan(self.similarities(stats))
-        return load_plan(self.spec.plan, self)
+        steps = greedy.plan(self.similarities(stats)) if self.spec.plan is None else load_plan(self.spec.plan, self)
+        return sizing.byte_ordered(steps, self.costs, self.M, self.method.modulated)
 
 
 def load_plan(path: str, session: Session) -> list[greedy.Step]:
@@ -185,9 +264,11 @@ def load_plan(path: str, session: Session) -> list[greedy.Step]:
 
 
 def plan_json(session: Session, steps: list[greedy.Step], sizes: list[int], errors: list[list[float]] | None = None) -> dict:
-    curve = []
+    curve, smallest = [], math.inf
     for state, nbytes in enumerate(sizes):
-        point = {"state": state, "bytes": nbytes, "size": nbytes / session.base_bytes}
+        # inside a multi-step merge of one block (methods with modulators): never chosen
+        point = {"state": state, "bytes": nbytes, "size": nbytes / session.base_bytes, "taken": nbytes < smallest}
+        smallest = min(smallest, nbytes)
         if errors is not None:
             point["relative_error"] = dict(zip(session.tasks, errors[state]))
             point["mean_relative_error"] = float(np.mean(errors[state]))
@@ -253,7 +334,7 @@ def run(spec: MergeSpec) -> dict:
             raise ValueError(f"size must be at least 1 (one merged model), got {value}")
         state = sizing.choose_state(sizes, value * session.base_bytes)
     else:
-        state = sizing.choose_state(sizes, value)
+        state = sizing.choose_state(sizes, value - session.specific_bytes)
     parts = greedy.partitions_at(steps, len(session.blocks), session.M, state)
     manifest = write_artifact(session, stats, parts, sizes[state], Path(spec.out), plan_json(session, steps, sizes), state)
     return {
@@ -285,20 +366,20 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
     with atomic_folder(out, spec.overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard, total_bytes=nbytes, desc="merge")
         for block, groups in zip(session.blocks, parts):
-            merged = any(len(g) > 1 for g in groups)
+            merged = any(len(g) > 1 or method.singletons for g in groups)
             base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
-            prepared = session.prepare_block(block, tvs, thresholds) if merged else None
+            prepared = session.prepare_block(block, tvs, thresholds, base_t) if merged else None
             plain = len(groups) == 1 and not (merged and method.modulated)
             entries = []
             for j, g in enumerate(groups):
                 suffix = "" if plain else f"::g{j}"
                 entry = {"tasks": [session.tasks[i] for i in g], "suffix": suffix}
-                if len(g) == 1:
+                if len(g) == 1 and not method.singletons:
                     entry["kind"] = "full"
                     for n, t in session.models[g[0]].read(block.tensors).items():
                         writer.add(n + suffix, t.to(session.out_dtype(n)))
                 else:
-                    res = session.merge_group(block, g, prepared)
+                    res = session.merge_group(block, g, prepared, base_t)
                     entry["kind"] = "modulated" if method.modulated else "merged"
                     for n in block.tensors:
                         dtype = session.out_dtype(n)
@@ -319,8 +400,12 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                     writer.add(f"{n}::base", t.to(session.out_dtype(n)))
             block_entries.append({"name": block.name, "tensors": block.tensors, "groups": entries})
             del base_t, tvs, prepared
+        if any(session.specific.values()):
+            block_entries.append(write_task_specific(session, writer))
         files = writer.close()
         copy_side_files(session.base.folder, tmp)
+        if session.vocab is not None:
+            vocab_mod.write_tokenizer(spec.tokenizer_source, session.base.folder, spec.models, session.vocab, tmp)
         manifest = {
             "format": FORMAT,
             "version": 1,
@@ -329,16 +414,30 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
             "params": session.params,
             "similarity": spec.similarity,
             "blocks_rules": spec.blocks,
-            "size": {"bytes": nbytes, "multiplier": nbytes / session.base_bytes, "base_bytes": session.base_bytes,
+            "size": {"bytes": nbytes + session.specific_bytes, "multiplier": nbytes / session.base_bytes,
+                     "base_bytes": session.base_bytes, "task_specific_bytes": session.specific_bytes,
                      "state": state, "states": len(plan["steps"]) + 1},
-            "tensors": {n: {"shape": list(session.base.shape[n]), "dtype": str(session.out_dtype(n)).removeprefix("torch.")} for n in session.base.names},
+            "tensors": {n: {"shape": list(session.base.shape[n]), "dtype": str(session.out_dtype(n)).removeprefix("torch.")}
+                        for b in session.blocks for n in b.tensors},
             "blocks": block_entries,
             "hashes": {"base": stats.base_hash, "files": {f: _file_hash(tmp / f) for f in files}},
             "spec": {k: v for k, v in asdict(spec).items() if k not in ("overwrite",)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / PLAN).write_text(json.dumps(plan, indent=1))
+        (tmp / "README.md").write_text(model_card(manifest, spec))  # the base's card describes another model
     return manifest
+
+
+def write_task_specific(session: Session, writer: ShardWriter) -> dict:
+    """Tensors that differ in shape per task or that the base lacks: each task's own, stored as they are."""
+    groups, names = [], sorted({n for v in session.specific.values() for n in v})
+    for j, (task, ckpt) in enumerate(zip(session.tasks, session.models)):
+        own = session.specific[task]
+        for n, t in ckpt.read(own).items():
+            writer.add(f"{n}::g{j}", t.to(session.out_dtype(n, ckpt)))
+        groups.append({"tasks": [task], "suffix": f"::g{j}", "kind": "full", "tensors": own})
+    return {"name": "task_specific", "tensors": names, "groups": groups}
 
 
 def _file_hash(path: Path) -> str:
@@ -369,10 +468,10 @@ def run_curve(session: Session) -> dict:
         errors = _merge_tree_linear(session, block, steps, tvs, stats.grams[b]) if session.linear else None
         if errors is None:
             errors = {}
-            prepared = session.prepare_block(block, tvs, thresholds)
+            prepared = session.prepare_block(block, tvs, thresholds, base_t)
             for step in steps:
                 members = step.merged
-                res = session.merge_group(block, members, prepared)
+                res = session.merge_group(block, members, prepared, base_t)
                 errors[members] = [
                     sum(float((res.task_vector(pos, n) - tvs[n][k]).pow(2).sum()) for n in res.vector)
                     for pos, k in enumerate(members)
@@ -382,8 +481,10 @@ def run_curve(session: Session) -> dict:
 
     stats = session.scan(on_block=on_block)
     steps = planned if planned is not None else greedy.plan(session.similarities(stats))
+    steps = sizing.byte_ordered(steps, session.costs, M, session.method.modulated)
     for b in range(len(session.blocks)):
-        if [(s.a, s.b) for s in steps if s.block == b] != local_steps[b]:
+        taken = [(s.a, s.b) for s in steps if s.block == b]
+        if taken != local_steps[b][: len(taken)]:
             raise RuntimeError(f"block {session.blocks[b].name}: global and per-block merge orders disagree")
     sizes = sizing.curve(session.costs, steps, M, session.method.modulated)
     errors = _error_curve(session, stats, steps, node_errors)

@@ -31,7 +31,8 @@ class Step:
 
 
 def similarity(gram: np.ndarray, kind: str = "cosine", sign: np.ndarray | None = None, numel: int = 1) -> np.ndarray:
-    """Pairwise task similarity in one block: cosine, negative Euclidean distance, or sign agreement.
+    """Pairwise task similarity in one block: cosine, negative RMS distance ‖τ_i − τ_j‖ / √numel, or sign
+    agreement.
 
     `gram[i, j] = <τ_i, τ_j>` over the block; `sign[i, j] = Σ sign(τ_i) sign(τ_j)`, so the fraction of
     agreeing signs is (numel + sign) / (2 numel)."""
@@ -45,7 +46,8 @@ def similarity(gram: np.ndarray, kind: str = "cosine", sign: np.ndarray | None =
         sim[np.ix_(zero, zero)] = 1.0  # two untouched blocks are identical
         return sim
     if kind == "euclidean":
-        return -np.sqrt(np.clip(diag[:, None] + diag[None, :] - 2 * gram, 0.0, None))
+        # per entry (÷ √numel), so that blocks of different sizes compare on one scale
+        return -np.sqrt(np.clip(diag[:, None] + diag[None, :] - 2 * gram, 0.0, None) / max(numel, 1))
     if kind == "sign":
         if sign is None:
             raise ValueError("sign similarity needs the sign-agreement matrix")

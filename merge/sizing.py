@@ -60,6 +60,41 @@ def curve(costs: list[BlockCost], steps: list[Step], n_tasks: int, modulated: bo
     return out
 
 
+def byte_ordered(steps: list[Step], costs: list[BlockCost], n_tasks: int, modulated: bool) -> list[Step]:
+    """The greedy order, changed so that no taken state stores more bytes than the state it replaces.
+
+    With modulators, a block's first merge adds bytes (a unified vector, the base and masks replace two
+    fine-tuned copies). Such a step is taken together with the same block's next steps, in the block's own
+    order, until the block is smaller than before; steps that never get it there are left out. Every
+    block keeps its own merge sequence (a prefix of it), so group trees built block by block still apply."""
+    if not modulated:
+        return list(steps)
+    queues: dict[int, list[Step]] = {}
+    for s in steps:
+        queues.setdefault(s.block, []).append(s)
+    sizes = [[1] * n_tasks for _ in costs]
+    out: list[Step] = []
+    for step in steps:
+        q = queues[step.block]
+        if not q or q[0] != step:
+            continue  # already taken with an earlier step of its block, or left out
+        b = step.block
+        before = block_bytes(costs[b], sizes[b], modulated)
+        trial, macro = list(sizes[b]), []
+        while q:
+            s = q.pop(0)
+            macro.append(s)
+            trial.remove(len(s.a))
+            trial.remove(len(s.b))
+            trial.append(len(s.a) + len(s.b))
+            if block_bytes(costs[b], trial, modulated) < before:
+                break
+        if block_bytes(costs[b], trial, modulated) < before:
+            sizes[b] = trial
+            out.extend(macro)
+    return out
+
+
 UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
 
 

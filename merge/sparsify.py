@@ -18,12 +18,12 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * flat.numel())
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    # Selecting the k-th largest value is about twice as fast as topk; only ties at that value need topk
-    # to keep exactly k entries.
+    # Selecting the k-th largest value is about twice as fast as sorting; only ties at that value need the
+    # sort to keep exactly k entries, and a descending argsort breaks them as mergekit does.
     mask = flat >= torch.kthvalue(flat, flat.numel() - k + 1).values
     if int(mask.sum()) != k:
         mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, k).indices] = True
+        mask[torch.argsort(flat.float(), descending=True)[:k]] = True
     return mask.view(x.shape)
 
 
@@ -85,3 +85,31 @@ def drop_and_rescale(x: torch.Tensor, density: float, generator: torch.Generator
     # drawn on the CPU generator (same stream on any device), then moved next to x
     keep = torch.bernoulli(torch.full(x.shape, density), generator=generator).to(x.device)
     return x * keep / density
+
+
+def outliers_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop the top `gamma` fraction of magnitudes (outliers)
+    and then the smallest, keeping `int(density * numel)` entries. When the two cuts overlap, fewer outliers
+    are dropped so the count is met."""
+    n = x.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    order = x.abs().reshape(-1).float().argsort()
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[order[bottom : n - top]] = True
+    return mask.view(x.shape)
+
+
+def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune (Deep et al., 2024) as mergekit parameterises it: within each row, entries ranked by
+    magnitude get keep probabilities spread linearly from `density − epsilon` (smallest) to
+    `density + epsilon` (largest)."""
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    ranks = rows.abs().float().argsort(dim=1).argsort(dim=1).float()
+    width = max(rows.shape[1] - 1, 1)
+    return ((density - epsilon) + ranks / width * 2 * epsilon).view(x.shape)

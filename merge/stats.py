@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from merge.blocks import Block
-from merge.io import Checkpoint, tensor_bytes
+from foundation.io import Checkpoint
+from merge.io import tensor_bytes
 from merge.sparsify import magnitude_histogram
 
 

@@ -161,7 +161,7 @@ TASKS = {
 # Fixed hyper-parameters (λ is chosen per method on a validation split at 1x, as the papers do).
 METHODS = {
     "average": {},
-    "task_arithmetic": {},
+    "task_arithmetic": {"normalize": True},  # λ · mean per group, as the FlexMerge reference scales groups
     "ties": {"density": 0.2},
     "dare_linear": {"density": 0.5},
     "dare_ties": {"density": 0.5},
@@ -172,6 +172,7 @@ METHODS = {
     "emr": {},
     "tsv_m": {},
     "iso_c": {},
+    "iso_cts": {},
 }
 LAMBDAS = (0.1, 0.3, 0.5, 1.0)
 

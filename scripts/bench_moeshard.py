@@ -30,8 +30,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.moe.patch import _install_health_check  # noqa: E402
+from engine.moe.patch import install_health_check  # noqa: E402
 from engine.parallel import apply_strategy, generate_lockstep, init_distributed  # noqa: E402
+from foundation.timing import best_seconds, seconds  # noqa: E402
 
 STRATEGIES = ("moeshard", "ep-capacity", "ep", "auto")
 SKEWS = {"none": 0.0, "moderate": 1.0, "severe": 3.0}
@@ -66,17 +67,12 @@ class SwitchStack(nn.Module):
             blocks.append(SwitchBlock(hf, config, backend))
         self.blocks = nn.ModuleList(blocks)
         # Router health is checked once after the pass (not per layer, which would sync the host each layer).
-        _install_health_check(self)
+        install_health_check(self)
 
     def forward(self, x):
         for block in self.blocks:
             x = x + block(x)
         return x
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def slowest(seconds: float, device) -> float:
@@ -95,24 +91,7 @@ def gather_floats(values: list[float], device) -> torch.Tensor:
 def time_once(fn, device) -> float:
     """One call, timed on every rank; the slowest rank's time is the pass's latency."""
     dist.barrier()
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return slowest(time.perf_counter() - start, device)
-
-
-def time_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
-    """Best-of-N latency of each callable (slowest rank per call), measured round-robin so drifts in machine
-    load hit all alike; the minimum discards interference from other work on the machine."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
-    return {name: min(t) for name, t in times.items()}
+    return slowest(seconds(fn, device), device)
 
 
 def measure_stack(args, device, backend, num_experts, skew_name, batch, base_stack):
@@ -122,8 +101,8 @@ def measure_stack(args, device, backend, num_experts, skew_name, batch, base_sta
     stacks = {s: apply_strategy(copy.deepcopy(base_stack), s, capacity_factor=args.capacity_factor, stats=True)
               for s in STRATEGIES}
     with torch.no_grad():
-        latency = time_interleaved({s: (lambda m=m: m(x)) for s, m in stacks.items()}, device, args.warmup,
-                                   args.repeats)
+        latency = best_seconds({s: (lambda m=m: m(x)) for s, m in stacks.items()}, device, args.repeats,
+                               warmup=args.warmup, once=time_once)
     results = []
     for strategy, stack in stacks.items():
         stats = stack.tessera_parallel.stats
@@ -150,7 +129,7 @@ def measure_stack(args, device, backend, num_experts, skew_name, batch, base_sta
 def measure_ttft(args, device, backend, num_experts, batch):
     from transformers import SwitchTransformersForConditionalGeneration
 
-    from engine.moe.patch import patch_moe
+    from engine.families import patch_moe
 
     torch.manual_seed(0)
     base = SwitchTransformersForConditionalGeneration(switch_config(args, num_experts, 2)).eval()
@@ -163,8 +142,8 @@ def measure_ttft(args, device, backend, num_experts, batch):
         return generate_lockstep(model, ids, torch.ones_like(ids), max_new_tokens=1, do_sample=False)
 
     with torch.no_grad():
-        return time_interleaved({s: (lambda m=m: first_token(m)) for s, m in models.items()}, device, 1,
-                                args.repeats)
+        return best_seconds({s: (lambda m=m: first_token(m)) for s, m in models.items()}, device, args.repeats,
+                            once=time_once)
 
 
 def switch_points(base_stack, args, world: int) -> dict:
@@ -328,8 +307,8 @@ def single_gpu_overhead(args):
         for batch in args.batches:
             x = torch.randn(batch, args.seq, args.hidden, device=device, dtype=args.torch_dtype)
             with torch.no_grad():
-                t = time_interleaved({"single": lambda: base(x), "moeshard": lambda: sharded(x)}, device,
-                                     args.warmup, args.repeats)
+                t = best_seconds({"single": lambda: base(x), "moeshard": lambda: sharded(x)}, device,
+                                 args.repeats, warmup=args.warmup, once=time_once)
                 single, shard = t["single"], t["moeshard"]
                 error = ((sharded(x) - base(x)).abs().max() / base(x).abs().max()).item()
             results.append({"experts": num_experts, "batch": batch, "single_s": single, "moeshard_g1_s": shard,

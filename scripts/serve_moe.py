@@ -36,7 +36,18 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int)
     parser.add_argument("--max-input-tokens", type=int)
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--scheduler", choices=["continuous", "static"])
+    parser.add_argument("--kv-cache-bytes", type=int, help="KV budget per rank (default: a fraction of free memory)")
+    parser.add_argument("--kv-cache-fraction", type=float)
+    parser.add_argument("--kv-block-size", type=int)
+    parser.add_argument("--step-tokens", type=int, help="tokens per rank per step (prefill chunk size)")
     parser.add_argument("--adapters", help="a saved TaskRouter folder (enables \"adapter\": \"auto\")")
+    parser.add_argument("--api-key", help="every /v1 endpoint then needs 'Authorization: Bearer KEY' "
+                                          "(better: set TESSERA_API_KEY, which other users cannot see in ps)")
+    parser.add_argument("--chat-template", help="a Jinja chat template file for /v1/chat/completions, replacing "
+                                                "the tokenizer's own (models without a tokenizer have none)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="prompt + completion tokens per request (default: the model's position limit)")
     return parser.parse_args(argv)
 
 
@@ -44,7 +55,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.registry import _entry_for, load
+    from engine.loader import load
+    from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
     from engine.serving.runner import Runner, model_kind
@@ -52,6 +64,7 @@ def main(argv=None) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     config = ServeConfig.load(args.config, **overrides)
+    config.api_key = config.api_key or os.environ.get("TESSERA_API_KEY") or None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     strategy = "single"
@@ -65,16 +78,33 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, folder = _entry_for(config.model)
     model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
-    tokenizer = load_tokenizer(folder, model.config.vocab_size)
+    tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config.adapters)
     runner = Runner(model, tokenizer, rank, world)
+    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not config.adapters:
+        runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
         follow(coordinator)
         return 0
     names = frozenset(model.pool.names) if router is not None or config.adapters else frozenset()
-    return serve(config, coordinator, tokenizer, model_kind(model), router, names)
+    kind = model_kind(model)
+    context = config.max_model_len or (getattr(model.config, "max_position_embeddings", None)
+                                       if kind == "decoder" else None)
+    return serve(config, coordinator, tokenizer, kind, router, names, context)
+
+
+def rank_batch(model, config, tokenizer, world: int):
+    """This rank's running batch for the continuous scheduler, over a paged KV cache of the configured budget."""
+    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+
+    longest = -(-(config.max_input_tokens + config.max_new_tokens) // config.kv_block_size)
+    blocks = kv_blocks_for_budget(model, config.kv_block_size, config.kv_cache_bytes, config.kv_cache_fraction,
+                                  most_useful=config.max_batch_size * longest)
+    return RankBatch(model, num_blocks=blocks, block_size=config.kv_block_size, step_tokens=config.step_tokens,
+                     max_requests=config.max_batch_size, pad_token_id=tokenizer.pad_token_id,
+                     dummy_when_idle=world > 1)
 
 
 def attach_pool(model, adapters):
@@ -88,7 +118,8 @@ def attach_pool(model, adapters):
     return attach_adapters(model, router if router is not None else adapters), router
 
 
-def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset()) -> int:
+def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset(),
+          context_length: int | None = None) -> int:
     import uvicorn
 
     from engine.serving.app import create_app
@@ -96,9 +127,15 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     from engine.serving.metrics import Metrics
 
     metrics = Metrics()
-    engine = BatchEngine(coordinator, config, metrics, router)
+    if coordinator.runner.batch is not None:
+        from engine.serving.scheduler import ContinuousEngine
+
+        engine = ContinuousEngine(coordinator, metrics, tokenizer, max_queue=config.max_queue,
+                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s)
+    else:
+        engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
-    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names)
+    app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names, context_length)
     class DrainingServer(uvicorn.Server):
         """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
         graceful shutdown, which would end the process with -15 instead)."""
@@ -112,7 +149,7 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=config.drain_timeout_s))
     print(f"tessera serving {config.model} ({kind}) on http://{config.host}:{config.port} "
-          f"with {coordinator.world} rank(s)", flush=True)
+          f"with {coordinator.world} rank(s){', API key required' if config.api_key else ''}", flush=True)
     server.run()  # returns after SIGTERM/SIGINT, once requests in flight have finished
     engine.stop(timeout=config.drain_timeout_s)
     print("tessera: drained, exiting", flush=True)

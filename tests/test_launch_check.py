@@ -24,3 +24,4 @@ def test_kernels_compile_within_every_gpus_limits(tmp_path):
         pytest.skip("this Triton build ships no ptxas")
     assert result.returncode == 0, (result.stdout[-6000:] + result.stderr[-3000:])
     assert "_expert_up_kernel" in result.stdout and "_shrink_kernel" in result.stdout
+    assert "_sgmv_shrink_kernel" in result.stdout and "_sgmv_expand_kernel" in result.stdout

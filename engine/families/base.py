@@ -1,5 +1,6 @@
-"""What a model family adapter knows: where the MoE blocks are, how to build our block from one, and a tiny
-config for tests and demos. Adding a family is one file that defines a `Family` and registers it."""
+"""What a model family adapter knows: where the MoE blocks are, how to build our block from one, how its
+checkpoints name the experts on disk, and a tiny config for tests and demos. Adding a family is one file that
+defines a `Family`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,12 +17,23 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     block_classes: tuple[str, ...]  # class names of the Hugging Face sparse-MLP modules we replace
-    convert: Callable[[nn.Module, object, str, str | None], MoEBlock]  # (hf_block, config, backend, capacity)
-    tiny_config: Callable[..., object]
-    auto_class: str = "AutoModelForCausalLM"
+    convert: Callable[[nn.Module, object, str, str | None], MoEBlock] | None  # (hf_block, config, backend, capacity)
+    tiny_config: Callable[..., object] | None
+    auto_class: str = "AutoModelForCausalLM"  # the model class when neither the entry nor config.json names one
     description: str = ""
     uses_experts_interface: bool = False  # its experts go through transformers' ExpertsInterface
+    # On disk, under a block's prefix: expert i's (first, second, gate-partner) matrices, shaped (F, H), (H, F),
+    # (F, H), with `{i}` for the expert ...
+    expert_keys: tuple[str, str, str | None] | None = None
+    # ... or, for checkpoints that stack all experts in one tensor per matrix, the names of w1 (E, F, H),
+    # w2 (E, H, F) and the biases b1 (E, F), b2 (E, H).
+    stacked_keys: dict[str, str] | None = None
+    name_aliases: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments that differ
     options: dict = field(default_factory=dict)
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.block_classes
 
     def find_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
         """(qualified name, parent, attribute, block) for every sparse-MLP block in the model."""
@@ -31,6 +43,10 @@ class Family:
                 if type(child).__name__ in self.block_classes:
                     found.append((f"{name}.{attr}" if name else attr, module, attr, child))
         return found
+
+    def checkpoint_names(self, model_name: str) -> list[str]:
+        """The names a model tensor may have on disk: its own, then with each alias applied."""
+        return [model_name] + [f".{model_name}".replace(ours, theirs)[1:] for ours, theirs in self.name_aliases]
 
 
 def check_shape(tensor: torch.Tensor, expected: tuple, what: str) -> None:

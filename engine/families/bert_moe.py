@@ -35,4 +35,5 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("bert_moe", ("bert_moe",), ("BertMoeFFN",), BertMoeBlock, _tiny_config, auto_class="AutoModel",
-                description="BERT encoder with MoE feed-forward layers (upcycled MiniLM)")
+                description="BERT encoder with MoE feed-forward layers (upcycled MiniLM)",
+                stacked_keys={"w1": "w1", "w2": "w2", "b1": "b1", "b2": "b2"})

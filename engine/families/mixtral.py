@@ -16,4 +16,6 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("mixtral", ("mixtral",), ("MixtralSparseMoeBlock",), _convert, _tiny_config,
-                description="Mixtral-style decoder, top-2 of 8 experts", uses_experts_interface=True)
+                description="Mixtral-style decoder, top-2 of 8 experts", uses_experts_interface=True,
+                expert_keys=("experts.{i}.w1.weight", "experts.{i}.w2.weight", "experts.{i}.w3.weight"),
+                name_aliases=((".mlp.", ".block_sparse_moe."),))

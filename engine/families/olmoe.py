@@ -1,6 +1,6 @@
 """OLMoE: top-k softmax router without renormalisation (by default), weights cast to the model dtype."""
 from engine.families.base import Family
-from engine.families.stacked import stacked_converter
+from engine.families.stacked import GATE_DOWN_UP, stacked_converter
 
 _convert = stacked_converter(num_experts="num_experts", ffn="intermediate_size", normalize="norm_topk_prob",
                              weights_in_fp32=False)
@@ -16,4 +16,5 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("olmoe", ("olmoe",), ("OlmoeSparseMoeBlock",), _convert, _tiny_config,
-                description="OLMoE decoder, top-8 of 64 experts", uses_experts_interface=True)
+                description="OLMoE decoder, top-8 of 64 experts", uses_experts_interface=True,
+                expert_keys=GATE_DOWN_UP)

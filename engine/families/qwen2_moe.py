@@ -1,7 +1,7 @@
 """Qwen2-MoE: top-k softmax router (renormalised only if `norm_topk_prob`), weights cast to the model dtype,
 SiLU-gated experts, and a shared expert behind a sigmoid gate on every token."""
 from engine.families.base import Family
-from engine.families.stacked import stacked_converter
+from engine.families.stacked import GATE_DOWN_UP, stacked_converter
 
 _convert = stacked_converter(num_experts="num_experts", ffn="moe_intermediate_size", normalize="norm_topk_prob",
                              weights_in_fp32=False)
@@ -18,4 +18,5 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("qwen2_moe", ("qwen2_moe",), ("Qwen2MoeSparseMoeBlock",), _convert, _tiny_config,
-                description="Qwen2-MoE decoder with a gated shared expert", uses_experts_interface=True)
+                description="Qwen2-MoE decoder with a gated shared expert", uses_experts_interface=True,
+                expert_keys=GATE_DOWN_UP)

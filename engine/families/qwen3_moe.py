@@ -1,6 +1,6 @@
 """Qwen3-MoE: as Qwen2-MoE without the shared expert; `norm_topk_prob` usually on."""
 from engine.families.base import Family
-from engine.families.stacked import stacked_converter
+from engine.families.stacked import GATE_DOWN_UP, stacked_converter
 
 _convert = stacked_converter(num_experts="num_experts", ffn="moe_intermediate_size", normalize="norm_topk_prob",
                              weights_in_fp32=False)
@@ -16,4 +16,5 @@ def _tiny_config(**overrides):
 
 
 FAMILY = Family("qwen3_moe", ("qwen3_moe",), ("Qwen3MoeSparseMoeBlock",), _convert, _tiny_config,
-                description="Qwen3-MoE decoder", uses_experts_interface=True)
+                description="Qwen3-MoE decoder", uses_experts_interface=True,
+                expert_keys=GATE_DOWN_UP)

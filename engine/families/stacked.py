@@ -14,6 +14,9 @@ from engine.moe.experts import ExpertWeights, activation_from_hf
 from engine.moe.layer import MoEBlock
 from engine.moe.router import RouterSpec
 
+# The per-expert names Qwen-style checkpoints use on disk (Qwen2/3-MoE, OLMoE, and most newer families).
+GATE_DOWN_UP = ("experts.{i}.gate_proj.weight", "experts.{i}.down_proj.weight", "experts.{i}.up_proj.weight")
+
 
 def stacked_expert_weights(experts, activation: str) -> ExpertWeights:
     """Views of a Hugging Face experts module's gate, up and down matrices in our `(E, F, H)` layout."""

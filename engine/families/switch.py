@@ -50,4 +50,5 @@ def _tiny_config(**overrides):
 
 FAMILY = Family("switch_transformers", ("switch_transformers",), ("SwitchTransformersSparseMLP",), SwitchBlock,
                 _tiny_config, auto_class="AutoModelForSeq2SeqLM",
+                expert_keys=("experts.expert_{i}.wi.weight", "experts.expert_{i}.wo.weight", None),
                 description="Switch Transformers encoder or encoder-decoder, top-1 routing")

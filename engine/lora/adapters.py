@@ -1,9 +1,16 @@
-"""Adapter pool: PEFT LoRA folders checked once on registration, their weights read lazily on first use.
+"""Adapter pool: PEFT LoRA folders checked fully on registration (config, tensor names and shapes, finite
+values), their weights read again lazily on first use.
 
-All adapters of a pool must share rank and adapted modules: the mixture kernel stacks them into one
-[slots, r, in] tensor per module, which is what lets a batch mix any adapters in two launches. Scales
-(alpha / r, or alpha / sqrt(r) with rsLoRA) may differ per adapter; they are folded into the routing weights.
-Only safetensors files are read; pickled `adapter_model.bin` folders are refused.
+A pool mixes adapters as public pools have them: any ranks (the device cache pads every module to the
+pool's largest rank for it, with zeros, so the padding adds exact zeros), any target modules (a module an
+adapter does not adapt is an all-zero slot with scale 0, which adds exact zeros), `rank_pattern`,
+`alpha_pattern` and `use_rslora` (each module's LoRA scale is kept per adapter and per module and folded into
+the routing weights of that module). Adapters trained with `target_parameters` on stacked MoE expert
+parameters (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are read per expert; see `engine.lora.experts`.
+
+Refused, with the adapter and the field named: DoRA (`use_dora`), embedding LoRA (`lora_embedding_A/B`),
+`modules_to_save`, trainable tokens, LoRA biases, `fan_in_fan_out`, non-LORA PEFT types, rank 0, pickled
+`adapter_model.bin` folders, and tensors holding NaN or inf.
 """
 from __future__ import annotations
 
@@ -19,9 +26,43 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.lora.errors import AdapterError
+from foundation.dtypes import SAFETENSORS_DTYPES
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<nested>(?:\.base_layer)*)"
+                  r"\.lora_(?P<ab>[AB])\.weight$")
+_MIXABLE = ("F32", "F16", "BF16")  # what the mixture kernels take
+# Config fields whose non-default values change what the saved tensors mean in ways the mixture cannot apply.
+_REFUSED_FIELDS = {
+    "use_dora": "DoRA adapters (use_dora) rescale the merged weight per column, which a per-row output mixture "
+                "cannot apply",
+    "modules_to_save": "modules_to_save replaces whole modules, which cannot be mixed per row",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices) cannot be mixed per row",
+    "lora_bias": "LoRA biases (lora_bias) are not supported",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) is not supported",
+    "layer_replication": "layer_replication changes the base model's layers",
+    "use_qalora": "QA-LoRA (use_qalora) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+}
+
+
+def pattern_value(patterns: Mapping[str, float], module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module path
+    (as a regex, on a dot boundary) gives the value."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class ModuleLoRA:
+    """One adapted linear module (or one stacked expert parameter) of one adapter."""
+
+    rank: int
+    scale: float
+    d_in: int
+    d_out: int
+    num_experts: int = 0  # 0: an nn.Linear; E: an (E, out, in) expert parameter with E pairs of A and B
 
 
 @dataclass(frozen=True)
@@ -31,12 +72,19 @@ class AdapterSpec:
     name: str
     path: Path
     base_model: str | None
-    rank: int
+    rank: int  # the largest rank of any of its modules
     alpha: float
-    scale: float
-    target_modules: frozenset[str]
-    shapes: Mapping[str, tuple[int, int]]  # module path -> (in_features, out_features)
+    modules: Mapping[str, ModuleLoRA]  # linear module path -> its LoRA
+    experts: Mapping[str, ModuleLoRA]  # "<experts module>.<parameter>" -> its per-expert LoRA
     dtype: torch.dtype
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        return frozenset(self.modules)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {m: (lora.d_in, lora.d_out) for m, lora in self.modules.items()}
 
 
 def _read_config(name: str, folder: Path) -> dict:
@@ -47,101 +95,219 @@ def _read_config(name: str, folder: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"adapter {name!r}: {cfg_path} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {name!r}: {cfg_path} does not hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type is {cfg.get('peft_type')!r}, only LORA is supported")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"adapter {name!r}: DoRA adapters are not supported by the mixture kernel")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise AdapterError(f"adapter {name!r}: per-module rank_pattern/alpha_pattern is not supported")
+    for field, why in _REFUSED_FIELDS.items():
+        if cfg.get(field):
+            raise AdapterError(f"adapter {name!r}: field {field}={cfg[field]!r} is refused: {why}")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"adapter {name!r}: field bias={cfg['bias']!r} is refused: trained base biases cannot "
+                           "be mixed per row")
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(rank, int) or rank <= 0:
-        raise AdapterError(f"adapter {name!r}: rank r={rank!r} must be a positive integer")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise AdapterError(f"adapter {name!r}: lora_alpha={alpha!r} must be a positive number")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise AdapterError(f"adapter {name!r}: field r={rank!r} must be a positive integer")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"adapter {name!r}: field lora_alpha={alpha!r} must be a positive number")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"adapter {name!r}: field {field} must be a dict pattern -> value")
+        for key, value in patterns.items():
+            integral = field == "rank_pattern"
+            ok = isinstance(value, int) if integral else isinstance(value, (int, float)) and math.isfinite(value)
+            if isinstance(value, bool) or not ok or value <= 0:
+                raise AdapterError(f"adapter {name!r}: field {field}[{key!r}]={value!r} must be a positive "
+                                   f"{'integer' if integral else 'number'}")
     return cfg
 
 
-def _read_shapes(name: str, weights: Path, rank: int) -> tuple[dict[str, tuple[int, int]], torch.dtype]:
-    """Read the safetensors header only: module shapes, rank consistency and dtype."""
+def _module_scale(cfg: dict, module: str) -> tuple[int, float]:
+    """(rank, scale) of one module: rank_pattern/alpha_pattern first, then r/lora_alpha; rsLoRA uses sqrt(r)."""
+    rank = pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+    alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
+    return rank, alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def _read_header(name: str, weights: Path) -> tuple[dict[str, dict[str, tuple]], torch.dtype]:
+    """Tensor names and shapes from the safetensors header: {key prefix: {"A": shape, "B": shape}}, dtype."""
     if not weights.is_file():
         raise AdapterError(f"adapter {name!r}: {weights.parent} has no adapter_model.safetensors "
                            "(pickled adapter_model.bin files are refused)")
-    a_shapes, b_shapes, dtypes = {}, {}, set()
+    pairs: dict[str, dict[str, tuple]] = {}
+    dtypes = set()
     try:
         with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
+            keys = list(f.keys())
+            for key in keys:
+                if "lora_embedding_" in key:
+                    raise AdapterError(f"adapter {name!r}: tensor {key!r} is embedding LoRA (lora_embedding_A/B), "
+                                       "which is refused: only linear layers and stacked expert parameters mix")
+                if "lora_magnitude_vector" in key:
+                    raise AdapterError(f"adapter {name!r}: tensor {key!r} is a DoRA magnitude (use_dora), which "
+                                       "is refused")
+            for key in keys:
                 match = _KEY.match(key)
                 if match is None:
                     raise AdapterError(f"adapter {name!r}: unsupported tensor {key!r} (only lora_A/lora_B "
-                                       "weights of linear layers can be mixed)")
+                                       "weights of linear layers and expert parameters can be mixed)")
                 sl = f.get_slice(key)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if dtype not in _FLOAT_DTYPES:
+                if dtype not in _MIXABLE:
                     raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {dtype}, expected F32/F16/BF16")
+                if len(shape) != 2:
+                    raise AdapterError(f"adapter {name!r}: tensor {key!r} has shape {shape}, expected 2-D")
                 dtypes.add(dtype)
-                (a_shapes if match["ab"] == "A" else b_shapes)[match["module"]] = shape
+                pairs.setdefault(match["module"] + match["nested"], {})[match["ab"]] = shape
     except AdapterError:
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
         raise AdapterError(f"adapter {name!r}: cannot read {weights} ({exc})") from exc
-    if not a_shapes or a_shapes.keys() != b_shapes.keys():
-        raise AdapterError(f"adapter {name!r}: lora_A and lora_B tensors do not pair up in {weights}")
+    if not pairs:
+        raise AdapterError(f"adapter {name!r}: {weights} holds no LoRA tensors")
+    unpaired = sorted(p for p, ab in pairs.items() if len(ab) != 2)
+    if unpaired:
+        raise AdapterError(f"adapter {name!r}: lora_A and lora_B tensors do not pair up for {unpaired[:4]}")
     if len(dtypes) > 1:
         raise AdapterError(f"adapter {name!r}: mixed dtypes {sorted(dtypes)} in {weights}")
-    shapes = {}
-    for module, (r_a, d_in) in a_shapes.items():
-        d_out, r_b = b_shapes[module]
+    return pairs, SAFETENSORS_DTYPES[dtypes.pop()]
+
+
+def _read_modules(name: str, cfg: dict, pairs: dict[str, dict[str, tuple]]):
+    """Split the tensor pairs into linear modules and per-expert parameters, with ranks, scales and shapes."""
+    targets = sorted({t.rpartition(".")[2] for t in cfg.get("target_parameters") or []})
+    target_paths = [t.rpartition(".")[0] for t in cfg.get("target_parameters") or []]
+    modules, experts = {}, {}
+    by_experts_module: dict[str, list[tuple[str, tuple, tuple]]] = {}
+    for prefix, ab in pairs.items():
+        (r_a, d_in), (d_out, r_b) = ab["A"], ab["B"]
+        module = prefix.replace(".base_layer", "")
+        is_param = ".base_layer" in prefix or any(module == p or module.endswith("." + p) for p in target_paths if p)
+        if is_param and targets:
+            by_experts_module.setdefault(module, []).append((prefix, (r_a, d_in), (d_out, r_b)))
+            continue
+        rank, scale = _module_scale(cfg, module)
         if r_a != rank or r_b != rank:
-            raise AdapterError(f"adapter {name!r}: module {module} has rank {r_a}/{r_b} but the config says r={rank}")
-        shapes[module] = (d_in, d_out)
-    return shapes, _FLOAT_DTYPES[dtypes.pop()]
+            raise AdapterError(f"adapter {name!r}: module {module} has rank {r_a}/{r_b} but the config says "
+                               f"r={rank}")
+        modules[module] = ModuleLoRA(rank, scale, d_in, d_out)
+    for module, entries in by_experts_module.items():
+        rank, scale = _module_scale(cfg, module)
+        params = _name_expert_parameters(name, module, targets, entries)
+        for (prefix, (r_a, d_in), (d_out, r_b)), param in zip(entries, params):
+            if r_a != r_b or r_a % rank:
+                raise AdapterError(f"adapter {name!r}: {module}.{param} has {r_a}/{r_b} LoRA rows, not a multiple "
+                                   f"of r={rank} (one rank-r pair per expert)")
+            experts[f"{module}.{param}"] = ModuleLoRA(rank, scale, d_in, d_out, num_experts=r_a // rank)
+    return modules, experts
+
+
+def _name_expert_parameters(name, module, targets, entries) -> list[str]:
+    """gate_up_proj maps hidden -> 2F and down_proj maps F -> hidden, so with both present the gate_up entry
+    is the one whose input width is the other's output width."""
+    if len(entries) == 1 and len(targets) == 1:
+        return targets
+    if len(entries) == 2 and set(targets) == {"gate_up_proj", "down_proj"}:
+        (_, (_, in0), (out0, _)), (_, (_, in1), (out1, _)) = entries
+        if in0 == out1 and in1 * 2 == out0:
+            return ["gate_up_proj", "down_proj"]
+        if in1 == out0 and in0 * 2 == out1:
+            return ["down_proj", "gate_up_proj"]
+    raise AdapterError(f"adapter {name!r}: cannot tell which stacked parameters of {module} its tensors adapt "
+                       f"(target_parameters {targets}); supported: gate_up_proj and/or down_proj")
 
 
 def read_adapter(name: str, folder: str | Path) -> AdapterSpec:
-    """Check a PEFT LoRA folder and describe it; raises AdapterError naming the problem."""
+    """Check a PEFT LoRA folder and describe it; raises AdapterError naming the adapter and the problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter {name!r}: {folder} is not a directory")
     cfg = _read_config(name, folder)
-    shapes, dtype = _read_shapes(name, folder / "adapter_model.safetensors", cfg["r"])
-    rank, alpha = cfg["r"], float(cfg["lora_alpha"])
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    pairs, dtype = _read_header(name, folder / "adapter_model.safetensors")
+    modules, experts = _read_modules(name, cfg, pairs)
+    rank = max(m.rank for m in [*modules.values(), *experts.values()])
     return AdapterSpec(name=name, path=folder, base_model=cfg.get("base_model_name_or_path") or None,
-                       rank=rank, alpha=alpha, scale=scale, target_modules=frozenset(shapes),
-                       shapes=shapes, dtype=dtype)
+                       rank=rank, alpha=float(cfg["lora_alpha"]), modules=modules, experts=experts, dtype=dtype)
+
+
+def read_weights(spec: AdapterSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module path -> (A [r, in], B [out, r]) for linear modules, and "<experts>.<param>" -> (A [E, r, in],
+    B [E, out, r]) for expert parameters (PEFT stores A rows expert-major and B columns rank-major)."""
+    try:
+        tensors = load_file(str(spec.path / "adapter_model.safetensors"))
+    except Exception as exc:
+        raise AdapterError(f"adapter {spec.name!r}: cannot load weights ({exc})") from exc
+    pairs: dict[str, list] = {}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"adapter {spec.name!r}: tensor {key!r} holds NaN or inf")
+        match = _KEY.match(key)
+        pairs.setdefault(match["module"] + match["nested"], [None, None])[0 if match["ab"] == "A" else 1] = tensor
+    out = {}
+    expert_keys = {}
+    for key, lora in spec.experts.items():
+        expert_keys.setdefault(key.rpartition(".")[0], []).append((key, lora))
+    for prefix, (a, b) in pairs.items():
+        module = prefix.replace(".base_layer", "")
+        if module in spec.modules:
+            out[module] = (a, b)
+            continue
+        key, lora = next((k, lo) for k, lo in expert_keys[module] if (lo.d_in, lo.d_out) == (a.shape[1], b.shape[0]))
+        e, r = lora.num_experts, lora.rank
+        out[key] = (a.reshape(e, r, lora.d_in), b.reshape(lora.d_out, r, e).permute(2, 0, 1).contiguous())
+    return out
 
 
 class AdapterPool:
-    """Named LoRA adapters for one base model, with uniform rank and adapted modules."""
+    """Named LoRA adapters for one base model; ranks and target modules may differ between adapters."""
 
     def __init__(self, adapters: Mapping[str, str | Path] | None = None, *, base_model: str | None = None):
         self.base_model = base_model
         self._specs: dict[str, AdapterSpec] = {}
         self._host: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.version = 0  # bumped on every add/remove, so caches and models know to follow
         for name, folder in (adapters or {}).items():
             self.add(name, folder)
 
-    def add(self, name: str, folder: str | Path) -> AdapterSpec:
-        """Register one adapter folder after checking it against the pool."""
+    def check(self, name: str, folder: str | Path) -> AdapterSpec:
+        """Everything `add` checks, without changing the pool."""
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter names must be non-empty strings, got {name!r}")
         if name in self._specs:
-            raise AdapterError(f"adapter {name!r} is already in the pool")
+            raise AdapterError(f"adapter {name!r} is already loaded (from {self._specs[name].path})")
         spec = read_adapter(name, folder)
         if self.base_model and spec.base_model and spec.base_model != self.base_model:
             raise AdapterError(f"adapter {name!r} was trained on base model {spec.base_model!r} but the pool "
                                f"serves {self.base_model!r}")
-        if self._specs:
-            first = next(iter(self._specs.values()))
-            if spec.rank != first.rank:
-                raise AdapterError(f"adapter {name!r} has rank {spec.rank} but the pool's adapters have rank "
-                                   f"{first.rank}")
-            if spec.target_modules != first.target_modules:
-                extra = sorted(spec.target_modules ^ first.target_modules)[:4]
-                raise AdapterError(f"adapter {name!r} adapts different modules than the pool's adapters "
-                                   f"(e.g. {extra})")
-            if dict(spec.shapes) != dict(first.shapes):
-                raise AdapterError(f"adapter {name!r} has module shapes that differ from the pool's adapters")
-        self._specs[name] = spec
+        for kind, table in (("module", self.shapes), ("expert parameter", self.expert_shapes)):
+            mine = spec.shapes if kind == "module" else {k: (v.num_experts, v.d_in, v.d_out)
+                                                         for k, v in spec.experts.items()}
+            for module, shape in mine.items():
+                if module in table and table[module] != shape:
+                    raise AdapterError(f"adapter {name!r}: {kind} {module} has shape {shape} but the pool's "
+                                       f"adapters have {table[module]} (another base model?)")
+        read_weights(spec)  # finite values, readable file: fail now, not in a running batch
         return spec
+
+    def add(self, name: str, folder: str | Path) -> AdapterSpec:
+        """Register one adapter folder after checking it against the pool."""
+        spec = self.check(name, folder)
+        self.add_spec(spec)
+        return spec
+
+    def add_spec(self, spec: AdapterSpec) -> None:
+        """Register an adapter that `check` accepted."""
+        if spec.name in self._specs:
+            raise AdapterError(f"adapter {spec.name!r} is already loaded (from {self._specs[spec.name].path})")
+        self._specs[spec.name] = spec
+        self.version += 1
+
+    def remove(self, name: str) -> None:
+        self.spec(name)
+        del self._specs[name]
+        self._host.pop(name, None)
+        self.version += 1
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs
@@ -163,58 +329,78 @@ class AdapterPool:
 
     @property
     def rank(self) -> int:
-        return self._first().rank
-
-    @property
-    def shapes(self) -> Mapping[str, tuple[int, int]]:
-        return self._first().shapes
-
-    def _first(self) -> AdapterSpec:
+        """The largest rank in the pool (every module is padded to at most this)."""
         if not self._specs:
             raise AdapterError("the adapter pool is empty")
-        return next(iter(self._specs.values()))
+        return max(s.rank for s in self._specs.values())
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Every linear module any adapter adapts -> (in_features, out_features)."""
+        return {m: shape for s in self._specs.values() for m, shape in s.shapes.items()}
+
+    @property
+    def expert_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Every expert parameter any adapter adapts -> (experts, in, out)."""
+        return {k: (v.num_experts, v.d_in, v.d_out) for s in self._specs.values() for k, v in s.experts.items()}
+
+    def module_ranks(self) -> dict[str, int]:
+        """Linear module or expert parameter -> the largest rank any adapter has for it (the padded rank)."""
+        ranks: dict[str, int] = {}
+        for s in self._specs.values():
+            for m, lora in [*s.modules.items(), *s.experts.items()]:
+                ranks[m] = max(ranks.get(m, 0), lora.rank)
+        return ranks
 
     def host_weights(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """module path -> (A [r, in], B [out, r]) on the host, read on first use."""
+        """module path -> (A, B) on the host (see `read_weights`), read on first use."""
         if name not in self._host:
-            spec = self.spec(name)
-            try:
-                tensors = load_file(str(spec.path / "adapter_model.safetensors"))
-            except Exception as exc:
-                raise AdapterError(f"adapter {name!r}: cannot load weights ({exc})") from exc
-            weights = {}
-            for key, tensor in tensors.items():
-                match = _KEY.match(key)
-                if not torch.isfinite(tensor).all():
-                    raise AdapterError(f"adapter {name!r}: tensor {key!r} holds NaN or inf")
-                pair = weights.setdefault(match["module"], [None, None])
-                pair[0 if match["ab"] == "A" else 1] = tensor
-            self._host[name] = {m: (a, b) for m, (a, b) in weights.items()}
+            self._host[name] = read_weights(self.spec(name))
         return self._host[name]
 
     def paths(self) -> dict[str, str]:
         return {name: str(spec.path.resolve()) for name, spec in self._specs.items()}
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Every adapted module must be an nn.Linear of the adapter's shape in `model`, and each adapter's
-        base model must be one of the model's names (unless the pool was given an explicit `base_model`)."""
+    def check_model(self, model: torch.nn.Module, specs: list[AdapterSpec] | None = None) -> None:
+        """Every adapted module must be an nn.Linear of the adapter's shape in `model` and every adapted expert
+        parameter an (E, out, in) tensor; each adapter's base model must be one of the model's names (unless
+        the pool was given an explicit `base_model`)."""
         names = model_names(model)
-        for spec in self._specs.values():
-            if self.base_model is None and names and spec.base_model and \
-                    not (_aliases(spec.base_model) & names):
+        for spec in self._specs.values() if specs is None else specs:
+            if self.base_model is None and names and spec.base_model and not (_aliases(spec.base_model) & names):
                 raise AdapterError(f"adapter {spec.name!r} was trained on {spec.base_model!r} but the model is "
                                    f"{sorted(names)[0]!r}; if they are the same model, build "
                                    f"AdapterPool(..., base_model={spec.base_model!r}) to say so")
-        for module, (d_in, d_out) in self.shapes.items():
-            try:
-                layer = model.get_submodule(module)
-            except AttributeError as exc:
-                raise AdapterError(f"the adapters adapt {module!r}, which the model does not have") from exc
-            if not isinstance(layer, torch.nn.Linear):
-                raise AdapterError(f"{module!r} is a {type(layer).__name__}; LoRA mixing needs nn.Linear")
-            if (layer.in_features, layer.out_features) != (d_in, d_out):
-                raise AdapterError(f"{module!r} is {layer.in_features}->{layer.out_features} in the model but "
-                                   f"{d_in}->{d_out} in the adapters (wrong base model?)")
+            for module, lora in spec.modules.items():
+                layer = _submodule(model, module, spec.name)
+                if not isinstance(layer, torch.nn.Linear):
+                    raise AdapterError(f"adapter {spec.name!r}: {module!r} is a {type(layer).__name__}; LoRA "
+                                       "mixing needs nn.Linear")
+                if (layer.in_features, layer.out_features) != (lora.d_in, lora.d_out):
+                    raise AdapterError(f"adapter {spec.name!r}: {module!r} is {layer.in_features}->"
+                                       f"{layer.out_features} in the model but {lora.d_in}->{lora.d_out} in the "
+                                       "adapter (wrong base model?)")
+            for key, lora in spec.experts.items():
+                module, _, param = key.rpartition(".")
+                experts = _submodule(model, module, spec.name)
+                weight = getattr(experts, param, None)
+                if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+                    raise AdapterError(f"adapter {spec.name!r}: {module!r} has no stacked 3-D parameter {param!r}")
+                if getattr(experts, "is_transposed", False):
+                    raise AdapterError(f"adapter {spec.name!r}: {module!r} stores its experts transposed, which "
+                                       "expert LoRA does not support")
+                if tuple(weight.shape) != (lora.num_experts, lora.d_out, lora.d_in):
+                    raise AdapterError(f"adapter {spec.name!r}: {key!r} is {tuple(weight.shape)} in the model but "
+                                       f"the adapter was trained on {(lora.num_experts, lora.d_out, lora.d_in)} "
+                                       "(wrong base model?)")
+
+
+def _submodule(model: torch.nn.Module, module: str, adapter: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(module)
+    except AttributeError as exc:
+        raise AdapterError(f"adapter {adapter!r} adapts {module!r}, which the model does not have "
+                           "(wrong base model?)") from exc
 
 
 def _aliases(name: str) -> set[str]:

@@ -5,20 +5,26 @@ The returned `LoRAModel` forwards everything to the wrapped model, and its `forw
 router decides per row from `queries=[...]` (one text per row) or, without queries, from the row's input ids
 decoded with the tokenizer (padding dropped; the tokenizer is the one passed to attach_adapters, else the
 one saved beside the model's weights). Inference only: calls run under `torch.no_grad()`.
+
+`load_adapter(name, folder)` and `unload_adapter(name)` change the pool of a live model: they wait for the
+running call to finish, check everything before changing anything, and leave pool, cache and model as they
+were when they refuse (an adapter in use, a duplicate name, an adapter for another base, a bad file).
 """
 from __future__ import annotations
 
 import math
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.lora.adapters import AdapterPool
+from engine.lora.adapters import AdapterPool, AdapterSpec
 from engine.lora.cache import AdapterCache
 from engine.lora.errors import AdapterError, RoutingError
+from engine.lora.experts import ExpertLoRA
 from engine.lora.layer import MixtureLoRALinear, MixtureState
 
 
@@ -30,7 +36,45 @@ class LoRAModel:
         self.model, self.pool, self.cache, self.state = model, pool, cache, state
         self.router, self.tokenizer = router, tokenizer
         self.last_decisions: list | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._pool_version = pool.version
+
+    # ---- a live pool -----------------------------------------------------------------------------------
+    def load_adapter(self, name: str, folder) -> AdapterSpec:
+        """Add one PEFT LoRA folder to the pool of this model (vLLM's load_lora_adapter)."""
+        with self._lock:
+            spec = self.pool.check(name, folder)
+            self.pool.check_model(self.model, [spec])
+            self.pool.add_spec(spec)
+            try:
+                self._follow_pool()
+            except Exception:
+                self.pool.remove(name)
+                self.cache.refresh()
+                self._pool_version = self.pool.version
+                raise
+            return spec
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove an adapter (vLLM's unload_lora_adapter); refused while a running batch holds it. Tasks the
+        router mapped to it lose that share (it goes to the base model)."""
+        with self._lock:
+            self.pool.spec(name)
+            self.cache.unload(name)  # raises while pinned
+            self.pool.remove(name)
+            self.cache.refresh()
+            self._pool_version = self.pool.version
+            if self.router is not None:
+                for share in self.router.task_adapters.values():
+                    share.pop(name, None)
+
+    def _follow_pool(self) -> None:
+        """Wrap modules and expert blocks that adapters added since the last call adapt; resize the cache."""
+        if self.pool.version == self._pool_version:
+            return
+        self.cache.refresh()
+        wrap_modules(self.model, self.pool, self.state)
+        self._pool_version = self.pool.version
 
     def __getattr__(self, name):
         # Only called for attributes LoRAModel lacks: config, device, generation_config, ...
@@ -39,25 +83,35 @@ class LoRAModel:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
-        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs)
+    def forward(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, seq_lens=None,
+                **kwargs):
+        """`seq_lens`: a packed batch ([1, T] inputs holding rows of these lengths back to back; the model's
+        own inputs, e.g. position_ids, must keep the rows apart): adapter_weights has one entry per row."""
+        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens)
 
     def generate(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
-        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs)
+        return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs, None)
 
-    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs):
+    def _run(self, fn, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise RoutingError("pass input_ids or inputs_embeds so the rows of the batch are known")
         rows = ref.shape[0]
+        if seq_lens is not None:
+            seq_lens = torch.as_tensor(seq_lens, dtype=torch.long)
+            if ref.shape[0] != 1 or seq_lens.dim() != 1 or int(seq_lens.sum()) != ref.shape[1] or \
+                    bool((seq_lens < 0).any()):
+                raise RoutingError(f"seq_lens must be row lengths that sum to the packed length {ref.shape[-1]} of "
+                                   f"a [1, T] batch, got {seq_lens.tolist()} for {tuple(ref.shape)}")
+            rows = seq_lens.numel()
         with self._lock, torch.no_grad():
             if route is not None:
                 adapter_weights = self._route(route, queries, input_ids, kwargs.get("attention_mask"),
                                               rows, route_kwargs or {})
             elif queries is not None:
                 raise RoutingError("queries= is only used with route='auto'")
-            names = self._activate(adapter_weights, rows)
+            names = self._activate(adapter_weights, rows, seq_lens)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -100,7 +154,7 @@ class LoRAModel:
                                    f"attach_adapters(..., tokenizer=...)") from exc
         return self.tokenizer
 
-    def _activate(self, adapter_weights, rows) -> list[str]:
+    def _activate(self, adapter_weights, rows, seq_lens=None) -> list[str]:
         """Pin the batch's adapters in the cache and publish slots/weights to the layers."""
         if adapter_weights is None:
             return []
@@ -120,16 +174,16 @@ class LoRAModel:
         k = max((len(mix) for mix in mixes), default=0)
         if k == 0:
             return []
-        self.cache.grow()
+        self._follow_pool()
         slot_of = self.cache.acquire(names)
         slots = torch.full((rows, k), -1, dtype=torch.int32)
         weights = torch.zeros(rows, k, dtype=torch.float32)
         for b, mix in enumerate(mixes):
             for j, (name, w) in enumerate(mix.items()):
                 slots[b, j] = slot_of[name]
-                weights[b, j] = w * self.pool.spec(name).scale
+                weights[b, j] = w
         device = self.cache.device
-        self.state.set(slots.to(device), weights.to(device))
+        self.state.set(slots.to(device), weights.to(device), None if seq_lens is None else seq_lens.to(device))
         return names
 
 
@@ -165,8 +219,76 @@ def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, 
     param = next(model.parameters())
     cache = AdapterCache(pool, param.device, param.dtype, cache_bytes)
     state = MixtureState(cache, backend)
+    wrap_modules(model, pool, state)
+    return LoRAModel(model, pool, cache, state, router, tokenizer)
+
+
+def _ensure_moe_blocks(model: nn.Module) -> None:
+    """Expert LoRA runs inside tessera's MoE blocks: convert a Hugging Face MoE model in place if needed."""
+    from engine.moe.layer import MoEBlock
+    from engine.families import patch_moe
+
+    if not any(isinstance(m, MoEBlock) for m in model.modules()):
+        patch_moe(model)
+
+
+def wrap_modules(model: nn.Module, pool: AdapterPool, state: MixtureState) -> None:
+    """Wrap every adapted nn.Linear not wrapped yet, and hook every adapted expert block not hooked yet."""
     for module in pool.shapes:
         parent_name, _, child = module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MixtureLoRALinear(getattr(parent, child), module, state))
-    return LoRAModel(model, pool, cache, state, router, tokenizer)
+        layer = getattr(parent, child)
+        if not isinstance(layer, MixtureLoRALinear):
+            setattr(parent, child, MixtureLoRALinear(layer, module, state))
+    experts_modules = dict.fromkeys(key.rpartition(".")[0] for key in pool.expert_shapes)
+    if experts_modules:
+        _ensure_moe_blocks(model)
+    for experts in experts_modules:
+        block = model.get_submodule(experts.rpartition(".")[0])
+        if not hasattr(block, "expert_weights"):
+            raise AdapterError(f"{experts!r} is not inside a tessera MoE block, so its expert LoRA cannot run")
+        if not isinstance(block.__dict__.get("expert_weights"), _ExpertHook):
+            block.expert_weights = _ExpertHook(block.expert_weights, experts, state)
+            block.register_forward_pre_hook(_before_block(state, experts))
+
+
+def _before_block(state: MixtureState, experts: str):
+    """Note the batch's rows for the block's token routing, and refuse expert LoRA under a distributed
+    executor: MoEShard and expert parallelism run other ranks' tokens, whose adapter slots this rank's cache
+    does not know, so the adapters would be silently skipped."""
+    from engine.moe.layer import local_executor
+
+    def hook(module, args):
+        state.rows_seen = args[0].shape[0] if args and args[0].dim() == 3 else None
+        if state.slots is not None and module.executor is not local_executor and \
+                any(k.startswith(experts + ".") for k in state.cache.expert_parameters()):
+            raise AdapterError(f"{experts!r}: expert LoRA does not run under a distributed strategy yet (other "
+                               "ranks' tokens carry adapter slots this rank's cache does not know); serve "
+                               "expert adapters on one process")
+    return hook
+
+
+class _ExpertHook:
+    """A block's `expert_weights` with the batch's expert LoRA attached while a batch with adapters runs."""
+
+    def __init__(self, base, experts: str, state: MixtureState):
+        self.base, self.experts, self.state = base, experts, state
+
+    def __call__(self):
+        weights = self.base()
+        state = self.state
+        if state.slots is None:
+            return weights
+        cache = state.cache
+
+        def stacks(param):
+            key = f"{self.experts}.{param}"
+            if key not in cache.expert_parameters():
+                return None
+            a, b = cache.stacks(key)
+            return a, b, cache.scales(key)
+
+        gate_up, down = stacks("gate_up_proj"), stacks("down_proj")
+        if gate_up is None and down is None:
+            return weights
+        return replace(weights, lora=ExpertLoRA(gate_up, down, state.token_routing, state.backend))

@@ -112,7 +112,9 @@ class TaskRouter:
 
     @staticmethod
     def _represent(encoder: Encoder, task: Task, max_examples: int) -> torch.Tensor:
-        emb = encoder.encode(task.texts[:max_examples]).float()
+        # validation sets may be cached on disk; queries (route) never are
+        encode = getattr(encoder, "encode_persistent", encoder.encode)
+        emb = encode(task.texts[:max_examples]).float()
         emb = torch.nn.functional.normalize(emb, dim=-1)
         return torch.nn.functional.normalize(emb.mean(0), dim=0)
 

@@ -70,9 +70,3 @@ class BertMoeModel(BertModel):
 AutoConfig.register("bert_moe", BertMoeConfig, exist_ok=True)
 AutoModel.register(BertMoeConfig, BertMoeModel, exist_ok=True)
 
-
-def mean_pool_normalized(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embeddings as sentence-transformers' all-MiniLM-L6-v2 makes them: masked mean, then L2 norm."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    summed = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return F.normalize(summed, p=2, dim=-1)

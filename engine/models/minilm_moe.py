@@ -10,13 +10,13 @@ the sharding all do real work (and a wrong pairing of expert slices would show u
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from foundation.cache import build_once, cache_dir, save_model
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -64,25 +64,14 @@ def upcycle(source: Path, num_experts: int, top_k: int, seed: int):
 
 def build(num_experts: int = 8, top_k: int = 2, seed: int = 0) -> Path:
     """The upcycled model as a checkpoint folder (weights, config, tokenizer, pooling), built once and cached."""
-    from engine.registry import cache_dir
-
     source = minilm_path()
     digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()[:12]
-    folder = cache_dir() / "models" / f"minilm-moe-e{num_experts}k{top_k}s{seed}-v{FORMAT_VERSION}-{digest}"
-    if (folder / "config.json").exists():
-        return folder
-    model = upcycle(source, num_experts, top_k, seed)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(staging)
+    folder = cache_dir("models", f"minilm-moe-e{num_experts}k{top_k}s{seed}-v{FORMAT_VERSION}-{digest}")
+
+    def write(tmp: Path) -> None:
+        save_model(upcycle(source, num_experts, top_k, seed), tmp)
         for name in TOKENIZER_FILES + ("sentence_bert_config.json", "modules.json"):
-            shutil.copy(source / name, staging / name)
-        shutil.copytree(source / "1_Pooling", staging / "1_Pooling")
-        os.replace(staging, folder)
-    except OSError:
-        if not (folder / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+            shutil.copy(source / name, tmp / name)
+        shutil.copytree(source / "1_Pooling", tmp / "1_Pooling")
+
+    return build_once(folder, write)

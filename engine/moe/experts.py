@@ -55,6 +55,7 @@ class ExpertWeights:
     w13: torch.Tensor | None = None  # [w1; w3] as one (E, 2F_s, H) tensor when stored so: one GEMM for both
     b1: torch.Tensor | None = None  # (E, F_s): bias of the first matrix, sliced with its columns
     b2: torch.Tensor | None = None  # (E, H): bias of the second matrix, added by exactly one slice
+    lora: object | None = None  # engine.lora.experts.ExpertLoRA: the batch's expert adapters, run by it
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -88,6 +89,7 @@ class ExpertWeights:
             None if self.w3 is None else self.w3[:, start:stop], self.activation,
             b1=None if self.b1 is None else self.b1[:, start:stop],
             b2=self.b2 if start == 0 else None,
+            lora=None if self.lora is None else self.lora.slice(start, stop, self.ffn_width),
         )
 
 
@@ -110,6 +112,8 @@ def check_backend(backend: str, device) -> str:
 def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None,
                 weights: ExpertWeights, backend: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`hidden (T, H)`, `topk_ids (T, k)`, `topk_weights (T, k)` → `(T, H)`."""
+    if weights.lora is not None:  # expert LoRA changes the expert computation itself: it runs the experts
+        return weights.lora.run(hidden, topk_ids, topk_weights, weights, out_dtype)
     if backend == "triton":
         from kernels.fused_moe import fused_experts
 

@@ -1,40 +1,17 @@
-"""Convert a Hugging Face model in memory, in place: every sparse-MLP block becomes our `MoEBlock`."""
+"""Working with a model's tessera MoE blocks once they are in place (`engine.families.patch_moe` puts them there)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from engine.moe.experts import check_backend, default_backend
+from engine.moe.experts import check_backend
 from engine.moe.layer import MoEBlock, RouterHealth
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def patch_moe(model: nn.Module, *, backend: str | None = None, capacity: str | None = None) -> nn.Module:
-    """Replace the model's MoE blocks with tessera's and return the model.
-
-    `backend`: "triton", "torch", "reference" or "eager" (leave the Hugging Face modules alone); default triton
-    on CUDA, torch on CPU. `capacity`: None (dropless, every token reaches its experts) or "hf" (the installed
-    transformers' per-sequence expert capacity, where the family has one).
-    """
-    from engine.families import family_for
-
-    family = family_for(model.config)
-    device = _model_device(model)
-    backend = check_backend(backend or default_backend(device), device)
-    if backend == "eager":
-        return model
-    blocks = family.find_blocks(model)
-    if not blocks and not any(isinstance(m, MoEBlock) for m in model.modules()):
-        raise ValueError(f"no {family.block_classes} blocks found in {type(model).__name__}")
-    for _, parent, attr, block in blocks:
-        setattr(parent, attr, family.convert(block, model.config, backend, capacity))
-    _install_health_check(model)
-    return model
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -42,7 +19,7 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    device = _model_device(model)
+    device = model_device(model)
     check_backend(backend, device)
     for _, block in moe_blocks(model):
         block.backend = backend
@@ -68,7 +45,7 @@ def take_routing_counts(model: nn.Module) -> dict[str, list[int]]:
     return counts
 
 
-def _install_health_check(model: nn.Module) -> None:
+def install_health_check(model: nn.Module) -> None:
     blocks = moe_blocks(model)
     health = RouterHealth([name for name, _ in blocks])
     for index, (_, block) in enumerate(blocks):

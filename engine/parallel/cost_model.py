@@ -20,12 +20,12 @@ the prediction, which on CPUs and at small batches is a large share of the time.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.parallel.runtime import Dist
+from foundation.timing import best_seconds
 
 
 @dataclass(frozen=True)
@@ -76,24 +76,6 @@ class CostModel:
         return Prediction(self.moeshard[shape](rows), a + b * pairs / self.world + c * busiest)
 
 
-def _best_times(fns: list, device: torch.device, repeats: int) -> list[float]:
-    """Best-of-`repeats` wall time of each callable, run round-robin: interference from other work on the
-    machine only ever adds time, and hits every path alike."""
-    for fn in fns:
-        fn()  # warm-up
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
 def _inputs(shape: LayerShape, tokens: int, skewed: bool, device):
     g = torch.Generator(device="cpu").manual_seed(tokens)
     x = torch.randn(tokens, shape.hidden, generator=g).to(device=device, dtype=shape.dtype)
@@ -135,12 +117,12 @@ def _measure(dist: Dist, layers: dict, backend: str, token_sizes, repeats: int, 
             """MoEShard, EP with even routing, EP with every pair on one expert, at `tokens` per rank."""
             x, ids, w = _inputs(shape, tokens, False, dist.device)
             _, hot, _ = _inputs(shape, tokens, True, dist.device)
-            return [lambda: moeshard_forward(dist, x, ids, w, tokens, ffn_part, backend),
-                    lambda: ep_dropless_forward(dist, owners, x, ids, w, expert_part, backend),
-                    lambda: ep_dropless_forward(dist, owners, x, hot, w, expert_part, backend)]
+            return {"moeshard": lambda: moeshard_forward(dist, x, ids, w, tokens, ffn_part, backend),
+                    "ep": lambda: ep_dropless_forward(dist, owners, x, ids, w, expert_part, backend),
+                    "ep_hot": lambda: ep_dropless_forward(dist, owners, x, hot, w, expert_part, backend)}
 
         (shard_small, ep_small, _), (shard_large, ep_large, ep_hot) = (
-            _best_times(paths(n), dist.device, repeats) for n in (small, large))
+            best_seconds(paths(n), dist.device, repeats).values() for n in (small, large))
         moeshard = Linear.fit(small, shard_small, large, shard_large)
         # Even routing: busiest ≈ pairs/G, so t = a + (b + c)·pairs/G; all on one expert: busiest = pairs.
         k, g = shape.top_k, dist.size

@@ -8,15 +8,16 @@ weights / G (2/G under `auto`, which keeps both parts), and the bytes read are r
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 
 import torch
 from torch import nn
 
-from engine.moe.experts import check_backend, default_backend
-from engine.moe.patch import patch_moe, set_backend
-from engine.parallel.checkpoint import STACKED_KEYS, CheckpointReader
-from engine.moe.experts import ExpertWeights
+from engine.families import patch_moe
+from engine.moe.experts import ExpertWeights, check_backend, default_backend
+from engine.moe.patch import set_backend
+from engine.parallel.checkpoint import CheckpointReader
 from engine.parallel.layout import ShardedExperts, fill
 from engine.parallel.runtime import init_distributed
 from engine.parallel.strategy import check_strategy, install_executors, plan_parts
@@ -24,44 +25,38 @@ from engine.parallel.strategy import check_strategy, install_executors, plan_par
 
 def _read_stacked(reader: CheckpointReader, block_name: str, part: ShardedExperts) -> ExpertWeights:
     """This rank's part of experts stored stacked (one tensor per matrix for all experts)."""
-    names = STACKED_KEYS[reader.family_name]
-
-    def key(name):
-        found = reader.checkpoint_name(f"{block_name}.{names[name]}")
-        if found is None:
-            raise KeyError(f"expert tensor {block_name}.{names[name]} not found in {reader.folder}")
-        return found
-
+    names = reader.family.stacked_keys
+    for name in ("b1", "b2"):  # claimed on every rank, read where this rank's part has them
+        reader.checkpoint_name(f"{block_name}.{names[name]}")
+    keys = {name: reader.require(f"{block_name}.{names[name]}") for name in ("w1", "w2", "b1", "b2")
+            if name in ("w1", "w2") or getattr(part, name) is not None}
     cut = (part.start, part.stop)
     if part.kind == "ffn":  # FFN columns of every expert: dim 1 of w1/b1, dim 2 of w2; b2 with the first slice
         index = {"w1": (None, cut), "w2": (None, None, cut), "b1": (None, cut), "b2": (None,)}
     else:  # whole experts [start, stop)
         index = {name: (cut,) for name in ("w1", "w2", "b1", "b2")}
-    wanted = {"b1": part.b1 is not None, "b2": part.b2 is not None}
-    tensors = {name: reader.read_part(key(name), index[name]) for name in ("w1", "w2", "b1", "b2")
-               if name in ("w1", "w2") or wanted[name]}
+    tensors = {name: reader.read_part(key, index[name]) for name, key in keys.items()}
     return ExpertWeights(tensors["w1"], tensors["w2"], None, part.activation, b1=tensors.get("b1"),
                          b2=tensors.get("b2"))
 
 
 def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, device, dtype) -> None:
-    if reader.family_name in STACKED_KEYS:
+    if reader.family.stacked_keys is not None:
         read = _read_stacked(reader, block_name, part)
         _check_and_fill(block_name, part, read, device, dtype)
         return
     if part.b1 is not None or part.b2 is not None:
-        raise ValueError(f"{block_name}: family {reader.family_name!r} has expert biases but no stacked "
-                         "checkpoint layout in engine.parallel.checkpoint.STACKED_KEYS")
+        raise ValueError(f"{block_name}: family {reader.family.name!r} has expert biases but no stacked "
+                         "checkpoint layout (Family.stacked_keys)")
     ffn = part.kind == "ffn"
-    experts = range(part.num_experts) if ffn else range(part.start, part.stop)
+    keys = [reader.expert_keys(block_name, expert) for expert in range(part.num_experts)]  # every rank's, claimed
     cut = (part.start, part.stop)
     first, second, partner = [], [], []
-    for expert in experts:
-        k1, k2, k3 = reader.expert_keys(block_name, expert)
-        first.append(reader.read(k1, rows=cut) if ffn else reader.read(k1))
-        second.append(reader.read(k2, cols=cut) if ffn else reader.read(k2))
+    for k1, k2, k3 in keys if ffn else keys[part.start : part.stop]:
+        first.append(reader.read_part(k1, (cut,) if ffn else ()))
+        second.append(reader.read_part(k2, (None, cut) if ffn else ()))
         if k3 is not None:
-            partner.append(reader.read(k3, rows=cut) if ffn else reader.read(k3))
+            partner.append(reader.read_part(k3, (cut,) if ffn else ()))
     read = ExpertWeights(torch.stack(first), torch.stack(second), torch.stack(partner) if partner else None,
                          part.activation)
     _check_and_fill(block_name, part, read, device, dtype)
@@ -90,33 +85,78 @@ def _fill_dense(model: nn.Module, reader: CheckpointReader, skip: set[int], devi
     missing = []
     for group in holders.values():
         names = [f"{m}.{a}" if m else a for m, _, a, _ in group]
-        key = next((k for k in map(reader.checkpoint_name, names) if k is not None), None)
-        if key is None:
+        keys = [k for k in map(reader.checkpoint_name, names) if k is not None]  # a tied copy may be stored too
+        if not keys:
             missing.append(names[0])
             continue
-        tensor = reader.read(key)
-        expected = group[0][3].shape
-        if tensor.shape != expected:
-            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(expected)}")
+        tensor = _read_checked(reader, keys[0], group[0][3].shape)
         param = nn.Parameter(tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False)
         for _, module, attr, _ in group:
             module._parameters[attr] = param
+    _fill_buffers(model, reader)
     if missing:  # tied copies (embeddings, LM head) are not stored: transformers ties them to the loaded one
         model.tie_weights()
         still = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
         if still:
-            raise KeyError(f"{len(still)} parameters are not in the checkpoint, e.g. {still[:5]}")
+            raise KeyError(f"{reader.folder}: the checkpoint lacks {len(still)} weights that "
+                           f"{type(model).__name__} needs (nothing is initialised at random): {still[:5]}")
 
 
-def load_parallel(source: str, family, *, strategy: str, backend: str | None = None, dtype=None, device=None,
-                  capacity: str | None = None, model_class=None, capacity_factor: float = 1.0,
-                  stats: bool = False) -> nn.Module:
-    """This rank's part of the model in `source` (config.json + safetensors), under an initialised process
-    group. `family` is the `engine.families.Family`, `model_class` the transformers class to build. Bytes read
-    are in `model.tessera_parallel.loaded_bytes` (`dense`, `experts`)."""
+def _read_checked(reader: CheckpointReader, key: str, expected) -> torch.Tensor:
+    tensor = reader.read_part(key)
+    if tensor.shape != expected:
+        raise ValueError(f"{reader.file_of[key]}: tensor {key} has shape {tuple(tensor.shape)}, the model "
+                         f"expects {tuple(expected)}")
+    return tensor
+
+
+def _fill_buffers(model: nn.Module, reader: CheckpointReader) -> None:
+    """Persistent buffers the checkpoint holds are loaded; those it lacks stay as the model built them (the
+    buffers transformers recreates on load, such as position ids and rotary frequencies)."""
+    for module_name, module in model.named_modules():
+        for attr, buf in module.named_buffers(recurse=False):
+            key = None if attr in module._non_persistent_buffers_set else reader.checkpoint_name(
+                f"{module_name}.{attr}" if module_name else attr)
+            if key is not None and buf is not None:
+                buf.copy_(_read_checked(reader, key, buf.shape))
+
+
+def _check_all_used(model: nn.Module, reader: CheckpointReader) -> None:
+    """Every checkpoint tensor maps to a model weight, but those transformers itself drops on load."""
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused = [k for k in reader.unused() if not any(p.search(k) for p in ignore)]
+    if unused:
+        files = sorted({reader.file_of[k].name for k in unused})
+        raise ValueError(f"{reader.folder}: {len(unused)} tensors in {files} are not used by "
+                         f"{type(model).__name__} (a checkpoint of another model class?): {unused[:5]}")
+
+
+def build_on_meta(model_class, config) -> nn.Module:
+    """The model's skeleton without weights (every parameter on the meta device)."""
     from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return (getattr(model_class, "from_config", None) or model_class._from_config)(config)  # Auto* or concrete
+
+
+def load_parallel(source: str, family, *, strategy: str, model_class, capacity: str | None = None,
+                  **options) -> nn.Module:
+    """This rank's part of the model in `source` (config.json + safetensors), under an initialised process
+    group: `build_on_meta`, `patch_moe`, then `load_rank_part` (which takes `options`)."""
     from transformers import AutoConfig
 
+    model = build_on_meta(model_class, AutoConfig.from_pretrained(source))
+    # Patch on the meta device with a backend that exists there; the real one is set once weights are loaded.
+    patch_moe(model, backend="torch", capacity=capacity, family=family)
+    return load_rank_part(model, source, family, strategy=strategy, **options)
+
+
+def load_rank_part(model: nn.Module, source, family, *, strategy: str, backend: str | None = None, dtype=None,
+                   device=None, **executor_options) -> nn.Module:
+    """Fill a patched meta-device model with this rank's part of the checkpoint in `source` and install the
+    strategy's executors (`executor_options`: `install_executors`' capacity_factor, min_capacity, stats,
+    calibration_tokens). Every weight must come from the checkpoint and every checkpoint tensor must be used.
+    Bytes read are in `model.tessera_parallel.loaded_bytes` (`dense`, `experts`)."""
     check_strategy(strategy)
     if strategy == "single":
         raise ValueError("strategy 'single' loads the whole model on one process: use engine.load without a strategy")
@@ -126,23 +166,19 @@ def load_parallel(source: str, family, *, strategy: str, backend: str | None = N
     # Each rank computes on its own device: under NCCL that is cuda:LOCAL_RANK whatever device was asked for.
     device = dist.device if device is None or torch.device(device).type == "cuda" else torch.device(device)
     backend = check_backend(backend or default_backend(device), device)
-    config = AutoConfig.from_pretrained(source)
-    with init_empty_weights():
-        model = model_class.from_config(config)
-    # Patch on the meta device with a backend that exists there; the real one is set once weights are loaded.
-    patch_moe(model, backend="torch", capacity=capacity)
     parts = plan_parts(model, strategy, dist, meta=True)
-    reader = CheckpointReader(source, family.name)
+    reader = CheckpointReader(source, family)
     try:
         for part_name, part in parts:
             _fill_part(reader, part_name.rsplit(".", 1)[0], part, device, dtype)
         expert_bytes = sum(r.nbytes for r in reader.reads)
         _fill_dense(model, reader, {id(p) for _, part in parts for p in part.parameters()}, device, dtype)
+        _check_all_used(model, reader)
     finally:
         reader.close()
     model.to(device)  # buffers (built for real, on CPU) follow the weights
     set_backend(model, backend)
-    state = install_executors(model, strategy, dist, capacity_factor=capacity_factor, stats=stats)
+    state = install_executors(model, strategy, dist, **executor_options)
     state.loaded_bytes = {"experts": expert_bytes, "dense": sum(r.nbytes for r in reader.reads) - expert_bytes}
     state.reads = reader.reads
     logging.getLogger("tessera.parallel").info(

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.moe.patch import moe_blocks, patch_moe
+from engine.families import patch_moe
+from engine.moe.patch import moe_blocks
 from engine.parallel.auto import AutoExecutor
 from engine.parallel.cost_model import CostModel, LayerShape, calibrate
 from engine.parallel.expert_parallel import ExpertParallelExecutor

@@ -1,76 +1,75 @@
-"""The HTTP API (FastAPI): OpenAI-style /v1/embeddings and /v1/completions, /health and /metrics.
+"""The HTTP API (FastAPI): OpenAI's /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models, plus
+/health and /metrics.
 
-Errors come back as JSON `{"error": {"message", "type", "param"}}`: 400 for malformed JSON or a bad field (the
-field is named), 413 for an input over the limit, 503 with Retry-After when the queue is full or a rank failed.
+Errors come back as JSON `{"error": {"message", "type", "param"}}`: 400 for malformed JSON or a bad or unknown
+field (the field is named), 401 without the server's API key, 404 for a model not served here, 413 for an input
+over the limit or a prompt that does not fit the model's context, 500 naming the error when generation failed,
+503 with Retry-After when the queue is full or a rank failed.
+
+The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
+(`engine.serving.scheduler.ContinuousEngine` for decoders, `engine.serving.batcher.BatchEngine` for the rest): it
+sets a request's future to a `Generation`, or, streaming, puts `(token id, logprob entry or None)` per token on
+`request.tokens`, then None or an exception.
 """
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 import time
 import uuid
-from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from engine.serving.batcher import BatchEngine, Overloaded, Request
+from engine.serving.batcher import Overloaded, Request
 from engine.serving.coordinator import RankFailure
+from engine.serving.openai_protocol import (APIError, ChatCompletionRequest, ChatShape, CompletionRequest,
+                                            CompletionShape, EmbeddingRequest, TextStream, sse, usage)
+from engine.serving.scheduler import RequestTooLarge, StepFailure
+from engine.serving.tokenizer import NoChatTemplate
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: str | list[str] = Field(min_length=1)
-    model: str | None = None
-    encoding_format: Literal["float"] = "float"
-    user: str | None = None
+def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metrics,
+               adapter_names: frozenset = frozenset(), context_length: int | None = None) -> FastAPI:
+    """`context_length`: prompt plus completion tokens the model can attend to (None: no limit).
 
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    adapter: str | None = None  # an adapter of the server's pool, or "auto" (the task router decides)
-    user: str | None = None
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-
-def _error(status, message, param=None, kind="invalid_request_error", headers=None):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_kind: str, metrics,
-               adapter_names: frozenset = frozenset()) -> FastAPI:
+    `app.state.adapter_names()` says which adapters requests may name, and /v1/models lists them: a server whose
+    adapter pool changes while it runs replaces it with a function that reads the pool."""
     app = FastAPI(title="tessera", version="0.1.0")
+    app.state.adapter_names = lambda: adapter_names
+    started = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(_request, err: APIError):
-        return _error(err.status, err.message, err.param, err.kind, err.headers)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, err: RequestValidationError):
         errors = err.errors()
         if errors[0]["type"] == "json_invalid":
-            return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}")
+            message = f"malformed JSON body: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}"
+            return JSONResponse(APIError(400, message).body(), status_code=400)
         fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
-        message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
-        return _error(400, message, fields[0].split(".")[0])  # the request's own field, as OpenAI reports it
+        message = "; ".join(f"{field}: {_explain(e)}" for field, e in zip(fields, errors))
+        # the request's own field, as OpenAI reports it
+        return JSONResponse(APIError(400, message, fields[0].split(".")[0]).body(), status_code=400)
 
-    @app.middleware("http")
+    if getattr(config, "api_key", None):
+        expected = f"Bearer {config.api_key}".encode()
+
+        @app.middleware("http")
+        async def authenticate(request: HTTPRequest, call_next):
+            """Every /v1 endpoint needs the key; /health and /metrics stay open for probes and scrapers."""
+            if request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
+                    err = APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                                   kind="authentication_error")
+                    return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    @app.middleware("http")  # declared last, so it runs first: 401s are counted too
     async def count(request: HTTPRequest, call_next):
         start = time.perf_counter()
         response = await call_next(request)
@@ -88,18 +87,43 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
                            headers={"Retry-After": "1"}) from None
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
+        except RequestTooLarge as err:  # the continuous scheduler: more than a rank's whole KV cache
+            raise APIError(413, str(err), "max_tokens") from None
 
-    def encode(text: str, param: str) -> list[int]:
-        ids = tokenizer.encode(text)
+    def submit_all(requests: list[Request]):
+        for i, request in enumerate(requests):
+            try:
+                submit(request)
+            except APIError:
+                for sent in requests[:i]:
+                    sent.cancelled = True
+                raise
+
+    async def result(future):
+        try:
+            return await future
+        except RankFailure as err:
+            raise APIError(503, str(err), kind="server_error") from None
+        except Exception as err:  # the step that ran this request failed; the server goes on
+            raise APIError(500, _failure(err), kind="server_error") from None
+
+    def check_input(ids: list[int], param: str) -> list[int]:
         if len(ids) > config.max_input_tokens:
             raise APIError(413, f"{param} has {len(ids)} tokens, over this server's limit of "
                                 f"{config.max_input_tokens}", param)
         return ids
 
-    def check_model(name: str | None):
-        if name is not None and name != model_name:
-            raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}", "model",
-                           kind="not_found_error")
+    def check_model(name: str | None, adapter: str | None) -> str | None:
+        """The adapter a request asks for: by `adapter`, or by naming an adapter as its `model` (as /v1/models
+        lists them)."""
+        if name is None or name == model_name:
+            return adapter
+        if name in app.state.adapter_names():
+            if adapter is not None and adapter != name:
+                raise APIError(400, f"adapter: {adapter!r} contradicts model {name!r}, an adapter", "adapter")
+            return name
+        raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}", "model",
+                       kind="not_found_error")
 
     @app.get("/health")
     async def health():
@@ -112,107 +136,211 @@ def create_app(engine: BatchEngine, config, tokenizer, model_name: str, model_ki
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card(name: str, parent: str | None = None) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "tessera", "root": name,
+                "parent": parent, "max_model_len": context_length}
+
+    def model_cards() -> list[dict]:
+        return [model_card(model_name)] + [model_card(a, model_name) for a in sorted(app.state.adapter_names())]
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        for card in model_cards():
+            if card["id"] == name:
+                return card
+        raise APIError(404, f"model {name!r} is not served here", "model", kind="not_found_error")
+
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        check_model(body.model)
+        check_model(body.model, None)
         if model_kind != "encoder":
             raise APIError(400, f"{model_name} is a {model_kind} model: it serves /v1/completions", "model")
         texts = [body.input] if isinstance(body.input, str) else body.input
         loop = asyncio.get_running_loop()
-        requests = [Request("embed", encode(t, f"input[{i}]"), loop, future=loop.create_future())
-                    for i, t in enumerate(texts)]
-        for request in requests:
-            submit(request)
-        try:
-            vectors = await asyncio.gather(*(r.future for r in requests))
-        except RankFailure as err:
-            raise APIError(503, str(err), kind="server_error") from None
+        requests = [Request("embed", check_input(tokenizer.encode(t), f"input[{i}]"), loop,
+                            future=loop.create_future()) for i, t in enumerate(texts)]
+        submit_all(requests)
+        vectors = [await result(r.future) for r in requests]
         tokens = sum(len(r.token_ids) for r in requests)
         return {"object": "list", "model": model_name,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
-        check_model(body.model)
+    def check_generation(body):
         if model_kind == "encoder":
             raise APIError(400, f"{model_name} is an encoder model: it serves /v1/embeddings", "model")
-        if body.max_tokens > config.max_new_tokens:
-            raise APIError(400, f"max_tokens: at most {config.max_new_tokens} on this server", "max_tokens")
-        if body.adapter == "auto" and engine.router is None:
+        body.check()
+        adapter = check_model(body.model, body.adapter)
+        if adapter == "auto" and engine.router is None:
             raise APIError(400, "adapter: 'auto' needs a server started with a task router (--adapters DIR)",
                            "adapter")
-        if body.adapter not in (None, "auto") and body.adapter not in adapter_names:
-            raise APIError(400, f"adapter: {body.adapter!r} is not in this server's pool "
-                                f"{sorted(adapter_names) or '(none configured)'}", "adapter")
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if adapter not in (None, "auto") and adapter not in app.state.adapter_names():
+            raise APIError(400, f"adapter: {adapter!r} is not in this server's pool "
+                                f"{sorted(app.state.adapter_names()) or '(none configured)'}", "adapter")
+        return adapter
+
+    def max_tokens(body, prompt_len: int, default: int, prompt_param: str) -> int:
+        """The completion's token budget: as asked (checked against the server's limit and the context), or the
+        default clipped to what the context leaves."""
+        asked = body.asked_max_tokens()
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        if asked is not None and asked > config.max_new_tokens:
+            raise APIError(400, f"{param}: at most {config.max_new_tokens} on this server", param)
+        if context_length is None:
+            return asked or default
+        if prompt_len >= context_length:
+            raise APIError(413, f"{prompt_param} has {prompt_len} tokens: this model's context is {context_length} "
+                                "tokens, prompt and completion together", prompt_param)
+        room = context_length - prompt_len
+        if asked is not None and asked > room:
+            raise APIError(400, f"{param}: {asked} tokens do not fit: this model's context is {context_length} "
+                                f"tokens and the prompt has {prompt_len}, which leaves {room}", param)
+        return asked or min(default, room)
+
+    async def generate(body, shape, ids: list[int], text: str, adapter: str | None, limit: int):
+        """Runs `n` choices of one prompt and answers them in `shape`, whole or as server-sent events."""
         loop = asyncio.get_running_loop()
-        params = dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                      seed=body.seed if body.seed is not None else 0)
-        request = Request("generate", encode(body.prompt, "prompt"), loop, params=params, stream=body.stream,
-                          text=body.prompt, adapter=body.adapter)
-        if body.stream:
-            request.tokens = asyncio.Queue()
-        else:
-            request.future = loop.create_future()
-        submit(request)
-        created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
+        n, stream, stops = body.n or 1, bool(body.stream), body.stops()
+        temperature = 1.0 if body.temperature is None else body.temperature
+        params = dict(max_tokens=limit, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
+                      presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                      logprobs=body.top_logprobs_wanted())
+        # Choice i of a seeded request samples with seed + i, so choices differ and each is reproducible.
+        seeds = [None if body.seed is None else body.seed + i for i in range(n)]
+        events = asyncio.Queue() if stream else None
+        requests = [Request("generate", ids, loop, params={**params, "seed": seed}, text=text, adapter=adapter,
+                            stop=stops, stream=stream, tokens=_Tagged(events, i) if stream else None,
+                            future=None if stream else loop.create_future()) for i, seed in enumerate(seeds)]
+        submit_all(requests)
+        created, ident = int(time.time()), f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}"
+        header = {"id": ident, "object": shape.object, "created": created, "model": body.model or model_name}
 
-        def choice(text, finish):
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        def logprobs_of(stream: TextStream, entries: list, start: int, stop: int):
+            if params["logprobs"] is None:
+                return None
+            rows = [(stream.tokens[j], *entries[j]) for j in range(start, min(stop, len(entries)))]
+            return shape.logprobs(rows, stream.offsets[start:stop])
 
-        if not body.stream:
-            try:
-                tokens = await request.future
-            except RankFailure as err:
-                raise APIError(503, str(err), kind="server_error") from None
-            text, stopped = _apply_stops(tokenizer.decode(tokens), stops)
-            finish = "stop" if stopped or len(tokens) < body.max_tokens else "length"
-            return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [choice(text, finish)],
-                    "usage": {"prompt_tokens": len(request.token_ids), "completion_tokens": len(tokens),
-                              "total_tokens": len(request.token_ids) + len(tokens)}}
-
-        async def events():
-            tokens, sent, finish = [], "", "length"
-            try:
-                while True:
-                    item = await request.tokens.get()
-                    if item is None:
+        if not stream:
+            choices, completion_tokens = [], 0
+            for i, request in enumerate(requests):
+                generation = await result(request.future)
+                text_stream = TextStream(tokenizer.decode, stops)
+                for token in generation.tokens:
+                    text_stream.add(token)
+                    if text_stream.stopped:
                         break
+                text_stream.finish()
+                finish = "stop" if text_stream.stopped or len(generation.tokens) < limit else "length"
+                logprobs = logprobs_of(text_stream, generation.logprobs or [], 0, text_stream.text_tokens())
+                choices.append(shape.choice(i, text_stream.text, finish, logprobs))
+                completion_tokens += len(text_stream.tokens)  # through the stop string, if one ended it
+            return {**header, "choices": choices, "usage": usage(len(ids), completion_tokens)}
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunk = {**header, "object": shape.chunk_object, **({"usage": None} if include_usage else {})}
+
+        async def chunks():
+            texts = [TextStream(tokenizer.decode, stops) for _ in range(n)]
+            entries, reported = [[] for _ in range(n)], [0] * n
+            done = [False] * n
+            completion_tokens = 0
+            try:
+                if isinstance(shape, ChatShape):
+                    yield sse({**chunk, "choices": [shape.delta(i, "", None, None, first=True) for i in range(n)]})
+                while not all(done):
+                    i, item = await events.get()
+                    if done[i]:
+                        continue
                     if isinstance(item, Exception):
-                        yield _sse({"error": {"message": str(item), "type": "server_error"}})
+                        yield sse({"error": {"message": _failure(item), "type": "server_error", "code": 500}})
                         return
-                    tokens.append(item)
-                    if tokenizer.eos_token_id is not None and item == tokenizer.eos_token_id:
+                    finish, delta = None, ""
+                    if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
+                        finish = "stop" if len(texts[i].tokens) < limit else "length"
+                    elif tokenizer.eos_token_id is not None and item[0] == tokenizer.eos_token_id:
                         finish = "stop"
-                        break
-                    text, stopped = _apply_stops(tokenizer.decode(tokens), stops)
-                    if len(text) > len(sent):
-                        yield _sse({"id": ident, "object": "text_completion", "created": created,
-                                    "model": model_name, "choices": [choice(text[len(sent):], None)]})
-                        sent = text
-                    if stopped:
-                        finish = "stop"
-                        break
-                    if len(tokens) >= body.max_tokens:
-                        break
-                request.cancelled = True  # done: stop its row if generation goes on for others
-                yield _sse({"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                            "choices": [choice("", finish)]})
-                yield "data: [DONE]\n\n"
+                    else:
+                        delta = texts[i].add(item[0])
+                        entries[i].append(item[1])
+                        if texts[i].stopped:
+                            finish = "stop"
+                        elif len(texts[i].tokens) >= limit:
+                            finish = "length"
+                    if finish is None:
+                        if delta:
+                            upto = len(texts[i].tokens)
+                            yield sse({**chunk, "choices": [shape.delta(
+                                i, delta, None, logprobs_of(texts[i], entries[i], reported[i], upto))]})
+                            reported[i] = upto
+                        continue
+                    done[i] = True
+                    requests[i].cancelled = True  # done: stop its row if generation goes on for others
+                    delta, upto = delta + texts[i].finish(), max(texts[i].text_tokens(), reported[i])
+                    completion_tokens += len(texts[i].tokens)
+                    yield sse({**chunk, "choices": [shape.delta(
+                        i, delta, finish, logprobs_of(texts[i], entries[i], reported[i], upto))]})
+                if include_usage:
+                    yield sse({**chunk, "choices": [], "usage": usage(len(ids), completion_tokens)})
+                yield sse("[DONE]")
             finally:
-                request.cancelled = True  # a client that went away frees its row at the next step
+                for request in requests:
+                    request.cancelled = True  # a client that went away frees its rows at the next step
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        adapter = check_generation(body)
+        ids = check_input(tokenizer.encode(body.prompt), "prompt")
+        limit = max_tokens(body, len(ids), min(16, config.max_new_tokens), "prompt")  # 16: OpenAI's default
+        return await generate(body, CompletionShape(_token_text(tokenizer)), ids, body.prompt, adapter, limit)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        adapter = check_generation(body)
+        messages = [m.for_template() for m in body.messages]
+        try:
+            ids = tokenizer.apply_chat_template(messages)
+        except NoChatTemplate as err:
+            raise APIError(400, f"{model_name}: {err}", "messages") from None
+        except Exception as err:  # the template rejected the conversation (e.g. roles out of order)
+            raise APIError(400, f"messages: the chat template failed: {type(err).__name__}: {err}",
+                           "messages") from None
+        check_input(ids, "messages")
+        limit = max_tokens(body, len(ids), config.max_new_tokens, "messages")
+        # the last user turn, for an "auto" adapter's task router
+        text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        return await generate(body, ChatShape(_token_text(tokenizer)), ids, text, adapter, limit)
 
     return app
 
 
-def _apply_stops(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+class _Tagged:
+    """Where one choice's backend puts its stream items: the response's one queue, tagged with the choice."""
+
+    def __init__(self, queue: asyncio.Queue, index: int):
+        self.queue, self.index = queue, index
+
+    def put_nowait(self, item) -> None:
+        self.queue.put_nowait((self.index, item))
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+def _failure(err: Exception) -> str:
+    if isinstance(err, StepFailure):  # it says where and what
+        return str(err)
+    return f"generation failed: {type(err).__name__}: {err}"
+
+
+def _token_text(tokenizer):
+    return lambda token_id: tokenizer.decode([token_id])
+
+
+def _explain(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return f"{error['msg']} (not a field this server honours)"
+    return error["msg"]

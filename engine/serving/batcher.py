@@ -31,15 +31,27 @@ class Request:
     kind: str  # "embed" or "generate"
     token_ids: list[int]
     loop: asyncio.AbstractEventLoop
-    params: dict = field(default_factory=dict)  # generate: max_tokens, temperature, top_p, seed
+    # generate: max_tokens, temperature, top_p, seed (None: unseeded); optional presence_penalty,
+    # frequency_penalty, logprobs (how many alternatives per token; None: no log-probabilities)
+    params: dict = field(default_factory=dict)
     text: str = ""
     adapter: str | None = None  # None: the base model; "auto": the router decides; else an adapter name
+    stop: list[str] = field(default_factory=list)  # stop strings (the caller cuts the text at them)
     stream: bool = False
-    future: asyncio.Future | None = None
-    tokens: asyncio.Queue | None = None  # streaming: new tokens per step, then None
+    future: asyncio.Future | None = None  # not streaming: set to a `Generation`
+    tokens: asyncio.Queue | None = None  # streaming: (token id, logprob entry or None) per step, then None
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # continuous scheduler (engine.serving.scheduler): it also ends generation at the step a stop string appears
+    id: str = ""
+    generated: list[int] = field(default_factory=list)
+    entries: list = field(default_factory=list)  # log-probability entries of `generated`, when asked for
+    finish_reason: str | None = None
+    result: object = None  # offline requests (no event loop): the Generation, or the exception
+
+    def penalties(self) -> tuple[float, float]:
+        return self.params.get("presence_penalty", 0.0), self.params.get("frequency_penalty", 0.0)
 
     def batch_key(self):
         if self.kind == "embed":
@@ -140,12 +152,17 @@ class BatchEngine:
             if any(batch[i].adapter for i in range(len(batch))):
                 mixtures = self._adapter_mixtures(batch)
                 op["adapters"] = [[mixtures[i] for i in share] for share in shares]
+            penalties = [[batch[i].penalties() for i in share] for share in shares]
+            if any(p != (0.0, 0.0) for share in penalties for p in share):
+                op["penalties"] = penalties
+            if any(r.params.get("logprobs") is not None for r in batch):
+                op["logprobs"] = [[batch[i].params.get("logprobs") for i in share] for share in shares]
             op.update(limits=limits, params=dict(max_new_tokens=max(map(max, filter(None, limits))),
                                                  temperature=batch[0].params["temperature"],
                                                  top_p=batch[0].params["top_p"], seed=batch[0].params["seed"]))
             local = [batch[i] for i in shares[0]]
             cancelled = lambda: [r.cancelled for r in local]  # noqa: E731
-            streamer = lambda step: self._stream_step(local, step)  # noqa: E731
+            streamer = lambda step, entries: self._stream_step(local, step, entries)  # noqa: E731
         self.metrics.batch_size.observe(len(batch))
         prompt_tokens = sum(len(r.token_ids) for r in batch)
         self.metrics.batch_tokens.observe(prompt_tokens)
@@ -164,7 +181,7 @@ class BatchEngine:
         for share, result in zip(shares, results):
             for i, value in zip(share, result[key]):
                 if op["type"] == "generate":
-                    self.metrics.tokens_out.inc(len(value))
+                    self.metrics.tokens_out.inc(len(value.tokens))
                 self._finish(batch[i], value)
 
     def _adapter_mixtures(self, batch: list[Request]) -> list[dict]:
@@ -176,14 +193,14 @@ class BatchEngine:
                 mixtures[i] = dict(decision.adapters)
         return mixtures
 
-    def _stream_step(self, requests: list[Request], step: list[int]) -> None:
+    def _stream_step(self, requests: list[Request], step: list[int], entries: list | None) -> None:
         now = time.perf_counter()
-        for request, token in zip(requests, step):
+        for row, (request, token) in enumerate(zip(requests, step)):
             if request.stream and not request.cancelled:
                 if request.first_token_at is None:
                     request.first_token_at = now
                     self.metrics.time_to_first_token.observe(now - request.enqueued_at)
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, token)
+                request.loop.call_soon_threadsafe(request.tokens.put_nowait, (token, entries and entries[row]))
 
     def _finish(self, request: Request, value) -> None:
         if request.stream:
@@ -197,12 +214,17 @@ class BatchEngine:
         """A rank is gone: report unhealthy, fail everything waiting, and exit non-zero shortly after."""
         self.healthy, self.failure = False, message
         self.metrics.healthy.set(0)
-        error = RankFailure(message)
-        pending = self._inflight + list(self.held)
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        for request in pending:
-            if request is not _STOP:
-                self._finish(request, error)
-        print(f"tessera serve: {message}; exiting", flush=True)
-        threading.Timer(2.0, lambda: os._exit(1)).start()
+        fail_and_exit(message, self._inflight + list(self.held), self.queue, self._finish)
+
+
+def fail_and_exit(message: str, pending: list, waiting: queue.Queue, finish) -> None:
+    """A rank is gone: `finish(request, RankFailure)` for every request pending or waiting, then exit non-zero
+    in 2 s (time for the answers to go out)."""
+    error = RankFailure(message)
+    while not waiting.empty():
+        pending.append(waiting.get_nowait())
+    for request in pending:
+        if isinstance(request, Request):  # not a stop marker
+            finish(request, error)
+    print(f"tessera serve: {message}; exiting", flush=True)
+    threading.Timer(2.0, lambda: os._exit(1)).start()

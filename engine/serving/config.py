@@ -19,7 +19,15 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_tokens: int = 8192  # prompt tokens in one batch, over all ranks
-    max_batch_size: int = 64  # sequences in one batch
+    max_batch_size: int = 64  # sequences in one batch (continuous scheduler: running requests per rank)
+    # Decoder generation: "continuous" (iteration-level batching over a paged KV cache on every rank,
+    # engine.serving.scheduler) or "static" (one generate() call per batch, engine.serving.batcher: the baseline).
+    # Embeddings, encoder-decoder models and LoRA adapters use the static batcher.
+    scheduler: str = "continuous"
+    kv_cache_bytes: int | None = None  # KV budget per rank in bytes; unset: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.5
+    kv_block_size: int = 32  # tokens per KV block
+    step_tokens: int = 256  # tokens per rank per step: longer prompts are prefilled in chunks of this size
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # requests waiting; past it, 503 with Retry-After
     max_input_tokens: int = 512  # per input text; past it, 413
@@ -27,6 +35,16 @@ class ServeConfig:
     heartbeat_s: float = 2.0  # idle ranks are pinged this often, so a dead rank is noticed
     rank_timeout_s: float = 60.0  # a collective that waits longer means a rank is gone
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    # When set, every /v1 endpoint needs `Authorization: Bearer <api_key>` (also from TESSERA_API_KEY).
+    api_key: str | None = None
+    chat_template: str | None = None  # a Jinja chat template (or its file) replacing the tokenizer's own
+    max_model_len: int | None = None  # prompt + completion tokens; None: the model's max_position_embeddings
+
+    def __post_init__(self):
+        if self.scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler: {self.scheduler!r} is not 'continuous' or 'static'")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 1]")
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> "ServeConfig":

@@ -27,6 +27,20 @@ class Metrics:
         self.tokens_dropped = Counter("tessera_tokens_dropped", "Token-expert pairs dropped by a capacity limit",
                                       registry=r)
         self.rank_compute = Counter("tessera_rank_compute_seconds", "Compute time per rank", ["rank"], registry=r)
+        self.kv_blocks_used = Gauge("tessera_kv_blocks_used", "Paged KV cache blocks in use, per rank", ["rank"],
+                                    registry=r)
+        self.kv_blocks_free = Gauge("tessera_kv_blocks_free", "Paged KV cache blocks free, per rank", ["rank"],
+                                    registry=r)
+        self.running = Gauge("tessera_running_requests", "Requests generating on a rank", registry=r)
+        self.waiting = Gauge("tessera_waiting_requests", "Requests admitted but not yet generating (rank 0's queue "
+                             "and the ranks' waiting lists, preempted ones included)", registry=r)
+        self.preemptions = Counter("tessera_preemptions", "Requests preempted when the KV cache was full (their "
+                                   "cache freed and recomputed later)", registry=r)
+        self.time_per_output_token = Histogram("tessera_time_per_output_token_seconds",
+                                               "Per request: first token to last, over the tokens after the first",
+                                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                        2.5), registry=r)
+        self._preempted = {}
         self.healthy = Gauge("tessera_healthy", "1 while every rank answers", registry=r)
         self.healthy.set(1)
 
@@ -39,6 +53,18 @@ class Metrics:
                     if count:
                         self.expert_load.labels(layer, str(expert)).inc(count)
                 self.tokens_dropped.inc(counts[-1])
+
+    def record_kv(self, kv: list[dict], waiting: int) -> None:
+        """The continuous scheduler's state after a step: `kv` per rank from `RankBatch.stats()`."""
+        for rank, stats in enumerate(kv):
+            self.kv_blocks_used.labels(str(rank)).set(stats["blocks_total"] - stats["blocks_free"])
+            self.kv_blocks_free.labels(str(rank)).set(stats["blocks_free"])
+            new = stats["preemptions"] - self._preempted.get(rank, 0)
+            if new > 0:
+                self.preemptions.inc(new)
+            self._preempted[rank] = stats["preemptions"]
+        self.running.set(sum(stats["running"] for stats in kv))
+        self.waiting.set(waiting + sum(stats["waiting"] for stats in kv))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,5 @@
-"""What every rank does with its share of a batch: embed texts, or generate continuations.
+"""What every rank does with its share of a batch: embed texts, generate continuations (the static batcher), or
+run one step of its continuous batch (`self.batch`, an `engine.serving.paged_batch.RankBatch`).
 
 Rank 0 decides the batches and sends each rank its rows (`engine.serving.coordinator`); every rank runs its rows
 through the model, whose MoE layers exchange tokens with the other ranks according to the strategy. A rank with
@@ -9,11 +10,12 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from engine.models.bert_moe import mean_pool_normalized
 from engine.moe.patch import take_routing_counts, track_routing
+from engine.pooling import mean_pool_normalized
+from engine.serving.sampling import Generation, LogprobRecorder, PresenceFrequencyPenalty
 
 
 def model_kind(model) -> str:
@@ -57,6 +59,7 @@ class Runner:
         self.model, self.tokenizer, self.rank, self.world = model, tokenizer, rank, world
         self.kind = model_kind(model)
         self.device = next(model.parameters()).device
+        self.batch = None  # the continuous scheduler's RankBatch (engine.serving.paged_batch), when serving with it
         track_routing(model)
 
     def run(self, op: dict, streamer=None, cancelled=None) -> dict:
@@ -66,6 +69,8 @@ class Runner:
             out = {"embeddings": self._embed(rows)}
         elif op["type"] == "generate":
             out = {"tokens": self._generate(rows, op, streamer, cancelled)}
+        elif op["type"] == "step":
+            out = self.batch.run(op, self.rank)
         elif op["type"] == "ping":
             out = {}
         else:
@@ -95,21 +100,34 @@ class Runner:
         return mean_pool_normalized(hidden.float(), mask)[: len(rows)].cpu().tolist()
 
     def _generate(self, rows, op, streamer, cancelled):
+        """Each row's `Generation`. Rows may differ in penalties and in the log-probabilities they want back
+        (`op["penalties"]`, `op["logprobs"]`: per rank, per row); `streamer(tokens, logprob_entries)` sees every
+        step of this rank's rows."""
         from engine.parallel import generate_lockstep
 
         params, limits = op["params"], op["limits"][self.rank]
         ids, mask = self._pad(rows, left=self.kind == "decoder")
         prompt_len = ids.shape[1] if self.kind == "decoder" else 1  # seq2seq: the decoder start token
         sampling = params["temperature"] > 0
-        if sampling:
+        if sampling and params["seed"] is not None:  # no seed: this rank's generator goes on where it was
             torch.manual_seed(params["seed"] + self.rank)
+        tops = op["logprobs"][self.rank] if "logprobs" in op else []
+        recorder = LogprobRecorder(tops) if any(top is not None for top in tops) else None
+        processors = LogitsProcessorList([recorder] if recorder else [])
+        if "penalties" in op and op["penalties"][self.rank]:
+            presence, frequency = zip(*op["penalties"][self.rank])
+            processors.append(PresenceFrequencyPenalty(prompt_len, list(presence), list(frequency)))
         kwargs = dict(max_new_tokens=params["max_new_tokens"], do_sample=sampling,
-                      pad_token_id=self.tokenizer.pad_token_id,
+                      pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors,
                       stopping_criteria=StoppingCriteriaList([RowLimits(prompt_len, limits or [0], cancelled)]))
         if sampling:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"], top_k=0)
-        if streamer is not None:
-            kwargs["streamer"] = StepStreamer(streamer)
+        if streamer is not None or recorder is not None:
+            def on_step(tokens):
+                entries = recorder.take(tokens) if recorder else None
+                if streamer is not None:
+                    streamer(tokens, entries)
+            kwargs["streamer"] = StepStreamer(on_step)
         if "adapters" in op:
             kwargs["adapter_weights"] = op["adapters"][self.rank] or [{}]  # a rank's dummy row: base model
         with torch.no_grad():
@@ -120,9 +138,10 @@ class Runner:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         eos = self.tokenizer.eos_token_id
         result = []
-        for row, limit in zip(out[:, prompt_len:].tolist(), limits):
+        for i, (row, limit) in enumerate(zip(out[:, prompt_len:].tolist(), limits)):
             row = row[:limit]
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
-            result.append(row)
+            wanted = recorder is not None and tops[i] is not None
+            result.append(Generation(row, recorder.rows[i][: len(row)] if wanted else None))
         return result

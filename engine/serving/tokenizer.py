@@ -1,7 +1,26 @@
-"""The tokenizer a served model comes with, or bytes for tiny test models that have none."""
+"""The tokenizer a served model comes with, or bytes for tiny test models that have none; both turn a chat
+(OpenAI messages) into prompt ids through a chat template: the tokenizer's own, or one the server is given."""
 from __future__ import annotations
 
 from pathlib import Path
+
+
+class NoChatTemplate(ValueError):
+    """The model's tokenizer has no chat template and the server was given none (`--chat-template`)."""
+
+
+def render_chat(template: str, messages: list[dict], **variables) -> str:
+    """A Jinja chat template rendered the way `transformers` renders one (sandboxed, trimmed blocks), for
+    tokenizers that are not `transformers` tokenizers."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(template).render(messages=messages, add_generation_prompt=True, **variables)
 
 
 class ByteTokenizer:
@@ -11,8 +30,8 @@ class ByteTokenizer:
     pad_token_id = 0
     eos_token_id = None
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int, chat_template: str | None = None):
+        self.vocab_size, self.chat_template = vocab_size, chat_template
 
     def encode(self, text: str) -> list[int]:
         return [b if b < self.vocab_size else ord("?") for b in text.encode("utf-8")]
@@ -20,12 +39,19 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if self.chat_template is None:
+            raise NoChatTemplate("this model has no tokenizer, so no chat template: start the server with "
+                                 "--chat-template FILE")
+        return self.encode(render_chat(self.chat_template, messages))
+
 
 class HFTokenizer:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, chat_template: str | None = None):
         from transformers import AutoTokenizer
 
         self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.chat_template = chat_template or self._tok.chat_template
         self.pad_token_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
         self.eos_token_id = self._tok.eos_token_id
 
@@ -35,9 +61,20 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if self.chat_template is None:
+            raise NoChatTemplate("this model's tokenizer has no chat template: start the server with "
+                                 "--chat-template FILE")
+        text = self._tok.apply_chat_template(messages, chat_template=self.chat_template, add_generation_prompt=True,
+                                             tokenize=False)
+        return self._tok(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
 
-def load_tokenizer(folder: Path | None, vocab_size: int):
+
+def load_tokenizer(folder: Path | None, vocab_size: int, chat_template: str | None = None):
+    """`chat_template`: a Jinja template, or the path of a file holding one, that replaces the tokenizer's own."""
+    if chat_template is not None and "{" not in chat_template:  # a path: a template has Jinja tags
+        chat_template = Path(chat_template).read_text()
     if folder is not None and any((Path(folder) / name).exists() for name in ("tokenizer.json", "vocab.txt",
                                                                                "tokenizer.model")):
-        return HFTokenizer(Path(folder))
-    return ByteTokenizer(vocab_size)
+        return HFTokenizer(Path(folder), chat_template)
+    return ByteTokenizer(vocab_size, chat_template)

@@ -53,6 +53,19 @@ class Context:
     weights: torch.Tensor
     thresholds: torch.Tensor | None = None
     rng: Callable[[int, str], torch.Generator] | None = None
+    # Per-model parameters (mergekit's `parameters:` under a model: density, gamma, epsilon, scale), one
+    # value per member of the group; a parameter missing here falls back to `params`.
+    task_params: dict[str, list] | None = None
+    # The block's pretrained tensors (float32), for methods defined on whole weights (slerp, passthrough).
+    base: dict[str, torch.Tensor] | None = None
+
+    def value(self, name: str, k: int):
+        """Parameter `name` for member k: its per-model value if it has one, else the method's."""
+        if self.task_params is not None and self.task_params.get(name) is not None:
+            v = self.task_params[name][k]
+            if v is not None:
+                return v
+        return self.params[name]
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,8 @@ class Method:
     # A per-task step that does not depend on the group (trimming, random drops): run once per block for
     # all tasks, not once per group, and `fn` then combines the prepared vectors.
     prepare: Callable[[dict[str, torch.Tensor], Context], dict[str, torch.Tensor]] | None = None
+    # The method changes even a group of one model (passthrough's `scale`), so singletons go through it.
+    singletons: bool = False
 
     @property
     def modulated(self) -> bool:
@@ -81,13 +96,13 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False,
-             coefficients=None, prepare=None):
+             coefficients=None, prepare=None, singletons: bool = False):
     """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0}, prepare=trim_tasks)`."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare)
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare, singletons)
         return fn
 
     return wrap
@@ -153,14 +168,51 @@ def drop_tasks(tvs: dict[str, torch.Tensor], density: float, ctx: Context) -> di
     return {n: torch.stack([drop_and_rescale(t[k], density, ctx.rng(k, n)) for k in range(t.shape[0])]) for n, t in tvs.items()}
 
 
+def densities(tvs: dict[str, torch.Tensor], ctx: Context) -> list[float]:
+    K = next(iter(tvs.values())).shape[0]
+    return [float(ctx.value("density", k)) for k in range(K)]
+
+
 def trim_tasks(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
-    """Magnitude trimming to each task's top `density`, within `scope`."""
-    return trim(tvs, float(ctx.params["density"]), ctx.params["scope"], ctx.thresholds)
+    """Magnitude trimming to each task's top `density` (per model where given), within `scope`."""
+    d = densities(tvs, ctx)
+    scope = ctx.params.get("scope", "tensor")
+    if len(set(d)) == 1 or scope == "global":
+        return trim(tvs, d[0], scope, ctx.thresholds)
+    return {n: torch.cat([trim({n: t[k : k + 1]}, d[k], scope, None)[n] for k in range(t.shape[0])]) for n, t in tvs.items()}
 
 
 def drop_density(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
-    """DARE with the method's own `density` (dare_linear, dare_ties)."""
-    return drop_tasks(tvs, float(ctx.params["density"]), ctx)
+    """DARE with the method's own (per-model) `density` and mergekit's `rescale` (dare_linear, dare_ties)."""
+    d = densities(tvs, ctx)
+    rescale = ctx.params.get("rescale", "density")
+    out = {}
+    for n, t in tvs.items():
+        rows = []
+        for k in range(t.shape[0]):
+            if d[k] >= 1.0:
+                rows.append(t[k])
+                continue
+            keep = torch.bernoulli(torch.full(t[k].shape, d[k]), generator=ctx.rng(k, n)).to(t.device)
+            rows.append(rescaled(t[k], keep, rescale, d[k]))
+        out[n] = torch.stack(rows)
+    return out
+
+
+def rescaled(x: torch.Tensor, keep: torch.Tensor, rescale, density: float) -> torch.Tensor:
+    """`x ⊙ keep`, rescaled: `True`/`"l1"` matches the L1 norm of `x` (mergekit's `rescale`), `"density"`
+    divides by the keep probability (the DARE paper's and PEFT's), `False` leaves it."""
+    kept = x * keep
+    if rescale is False or rescale is None:
+        return kept
+    if rescale == "density":
+        return kept / density
+    if rescale is True or rescale == "l1":
+        before, after = x.abs().sum(), kept.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept * (before / after)
+    raise ValueError(f"rescale must be true (L1, mergekit's), 'density' (1/density, DARE's) or false, got {rescale!r}")
 
 
 def weighted(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Weighted averaging of task vectors: θ_0 + Σ_k w_k τ_k / Σ_k w_k, i.e. the weighted mean of the models.
+"""Weighted averaging (Wortsman et al., 2022, model soups), mergekit's `linear`: Σ_k w_k θ_k / Σ_k w_k,
+which is θ_0 + Σ_k w_k τ_k / Σ_k w_k. `normalize: false` (mergekit's option) gives the plain weighted
+sum Σ_k w_k θ_k.
 
 Registered as `linear` (mergekit's name) and `average` (the FlexMerge paper's)."""
 from __future__ import annotations
@@ -8,7 +10,9 @@ import torch
 from merge.methods import Context, MergeResult, register, weighted
 
 
-def coefficients(ctx: Context) -> torch.Tensor:
+def coefficients(ctx: Context) -> torch.Tensor | None:
+    if not ctx.params.get("normalize", True):
+        return None
     total = float(ctx.weights.sum())
     if total == 0.0:
         raise ValueError("linear/average: the weights of the group sum to zero")
@@ -17,8 +21,11 @@ def coefficients(ctx: Context) -> torch.Tensor:
 
 def _average(tvs, ctx: Context) -> MergeResult:
     c = coefficients(ctx)
-    return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})
+    if c is not None:
+        return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})
+    extra = float(ctx.weights.sum()) - 1.0  # Σ w θ_k = θ_0 + Σ w τ_k + (Σ w − 1) θ_0
+    return MergeResult({n: weighted(t, ctx.weights).sum(0) + extra * ctx.base[n].float() for n, t in tvs.items()})
 
 
-register("linear", coefficients=coefficients)(_average)
+register("linear", defaults={"normalize": True}, coefficients=coefficients)(_average)
 register("average", coefficients=coefficients)(_average)

@@ -1,10 +1,14 @@
-"""PCB-Merging (Du et al., 2024): parameter competition balancing.
+"""PCB-Merging (Du et al., NeurIPS 2024): parameter competition balancing.
 
-Per entry, an intra-task score (how large the entry is within its own task: exp(K · minmax(τ_k²))) times an
-inter-task score (softmax over tasks of τ_k ⊙ Σ_j τ_j: how much the task agrees with the others). Each
-task keeps only its top-`ratio` scores; the kept scores, min-max normalised per task, weight an average of
-the task vectors, which is scaled by λ. The scores are normalised per tensor (`scope: tensor`) or over the
-whole block (`scope: block`); a per-task softmax denominator is dropped because the min-max cancels it."""
+With Norm(x) the min-max normalisation of a task's entries to [0, 1] and the softmaxes taken over a
+task's entries:
+- intra-balancing β_intra,i = softmax(K · Norm(τ_i ⊙ τ_i)): how large an entry is within its task;
+- inter-balancing β_inter,i = Σ_j softmax(Norm(τ_i ⊙ τ_j)): how much the task agrees with each task;
+- β_i = β_intra,i ⊙ β_inter,i; each task keeps its top-`ratio` entries of β (β̂_i, the rest set to 0);
+- merged τ = Σ_i β̂_i ⊙ τ_i / Σ_i β̂_i, scaled by λ.
+Normalising before the softmaxes is what keeps them from being uniform: raw products of fine-tuning
+deltas are ~1e-6. The scores are computed per tensor (`scope: tensor`) or over the whole block
+(`scope: block`)."""
 from __future__ import annotations
 
 import torch
@@ -12,22 +16,31 @@ import torch
 from merge.methods import Context, MergeResult, register, weighted
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    lo = x.min(dim=1, keepdim=True).values
-    hi = x.max(dim=1, keepdim=True).values
-    return (x - lo) / (hi - lo).clamp(min=1e-12)
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    lo = x.min(dim=-1, keepdim=True).values
+    hi = x.max(dim=-1, keepdim=True).values
+    return (x - lo) / (hi - lo).clamp(min=1e-30)
+
+
+def pcb_scores(x: torch.Tensor) -> torch.Tensor:
+    """β `[K, n]` for task vectors flattened to `[K, n]`."""
+    K = x.shape[0]
+    intra = torch.softmax(K * _norm(x * x), dim=-1)
+    inter = torch.zeros_like(x)
+    for j in range(K):
+        inter += torch.softmax(_norm(x * x[j : j + 1]), dim=-1)
+    return intra * inter
 
 
 def pcb_flat(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """PCB on task vectors flattened to `[K, n]`; returns the merged vector `[n]` (before λ)."""
-    K, n = x.shape
-    intra = torch.exp(K * _minmax(x * x))
-    inter = torch.softmax(x * x.sum(0, keepdim=True), dim=0)
-    score = intra * inter
-    keep = max(1, int(round(ratio * n)))
+    """PCB on `[K, n]`; returns the merged vector `[n]` (before λ)."""
+    n = x.shape[1]
+    score = pcb_scores(x.double())
+    keep = max(1, int(ratio * n))
     floor = torch.topk(score, keep, dim=1).values[:, -1:]
-    scale = _minmax(torch.maximum(score, floor))
-    return (x * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+    kept = torch.where(score >= floor, score, torch.zeros_like(score))
+    merged = (x.double() * kept).sum(0) / kept.sum(0).clamp(min=1e-300)
+    return merged.to(x.dtype)
 
 
 @register("pcb", defaults={"ratio": 0.1, "lambda": 1.0, "scope": "block"})
@@ -46,8 +59,7 @@ def pcb(tvs, ctx: Context) -> MergeResult:
     merged = pcb_flat(torch.cat([tvs[n].reshape(K, -1) for n in names], dim=1), ratio)
     out, start = {}, 0
     for n in names:
-        shape = tvs[n].shape[1:]
         size = tvs[n][0].numel()
-        out[n] = lam * merged[start : start + size].view(shape)
+        out[n] = lam * merged[start : start + size].view(tvs[n].shape[1:])
         start += size
     return MergeResult(out)

@@ -1,6 +1,8 @@
 """Task arithmetic (Ilharco et al., 2023): θ_0 + λ · Σ_k w_k τ_k, as in the paper and in mergekit.
 
-`normalize: true` divides by Σ w_k (mergekit's option), which turns it into a scaled average."""
+`normalize: true` divides by Σ w_k (mergekit's option): λ times the weighted mean. That is how the
+FlexMerge reference scales a group, so one λ fits groups of every size; the default stays mergekit's
+(false), which gives mergekit's output for a mergekit config."""
 from __future__ import annotations
 
 import torch
@@ -11,11 +13,12 @@ from merge.methods import Context, MergeResult, register, weighted
 def coefficients(ctx: Context) -> torch.Tensor:
     scale = float(ctx.params["lambda"])
     if ctx.params["normalize"]:
-        scale /= float(ctx.weights.sum())
+        total = float(ctx.weights.sum())
+        scale /= total if abs(total) >= 1e-8 else 1.0
     return scale * ctx.weights
 
 
-@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False}, coefficients=coefficients)
+@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False, "int8_mask": False}, coefficients=coefficients)
 def task_arithmetic(tvs, ctx: Context) -> MergeResult:
     c = coefficients(ctx)
     return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})

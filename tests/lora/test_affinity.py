@@ -1,4 +1,5 @@
-"""Affinity matrix: adapters scored by loss on each task's validation set; tasks map to the best adapter."""
+"""Affinity matrix: adapters scored by their loss on the answer tokens of each task's validation set, all
+adapters in one batched pass; tasks map to the best adapter."""
 import copy
 
 import pytest
@@ -11,26 +12,22 @@ from lora_helpers import LookupEncoder
 
 
 class CharTokenizer:
-    """Byte-level tokenizer with padding, enough for loss scoring on a tiny model."""
+    """Character-level tokenizer (BOS = 1, pad = 0), enough for loss scoring on a tiny model."""
 
-    pad_token = "<pad>"
+    pad_token_id = 0
 
-    def __call__(self, texts, return_tensors="pt", padding=True):
-        ids = [[1] + [3 + (ord(c) % 90) for c in t] for t in texts]
-        width = max(map(len, ids))
-        return _Batch(input_ids=torch.tensor([i + [0] * (width - len(i)) for i in ids]),
-                      attention_mask=torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]))
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [3 + (ord(c) % 90) for c in text]}
 
 
-class _Batch(dict):
-    def to(self, device):
-        return _Batch({k: v.to(device) for k, v in self.items()})
-
-
-def _loss(model, tokenizer, text):
-    batch = tokenizer([text])
+def _answer_loss(model, tokenizer, prompt, answer):
+    """Mean loss over the answer's tokens only, written out independently of compute_affinity."""
+    head = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([head + tokenizer((" " if prompt else "") + answer, add_special_tokens=False)["input_ids"]])
+    labels = ids.clone()
+    labels[0, :len(head)] = -100  # transformers shifts labels inside the loss
     with torch.no_grad():
-        return float(model(**batch, labels=batch["input_ids"]).loss)
+        return float(model(input_ids=ids, labels=labels).loss)
 
 
 def test_affinity_scores_by_loss_and_maps_tasks(llama, adapter_dirs, tmp_path):
@@ -39,11 +36,19 @@ def test_affinity_scores_by_loss_and_maps_tasks(llama, adapter_dirs, tmp_path):
              "greet": Task("greet", ["hello there", {"question": "hi?", "answer": "hey"}])}
     tokenizer = CharTokenizer()
     lm = attach_adapters(copy.deepcopy(llama), pool)
-    matrix = compute_affinity(lm, tokenizer, tasks, batch_size=2)
+    passes = []
+    lm.model.model.register_forward_hook(lambda module, args, out: passes.append(1))
+    matrix = compute_affinity(lm, tokenizer, tasks, batch_size=16)
+    assert len(passes) == 1  # 4 examples x 4 adapters = 16 rows in one batched pass
     assert matrix.loss.shape == (4, 2) and matrix.tasks == ["sum", "greet"]
+    torch.testing.assert_close(compute_affinity(lm, tokenizer, tasks, batch_size=9).loss, matrix.loss,
+                               rtol=1e-5, atol=1e-5)
     oracle = peft_weighted_model(copy.deepcopy(llama), pool, {"beta": 1.0})
-    expected = (_loss(oracle, tokenizer, "2+2= 4") + _loss(oracle, tokenizer, "1+5= 6")) / 2
-    assert float(matrix.loss[1, 0]) == pytest.approx(expected, rel=1e-4)
+    expected = (_answer_loss(oracle, tokenizer, "2+2=", "4") + _answer_loss(oracle, tokenizer, "1+5=", "6")) / 2
+    assert float(matrix.loss[1, 0]) == pytest.approx(expected, rel=1e-5)
+    # a bare string is all answer; a question's prompt is not counted
+    greet = (_answer_loss(oracle, tokenizer, "", "hello there") + _answer_loss(oracle, tokenizer, "hi?", "hey")) / 2
+    assert float(matrix.loss[1, 1]) == pytest.approx(greet, rel=1e-5)
     best = matrix.adapters[int(matrix.loss[:, 1].argmin())]
     assert matrix.best("greet") == {best: 1.0}
     table = {"2+2=": [1, 0], "1+5=": [1, 0], "hello there": [0, 1], "hi?": [0, 1]}

@@ -29,12 +29,12 @@ def encoder(tmp_path_factory):
 def test_matches_sentence_transformers_and_caches_on_disk(encoder):
     sentence_transformers = pytest.importorskip("sentence_transformers")
     texts = ["A cat sits on the mat.", "Quarterly revenue grew by ten percent."]
-    ours = encoder.encode(texts)
+    ours = encoder.encode_persistent(texts)
     reference = sentence_transformers.SentenceTransformer(str(bundled_minilm_path()), device="cpu").encode(
         texts, convert_to_tensor=True, normalize_embeddings=True)
     torch.testing.assert_close(ours, reference.cpu(), rtol=1e-4, atol=1e-5)
     fresh = CachedEncoder(MiniLMEncoder(), encoder.cache_dir)
-    torch.testing.assert_close(fresh.encode(texts), ours, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.encode_persistent(texts), ours, rtol=0, atol=0)
     assert fresh.computed == 0 and encoder.computed == 2
 
 

@@ -86,3 +86,25 @@ def test_bad_requests_are_rejected(llama, adapter_dirs):
         lm(input_ids=ids, route="auto", queries=["a", "b"])
     with pytest.raises(Exception, match="already has adapters"):
         attach_adapters(lm.model, adapter_dirs)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available("cpu"), reason="no interpreter"))])
+def test_packed_rows_match_rows_run_alone(llama, adapter_dirs, backend):
+    """A packed [1, T] batch (rows of 3, 1 and 5 tokens, seq_lens=) runs the segment-grouped kernel; the first
+    layer's projections (token-local inputs) equal each row run alone."""
+    lm = attach_adapters(copy.deepcopy(llama), AdapterPool(adapter_dirs), backend=backend)
+    lens, mixes = [3, 1, 5], [{"alpha": 0.6, "gamma": 0.4}, {}, {"delta": 1.0}]
+    ids = torch.randint(3, 96, (1, sum(lens)))
+    seen = []
+    layer = lm.model.model.layers[0].self_attn.v_proj
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    try:
+        lm(input_ids=ids, adapter_weights=mixes, seq_lens=lens)
+        for (start, stop), mix in zip([(0, 3), (3, 4), (4, 9)], mixes):
+            lm(input_ids=ids[:, start:stop], adapter_weights=[mix])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], torch.cat(seen[1:], dim=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RoutingError, match="seq_lens must be row lengths"):
+        lm(input_ids=ids, adapter_weights=mixes, seq_lens=[3, 1, 4])

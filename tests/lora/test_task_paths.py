@@ -7,7 +7,7 @@ import torch
 
 import engine
 from engine.cli import main as tessera
-from engine.lora.task_paths import TaskRoutedModel
+from merge.task_paths import TaskRoutedModel
 from merge.artifact import load_task_model
 
 _spec = importlib.util.spec_from_file_location("merge_fixtures", Path(__file__).parents[1] / "merge" / "conftest.py")
@@ -36,8 +36,8 @@ def test_rows_take_their_nearest_task_path(artifact):
     queries = ["Multiply 6 by 8.", "Où est la gare, s'il vous plaît ?", "Fever and a sore throat."]
     ids = torch.randint(5, 60, (3, 7))
     out = model(queries=queries, input_ids=ids, attention_mask=torch.ones_like(ids))
-    assert model.last_tasks == ["a", "b", "c"]
-    for row, task in enumerate(model.last_tasks):
+    assert model.route(queries) == ["a", "b", "c"]
+    for row, task in enumerate(["a", "b", "c"]):
         with torch.no_grad():
             want = load_task_model(artifact, task)(input_ids=ids[row:row + 1]).logits
         torch.testing.assert_close(out.logits[row:row + 1], want)

@@ -13,7 +13,7 @@ from merge import methods
 from merge.artifact import export, is_artifact, load_task_model, task_state_dict
 from merge.config import load_spec
 from merge.flexmerge import run
-from merge.io import Checkpoint
+from foundation.io import Checkpoint
 
 
 def merge_to(tmp_path, base, models, name="out", **spec):

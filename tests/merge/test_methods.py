@@ -1,6 +1,9 @@
 """Every algorithm on small tensors, against PEFT's merge_utils or hand-computed results."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils as peft
@@ -73,7 +76,7 @@ def test_dare_linear_matches_peft(tvs):
     for n, t in tvs.items():
         torch.manual_seed(11)
         ref = peft.dare_linear(list(t), torch.tensor(w), 0.6)
-        out = run("dare_linear", {n: t}, w, rng=shared_rng(11), density=0.6)
+        out = run("dare_linear", {n: t}, w, rng=shared_rng(11), density=0.6, rescale="density")
         torch.testing.assert_close(out.vector[n], ref)
 
 
@@ -81,7 +84,7 @@ def test_dare_ties_matches_peft(tvs):
     for n, t in tvs.items():
         torch.manual_seed(5)
         ref = peft.dare_ties(list(t), torch.ones(3), 0.5)
-        out = run("dare_ties", {n: t}, rng=shared_rng(5), density=0.5)
+        out = run("dare_ties", {n: t}, rng=shared_rng(5), density=0.5, rescale="density", normalize=True)
         torch.testing.assert_close(out.vector[n], ref)
 
 
@@ -121,23 +124,57 @@ def test_global_threshold_from_streamed_histograms_keeps_the_top_fraction():
         assert thr[k] <= exact and exact - thr[k] <= exact * 2**-7
 
 
-def test_pcb_against_paper_formulas():
+def _pcb_reference(t, ratio):
+    """PCB from the paper's equations (Du et al. 2024, eqs. 2-5), entry by entry in plain Python loops."""
+    K, n = t.shape
+    rows = t.tolist()
+
+    def norm(v):
+        lo, hi = min(v), max(v)
+        return [(x - lo) / (hi - lo) for x in v]
+
+    def softmax(v):
+        e = [math.exp(x - max(v)) for x in v]
+        return [x / sum(e) for x in e]
+
+    beta = []
+    for i in range(K):
+        intra = softmax([K * x for x in norm([a * a for a in rows[i]])])
+        inter = [0.0] * n
+        for j in range(K):
+            s = softmax(norm([a * b for a, b in zip(rows[i], rows[j])]))
+            inter = [x + y for x, y in zip(inter, s)]
+        beta.append([a * b for a, b in zip(intra, inter)])
+    keep = int(ratio * n)
+    kept = []
+    for i in range(K):
+        cut = sorted(beta[i], reverse=True)[keep - 1]
+        kept.append([b if b >= cut else 0.0 for b in beta[i]])
+    return torch.tensor([sum(kept[i][e] * rows[i][e] for i in range(K)) / max(sum(kept[i][e] for i in range(K)), 1e-300)
+                         for e in range(n)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_pcb_against_paper_equations(scale):
     g = torch.Generator().manual_seed(1)
-    t = torch.randn(3, 20, generator=g)
-    out = run("pcb", {"x": t}, ratio=0.25, **{"lambda": 0.5}).vector["x"]
-    # Written from the paper: intra = softmax over entries of K * minmax(τ²); inter = softmax over tasks.
-    sq = t * t
-    norm = (sq - sq.min(1, keepdim=True).values) / (sq.max(1, keepdim=True).values - sq.min(1, keepdim=True).values)
-    intra = torch.softmax(3 * norm, dim=1)
-    inter = torch.stack([torch.softmax(torch.stack([t[i] * t.sum(0) for i in range(3)]), 0)[i] for i in range(3)])
-    beta = intra * inter
-    ref_scale = torch.zeros_like(beta)
-    for k in range(3):
-        top = beta[k].topk(5).values
-        clipped = torch.maximum(beta[k], top[-1])
-        ref_scale[k] = (clipped - clipped.min()) / (clipped.max() - clipped.min())
-    ref = (t * ref_scale).sum(0) / ref_scale.sum(0).clamp(min=1e-12)
-    torch.testing.assert_close(out, 0.5 * ref)
+    t = scale * torch.randn(4, 24, generator=g, dtype=torch.float64)
+    out = run("pcb", {"x": t.float()}, ratio=0.25, scope="tensor", **{"lambda": 0.5}).vector["x"]
+    torch.testing.assert_close(out.double(), 0.5 * _pcb_reference(t, 0.25), rtol=1e-5, atol=1e-7 * scale)
+
+
+def test_pcb_is_not_magnitude_weighting_on_fine_tuning_sized_deltas():
+    # Deltas of ~1e-3 (products ~1e-6): without normalisation the inter-task softmax would be uniform.
+    g = torch.Generator().manual_seed(4)
+    t = 1e-3 * torch.randn(4, 200, generator=g)
+    t[1] = -t[0] + 1e-4 * torch.randn(200, generator=g)  # task 1 conflicts with task 0 everywhere
+    from merge.methods.pcb import pcb_scores
+
+    beta = pcb_scores(t.double())
+    sq = (t * t).double()
+    intra_only = torch.softmax(4 * (sq - sq.min(1, keepdim=True).values) / (sq.max(1, keepdim=True).values - sq.min(1, keepdim=True).values), dim=1)
+    inter = beta / intra_only
+    assert float((inter.std(1) / inter.mean(1)).min()) > 0.02  # the inter-task factor is not uniform
+    assert not torch.allclose(run("pcb", {"x": t}, ratio=0.3).vector["x"], run("magnitude_prune", {"x": t}, density=0.3).vector["x"] / 4)
 
 
 def test_tall_masks_and_consensus_by_hand():
@@ -187,11 +224,50 @@ def test_tsv_m_orthogonalises_interfering_tasks():
     torch.testing.assert_close(out, (p @ q) @ torch.diag(S) @ (pv @ qv).T, atol=1e-5, rtol=1e-5)
 
 
-def test_iso_c_flattens_the_spectrum():
+def test_iso_c_flattens_the_spectrum_and_averages_vectors():
     m = torch.diag(torch.tensor([3.0, 1.0]))
     res = run("iso_c", {"w": torch.stack([m, torch.zeros(2, 2)]), "b": torch.tensor([[1.0], [2.0]])}, **{"lambda": 0.5})
     torch.testing.assert_close(res.vector["w"], 0.5 * 2.0 * torch.eye(2))
-    torch.testing.assert_close(res.vector["b"], torch.tensor([1.5]))
+    torch.testing.assert_close(res.vector["b"], 0.5 * torch.tensor([1.5]))  # λ · mean, not λ · sum
+
+
+def test_iso_c_can_leave_token_embeddings_out_of_the_svd():
+    g = torch.Generator().manual_seed(0)
+    t = {"model.embed_tokens.weight": torch.randn(3, 8, 4, generator=g), "model.layers.0.q.weight": torch.randn(3, 4, 4, generator=g)}
+    res = run("iso_c", t, exclude_embeddings=True)
+    torch.testing.assert_close(res.vector["model.embed_tokens.weight"], t["model.embed_tokens.weight"].mean(0))
+    u, s, vh = torch.linalg.svd(t["model.layers.0.q.weight"].sum(0))
+    torch.testing.assert_close(res.vector["model.layers.0.q.weight"], s.mean() * u @ vh, atol=1e-5, rtol=1e-5)
+
+
+def _iso_cts_reference(w, fraction):
+    """Iso-CTS as the paper's Algorithm 2 states it, with numpy."""
+    w = w.double().numpy()
+    K, r = w.shape[0], min(w.shape[1:])
+    k = int(r * fraction)
+    s_per = round((r - k) / K)
+    k = r - s_per * K
+    U, S, Vt = np.linalg.svd(w.sum(0), full_matrices=False)
+    Uc, Sc, Vc = U[:, :k], S[:k], Vt[:k]
+    cols_u, vals, rows_v = [Uc], [Sc], [Vc]
+    for t in range(K):
+        resid = (np.eye(w.shape[1]) - Uc @ Uc.T) @ w[t]
+        Ut, St, Vtt = np.linalg.svd(resid, full_matrices=False)
+        cols_u.append(Ut[:, :s_per]); vals.append(St[:s_per]); rows_v.append(Vtt[:s_per])
+    Ucat, Scat, Vcat = np.concatenate(cols_u, 1), np.concatenate(vals), np.concatenate(rows_v, 0)
+    P, _, Q = np.linalg.svd(Ucat, full_matrices=False)
+    P2, _, Q2 = np.linalg.svd(Vcat.T, full_matrices=False)
+    return torch.from_numpy(Scat.mean() * (P @ Q) @ (P2 @ Q2).T)
+
+
+def test_iso_cts_matches_the_papers_algorithm():
+    g = torch.Generator().manual_seed(7)
+    t = {"w": torch.randn(3, 12, 10, generator=g), "b": torch.randn(3, 5, generator=g)}
+    res = run("iso_cts", t, common_space_fraction=0.4, **{"lambda": 0.7})
+    torch.testing.assert_close(res.vector["w"].double(), 0.7 * _iso_cts_reference(t["w"], 0.4), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.vector["b"], 0.7 * t["b"].mean(0))
+    # with the whole spectrum common, Iso-CTS is Iso-C
+    torch.testing.assert_close(run("iso_cts", t, common_space_fraction=1.0).vector["w"], run("iso_c", t).vector["w"], atol=1e-4, rtol=1e-4)
 
 
 def test_registry_errors_and_new_method_is_one_registration(tvs):
@@ -213,10 +289,18 @@ def test_registry_errors_and_new_method_is_one_registration(tvs):
 
 def test_every_registered_method_runs_on_a_block(tvs):
     names = {"average", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude_prune",
-             "pcb", "tall_masks", "consensus", "emr", "tsv_m", "iso_c"}
-    assert names <= set(methods.available())
+             "pcb", "tall_masks", "consensus", "emr", "tsv_m", "iso_c", "iso_cts", "breadcrumbs", "breadcrumbs_ties",
+             "della", "della_linear", "model_stock", "slerp", "nuslerp", "passthrough"}
+    assert names == set(methods.available())
+    base = {n: torch.randn(t.shape[1:]) for n, t in tvs.items()}
     for name in names:
-        res = run(name, tvs, rng=shared_rng(0))
+        group = {n: t[:1] for n, t in tvs.items()} if name == "passthrough" else (
+            {n: t[:2] for n, t in tvs.items()} if name in ("slerp", "nuslerp") else tvs)
+        method = methods.get(name)
+        K = next(iter(group.values())).shape[0]
+        params = {"t": 0.5} if name == "slerp" else {}
+        ctx = Context(methods.resolve_params(method, params), torch.ones(K), None, shared_rng(0), base=base)
+        res = apply(method, group, ctx)
         for n, t in tvs.items():
             assert res.vector[n].shape == t.shape[1:] and torch.isfinite(res.vector[n]).all(), name
 
@@ -238,3 +322,35 @@ def test_topk_mask_keeps_exactly_k_even_with_ties():
     assert int(mask.sum()) == 3 and mask[1] and not mask[0] and not mask[5]
     y = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(topk_mask(y, 0.1), torch.zeros(1000, dtype=torch.bool).index_fill(0, y.abs().topk(100).indices, True))
+
+
+def test_emr_rescalers_span_the_block_by_default():
+    t = {"x": torch.tensor([[2.0, -1.0, 1.0], [1.0, 3.0, -2.0]]), "y": torch.tensor([[1.0, 1.0], [-1.0, 4.0]])}
+    block = run("emr", t)
+    per_tensor = run("emr", t, scope="tensor")
+    # x: unified [2, 3, -2], masks [[T, F, F], [T, T, T]]; y: sums 0, 5 -> signs +, +; unified [1, 4]
+    # masks y: [[T, T], [F, T]]. Task 0: mass 4 + 2 = 6, kept 2 + (1 + 4) = 7; task 1: mass 6 + 5, kept 7 + 4
+    torch.testing.assert_close(block.scales["x"], torch.tensor([6 / 7, 11 / 11]))
+    torch.testing.assert_close(block.scales["y"], block.scales["x"])
+    torch.testing.assert_close(per_tensor.scales["x"], torch.tensor([2.0, 6 / 7]))
+    torch.testing.assert_close(per_tensor.scales["y"], torch.tensor([2 / 5, 5 / 4]))
+
+
+def test_task_arithmetic_normalize_is_lambda_times_the_weighted_mean(tvs):
+    out = run("task_arithmetic", tvs, [1.0, 3.0, 0.0], normalize=True, **{"lambda": 0.6}).vector["w"]
+    torch.testing.assert_close(out, 0.6 * (tvs["w"][0] + 3 * tvs["w"][1]) / 4)
+
+
+def test_tall_masks_and_consensus_with_weights_follow_the_paper():
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(4, 50, generator=g)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    wt = t * w[:, None]
+    mtl = wt.sum(0)
+    masks = torch.stack([wt[k].abs() >= 0.3 * (mtl - wt[k]).abs() for k in range(4)])
+    res = run("tall_masks", {"x": t}, w.tolist(), tall_lambda=0.3, **{"lambda": 0.7})
+    assert torch.equal(res.masks["x"], masks)
+    for k in range(4):
+        torch.testing.assert_close(res.task_vector(k, "x"), 0.7 * mtl * masks[k])
+    cons = run("consensus", {"x": t}, w.tolist(), tall_lambda=0.3, k=3, **{"lambda": 0.7}).vector["x"]
+    torch.testing.assert_close(cons, 0.7 * mtl * (masks.sum(0) >= 3))

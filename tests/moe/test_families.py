@@ -5,7 +5,8 @@ import transformers
 
 import engine
 from engine.families import family_for
-from engine.moe.patch import moe_blocks, patch_moe
+from engine.families import patch_moe
+from engine.moe.patch import moe_blocks
 from engine.registry import get_model_entry, materialize_tiny
 
 FAMILY_MODELS = ["tiny-switch", "tiny-switch-encoder", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe",

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoTokenizer
 
 import engine
-from engine.models.bert_moe import mean_pool_normalized
+from engine.pooling import mean_pool_normalized
 from engine.models.minilm_moe import build, minilm_path
 from engine.moe.patch import moe_blocks
 

@@ -54,7 +54,7 @@ def bf16_models(rank, world):
 
 def switch_encoder(rank, world):
     """An encoder-only model returns its hidden states under every strategy. → {strategy: (error, syncs)}"""
-    from engine.moe.patch import patch_moe
+    from engine.families import patch_moe
 
     config = FAMILIES["switch_transformers"].tiny_config()
 
@@ -174,7 +174,7 @@ def rank_local_loading(rank, world, folders: dict, strategies=("moeshard", "ep")
         family = FAMILIES[family_name]
         model_class = getattr(transformers, family.auto_class)
         full = model_class.from_pretrained(folder).eval()
-        from engine.moe.patch import patch_moe
+        from engine.families import patch_moe
 
         inputs = rank_inputs(family_name, rank)
         reference = forward(patch_moe(full, backend="torch"), inputs)

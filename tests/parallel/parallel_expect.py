@@ -1,12 +1,12 @@
 """Assertions shared by the two- and three-rank tests."""
 import os
 
-from engine.parallel.checkpoint import STACKED_KEYS
+from engine.families import FAMILIES
 
 
 def is_expert_key(family: str, key: str) -> bool:
     """Per-expert tensors live under `.experts.`; stacked families keep all experts in named tensors."""
-    stacked = STACKED_KEYS.get(family)
+    stacked = FAMILIES[family].stacked_keys
     return key.rsplit(".", 1)[-1] in stacked.values() if stacked else ".experts." in key
 
 
@@ -34,7 +34,7 @@ def assert_rank_local_reads(results: list, checkpoints: dict) -> None:
                 if strategy == "moeshard":
                     second_bias = key.endswith(".b2") and start == 0  # whole, read by the first slice only
                     assert (start, stop) in index or second_bias, f"{key} read {index}, rank {rank} owns {start}:{stop}"
-                elif family in STACKED_KEYS:
+                elif FAMILIES[family].stacked_keys:
                     assert index[0] == (start, stop), f"{key} read {index}, rank {rank} owns {start}:{stop}"
                 else:
                     expert = int(key.split(".experts.")[1].split(".")[0].removeprefix("expert_"))

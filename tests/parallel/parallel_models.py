@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from engine.families import FAMILIES
-from engine.moe.patch import patch_moe
+from engine.families import patch_moe
 
 
 def build(family_name: str, backend: str | None = "torch", seed: int = 0, **config_overrides):

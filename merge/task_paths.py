@@ -1,8 +1,8 @@
 """A FlexMerge artifact without a task id: each query takes the task path its text is nearest to.
 
 FlexMerge builds one model per task from shared and unshared blocks, and needs the task id at inference. Here
-the same task router as for LoRA adapters (each task represented by its validation examples' embeddings) picks
-the task for every row, the batch is split by task, each part runs through its task's model (the task models
+a router (`engine.lora.TaskRouter`, the one LoRA adapters use: each task represented by its validation examples'
+embeddings; anything with `task_names` and `route(queries, k, min_confidence)`) picks the task for every row, the batch is split by task, each part runs through its task's model (the task models
 share the tensors of their shared blocks), and the outputs are put back in row order.
 """
 from __future__ import annotations
@@ -10,17 +10,16 @@ from __future__ import annotations
 import torch
 from transformers.utils import ModelOutput
 
-from engine.lora.router import TaskRouter
+from merge.artifact import load_task_model, read_manifest
 
 
 class TaskRoutedModel:
-    def __init__(self, models: dict, router: TaskRouter):
+    def __init__(self, models: dict, router):
         missing = sorted(set(router.task_names) - set(models))
         if missing:
             raise ValueError(f"the router knows tasks {missing} that the artifact does not have "
                              f"(artifact tasks: {sorted(models)})")
         self.models, self.router = models, router
-        self.last_tasks: list[str] = []
 
     @property
     def config(self):
@@ -38,7 +37,6 @@ class TaskRoutedModel:
         are the usual model inputs, batched along dim 0. Returns the outputs' tensors, rows in input order."""
         rows = len(queries)
         tasks = self.route(queries)
-        self.last_tasks = tasks
         merged: dict[str, torch.Tensor] = {}
         for task in dict.fromkeys(tasks):
             index = torch.tensor([i for i, t in enumerate(tasks) if t == task])
@@ -53,11 +51,8 @@ class TaskRoutedModel:
         return ModelOutput(merged)
 
 
-def load_task_routed(artifact, tasks, *, dtype=None, device=None) -> TaskRoutedModel:
-    """`tasks`: a TaskRouter, or what `TaskRouter.build` takes (task -> validation examples, or a task folder)."""
-    from merge.artifact import load_task_model, read_manifest
-
-    router = tasks if isinstance(tasks, TaskRouter) else TaskRouter.build(tasks)
+def load_task_routed(artifact, router, *, dtype=None, device=None) -> TaskRoutedModel:
+    """The artifact's task models that `router` knows, behind it."""
     artifact_tasks = read_manifest(artifact)["tasks"]
     models = {t: load_task_model(artifact, t, dtype=dtype, device=device) for t in artifact_tasks
               if t in router.task_names}

@@ -1,0 +1,147 @@
+"""LoRA on stacked MoE expert parameters (PEFT's `target_parameters`), mixed per batch row.
+
+PEFT adapts a stacked parameter W (E, out, in) with one rank-r pair per expert: W_e + s * B_e A_e. For
+`gate_up_proj` the update lands before the activation, so it cannot be added to the layer's output: the
+expert computation itself changes. An `ExpertLoRA` rides on the block's `ExpertWeights` (`lora=`), and
+`run_experts` hands such weights to `ExpertLoRA.run`: pairs sorted by expert, as the fused kernels sort them;
+per expert one GEMM for gate/up; then one launch of the packed segment-grouped mixture (`kernels.lora_sgmv`)
+adds every pair's adapters' shrink/expand for its expert (the group is (adapter slot, expert)); the
+activation; per expert one GEMM for down; one more mixture launch. The fused Triton expert kernels are left as
+they are (another helper owns them): with expert adapters active a block runs this path instead (its base
+GEMMs are one matmul per expert with rows, like the `torch` backend), and without them the fused path runs
+untouched.
+
+Under MoEShard a rank holds FFN columns [start, stop) of every expert: the gate and up rows of B follow the
+slice, and for down_proj the columns of A do (partial A h sums over ranks before B, which is linear), so
+`slice` keeps the sum over slices exact. `expert_lora_reference` is the token-by-token oracle.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels.expert_gemm import apply_activation_reference
+from kernels.lora_sgmv import lora_sgmv
+
+
+@dataclass
+class ExpertLoRA:
+    """The adapters of one experts module for the current batch.
+
+    gate_up/down: (A [slots, E, R, in], B [slots, E, out, R], scales [slots]) or None; routing: tokens T ->
+    (slots [T, K], weights [T, K]) for the layer's input tokens (routing weights, not yet scaled)."""
+
+    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    routing: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    backend: str = "auto"
+
+    def slice(self, start: int, stop: int, ffn: int) -> ExpertLoRA:
+        """This LoRA for FFN columns [start, stop) of every expert (see the module docstring)."""
+        gate_up = down = None
+        if self.gate_up is not None:
+            a, b, s = self.gate_up
+            b = torch.cat([b[..., start:stop, :], b[..., ffn + start:ffn + stop, :]], dim=-2)
+            gate_up = (a, b, s)
+        if self.down is not None:
+            a, b, s = self.down
+            down = (a[..., start:stop], b, s)
+        return ExpertLoRA(gate_up, down, self.routing, self.backend)
+
+    def _mix(self, pair, x, out, slots, weights, experts, num_experts) -> None:
+        """out += the pairs' adapter mixture for their experts: one packed launch over all experts, with
+        (adapter slot, expert) as the group, so each expert's A and B tiles of each adapter are read once per
+        run of pairs that share them."""
+        a, b, scales = pair
+        combined = torch.where(slots >= 0, slots.long() * num_experts + experts[:, None], -1).to(torch.int32)
+        scaled = weights * scales[slots.clamp(min=0).long()]
+        lora_sgmv(x, out, a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), combined, scaled,
+                  backend=self.backend)
+
+    def run(self, hidden, topk_ids, topk_weights, weights, out_dtype=None) -> torch.Tensor:
+        """What `run_experts` returns for `weights` (an ExpertWeights with this LoRA), LoRA included."""
+        num_tokens, top_k = topk_ids.shape
+        token_slots, token_weights = self.routing(num_tokens)
+        num_experts, ffn = weights.num_experts, weights.ffn_width
+        flat = topk_ids.reshape(-1)
+        key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
+        order = order[:sum(counts)]  # pairs computed here, sorted by expert
+        tokens, experts = order // top_k, key[order]
+        x = hidden[tokens]
+        slots, slot_weights = token_slots[tokens], token_weights[tokens]
+        w13 = weights.w13 if weights.w13 is not None else \
+            weights.w1 if weights.w3 is None else torch.cat([weights.w1, weights.w3], dim=1)
+        pre = _per_expert(x, w13, counts)
+        if weights.b1 is not None:
+            pre[:, :ffn] += weights.b1[experts]
+        if self.gate_up is not None:
+            self._mix(self.gate_up, x, pre, slots, slot_weights, experts, num_experts)
+        if weights.w3 is None:
+            h = apply_activation_reference(pre, weights.activation)
+        else:
+            h = apply_activation_reference(pre[:, :ffn], weights.activation) * pre[:, ffn:]
+        y = _per_expert(h, weights.w2, counts)
+        if weights.b2 is not None:
+            y += weights.b2[experts]
+        if self.down is not None:
+            self._mix(self.down, h.contiguous(), y, slots, slot_weights, experts, num_experts)
+        if topk_weights is not None:
+            y = y * topk_weights.reshape(-1)[order, None]
+        out = torch.zeros(num_tokens, weights.hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)
+        return out.index_add_(0, tokens, y.to(out.dtype))
+
+
+def _per_expert(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x (pairs sorted by expert, `counts` per expert) @ w[e].T for each pair's expert."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.matmul(x[start:start + count], w[expert].T, out=out[start:start + count])
+            start += count
+    return out
+
+
+def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertLoRA) -> torch.Tensor:
+    """Token by token, pair by pair, adapter by adapter, in fp32: the definition `ExpertLoRA.run` must meet."""
+    num_experts, ffn = weights.num_experts, weights.ffn_width
+    out = torch.zeros(hidden.shape, dtype=torch.float32)
+    token_slots, token_weights = lora.routing(hidden.shape[0])
+
+    def mix(pair, t, e, vec):  # sum over token t's adapters of w * s * B_e A_e vec
+        a, b, scales = pair
+        total = torch.zeros(b.shape[-2])
+        for k, slot in enumerate(token_slots[t].tolist()):
+            if slot >= 0:
+                weight = float(token_weights[t, k] * scales[slot])
+                total = total + weight * (b[slot, e].float() @ (a[slot, e].float() @ vec))
+        return total
+
+    for t in range(hidden.shape[0]):
+        x = hidden[t].float()
+        for j, e in enumerate(topk_ids[t].tolist()):
+            if not 0 <= e < num_experts:
+                continue
+            gate = weights.w1[e].float() @ x
+            up = None if weights.w3 is None else weights.w3[e].float() @ x
+            if weights.b1 is not None:
+                gate = gate + weights.b1[e].float()
+            if lora.gate_up is not None:
+                delta = mix(lora.gate_up, t, e, x)
+                gate = gate + delta[:ffn]
+                if up is not None:
+                    up = up + delta[ffn:]
+            h = apply_activation_reference(gate, weights.activation)
+            if up is not None:
+                h = h * up
+            y = weights.w2[e].float() @ h
+            if weights.b2 is not None:
+                y = y + weights.b2[e].float()
+            if lora.down is not None:
+                y = y + mix(lora.down, t, e, h)
+            out[t] += (1.0 if topk_weights is None else float(topk_weights[t, j])) * y
+    return out

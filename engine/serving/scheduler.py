@@ -1,0 +1,308 @@
+"""Continuous batching over every rank: rank 0's scheduler thread steps all ranks in lockstep.
+
+Each step, rank 0 sends every rank the requests it places there and the ones to drop (client gone, stop string
+found), every rank runs one forward pass over its own running batch (`engine.serving.paged_batch.RankBatch`, a
+dummy one when it has nothing), and sends back each request's new tokens and its KV blocks free. New requests go
+to the rank with the most free blocks. Tokens reach the client from whichever rank generates them, at the step
+they are made.
+
+The narrow interface (used by the HTTP app and by `generate_batch` offline):
+
+    engine.submit(request)            # a batcher.Request of kind "generate"; raises Overloaded / RankFailure /
+                                      # RequestTooLarge at once
+    async for step in engine.generate(request): ...   # a Generation (tokens, logprobs) of each step's new tokens;
+                                                      # raises StepFailure (a rank's step failed) or RankFailure;
+                                                      # closing the iterator early cancels the request
+
+As with the static batcher, a streaming request also gets `(token id, logprob entry or None)` per token on
+`request.tokens` (then None, or the exception), and a non-streaming one its `Generation` on `request.future`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+import uuid
+from typing import AsyncIterator
+
+from engine.serving.batcher import Overloaded, Request, fail_and_exit
+from engine.serving.coordinator import Coordinator, RankFailure
+from engine.serving.sampling import Generation
+
+_STOP = object()
+
+
+class StepFailure(RuntimeError):
+    """A rank's step raised (for example a kernel launch failure): the requests of that step fail, nothing else."""
+
+
+class RequestTooLarge(ValueError):
+    """The prompt and `max_tokens` need more KV blocks than a whole rank's cache holds."""
+
+
+class ContinuousEngine:
+    def __init__(self, coordinator: Coordinator, metrics=None, tokenizer=None, *, max_queue: int = 256,
+                 max_running_per_rank: int = 128, heartbeat_s: float = 2.0, router=None):
+        self.coordinator, self.metrics, self.tokenizer, self.router = coordinator, metrics, tokenizer, router
+        self.world = coordinator.world
+        self.max_running_per_rank, self.heartbeat_s = max_running_per_rank, heartbeat_s
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.incoming: collections.deque = collections.deque()  # taken from the queue, not yet on a rank
+        self.active: dict[str, tuple[Request, int]] = {}  # request id -> (request, rank)
+        self.to_cancel: list[list[str]] = [[] for _ in range(self.world)]
+        self.kv: list[dict] = []  # per rank, after the last step: blocks_total, blocks_free, running, waiting
+        self.healthy, self.failure = True, None
+        self.stopping = False
+        self._thread = threading.Thread(target=self._run, name="tessera-scheduler", daemon=True)
+
+    # --- the interface -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.step()  # learn every rank's KV capacity before the first request is admitted
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        if not self.healthy:
+            raise RankFailure(self.failure or "a worker rank failed")
+        if request.kind != "generate":
+            raise ValueError(f"the continuous scheduler generates; {request.kind!r} requests go to the static one")
+        need = self.blocks_needed(request)
+        capacity = max(kv["blocks_total"] for kv in self.kv)
+        if need > capacity:
+            raise RequestTooLarge(f"the prompt ({len(request.token_ids)} tokens) and max_tokens "
+                                  f"({request.params['max_tokens']}) need {need} KV blocks of "
+                                  f"{self.kv[0]['block_size']} tokens; a rank holds {capacity}")
+        request.id = request.id or uuid.uuid4().hex
+        try:
+            self.queue.put_nowait(request)
+        except queue.Full:
+            raise Overloaded from None
+        self._gauge_waiting()
+
+    async def generate(self, request: Request) -> AsyncIterator[Generation]:
+        """Submit `request` (streaming) and yield its new tokens (and their log-probabilities) until it ends."""
+        request.stream, request.tokens = True, asyncio.Queue()
+        self.submit(request)
+        try:
+            while True:
+                items = [await request.tokens.get()]
+                while not request.tokens.empty():
+                    items.append(request.tokens.get_nowait())
+                pairs = [item for item in items if isinstance(item, tuple)]
+                if pairs:
+                    entries = [entry for _, entry in pairs]
+                    yield Generation([token for token, _ in pairs],
+                                     entries if request.params.get("logprobs") is not None else None)
+                if isinstance(items[-1], Exception):
+                    raise items[-1]
+                if items[-1] is None:
+                    return
+        finally:
+            request.cancelled = True  # a consumer that stopped early frees its row at the next step
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued and running, tell the other ranks to stop, and end the thread."""
+        self.queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def blocks_needed(self, request: Request) -> int:
+        size = self.kv[0]["block_size"]
+        return -(-(len(request.token_ids) + request.params["max_tokens"]) // size)
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not (self.stopping and not self.active and not self.incoming):
+                if not self.active and not self.incoming:
+                    try:
+                        item = self.queue.get(timeout=self.heartbeat_s)
+                    except queue.Empty:
+                        self.coordinator.execute({"type": "ping"})  # so a dead rank is noticed while idle
+                        continue
+                    self._take(item)
+                self._drain()
+                if self.active or self.incoming:
+                    self.step()
+            self.coordinator.stop()
+        except RankFailure as err:
+            self._fail(str(err))
+        except Exception as err:  # rank 0 itself cannot step (its requests' errors come back as events)
+            self._fail(f"rank 0's scheduler failed: {type(err).__name__}: {err}")
+
+    def _take(self, item) -> None:
+        if item is _STOP:
+            self.stopping = True
+        elif not item.cancelled:
+            self.incoming.append(item)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._take(self.queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def step(self) -> None:
+        """One lockstep step of every rank: place new requests, drop cancelled ones, run, deliver tokens."""
+        add, cancel = self._place(), self.to_cancel
+        self.to_cancel = [[] for _ in range(self.world)]
+        for request_id, (request, rank) in list(self.active.items()):
+            if request.cancelled:
+                cancel[rank].append(request_id)
+                del self.active[request_id]
+        results = self.coordinator.execute({"type": "step", "add": add, "cancel": cancel})
+        now = time.perf_counter()
+        self.kv = [result["kv"] for result in results]
+        if self.metrics is not None:  # before answering: a client that then reads /metrics sees this step
+            self.metrics.record_results(results)
+            self.metrics.record_kv(self.kv, waiting=self.queue.qsize() + len(self.incoming))
+        for result in results:
+            for event in result["events"]:
+                self._deliver(event, now)
+
+    def _place(self) -> list[list[dict]]:
+        """New requests to the rank with the most free KV blocks (counting what this step already placed)."""
+        add = [[] for _ in range(self.world)]
+        free = [kv["blocks_free"] for kv in self.kv] if self.kv else [0] * self.world
+        running = [0] * self.world
+        for request, rank in self.active.values():
+            running[rank] += 1
+        while self.incoming:
+            request = self.incoming[0]
+            if request.cancelled:
+                self.incoming.popleft()
+                self._finish(request, None)
+                continue
+            open_ranks = [r for r in range(self.world) if running[r] < self.max_running_per_rank]
+            if not open_ranks:
+                break  # every rank has enough to do: the rest waits here, still placeable anywhere
+            rank = max(open_ranks, key=lambda r: (free[r], -running[r]))
+            self.incoming.popleft()
+            free[rank] -= self.blocks_needed(request)
+            running[rank] += 1
+            self.active[request.id] = (request, rank)
+            p = request.params
+            add[rank].append(dict(request_id=request.id, token_ids=request.token_ids, max_tokens=p["max_tokens"],
+                                  temperature=p.get("temperature", 0.0), top_p=p.get("top_p", 1.0),
+                                  seed=p.get("seed"), presence_penalty=p.get("presence_penalty", 0.0),
+                                  frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs")))
+        self._gauge_waiting()
+        return add
+
+    def _deliver(self, event: dict, now: float) -> None:
+        entry = self.active.get(event["id"])
+        if entry is None:  # dropped at rank 0 meanwhile
+            return
+        request, rank = entry
+        tokens = event["tokens"]
+        if tokens and request.first_token_at is None:
+            request.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.observe(now - request.enqueued_at)
+        finish = event["finish"]
+        if tokens and request.stop:
+            text = self.tokenizer.decode(request.generated + tokens)
+            if any(s and s in text for s in request.stop):
+                finish = finish or "stop"
+                if event["finish"] is None:
+                    self.to_cancel[rank].append(request.id)  # leaves its rank's batch at the next step
+        entries = event["logprobs"] or [None] * len(tokens)
+        request.generated.extend(tokens)
+        request.entries.extend(entries)
+        if request.stream:
+            for pair in zip(tokens, entries):
+                _post(request, request.tokens.put_nowait, pair)
+        if self.metrics is not None:
+            self.metrics.tokens_out.inc(len(tokens))
+        if finish is None:
+            return
+        del self.active[request.id]
+        if event["error"] is not None:
+            self._finish(request, StepFailure(f"generation step failed on rank {rank}: {event['error']}"))
+            return
+        if self.metrics is not None and request.first_token_at is not None and len(request.generated) > 1:
+            self.metrics.time_per_output_token.observe((now - request.first_token_at) / (len(request.generated) - 1))
+        request.finish_reason = finish
+        wanted = request.params.get("logprobs") is not None
+        self._finish(request, Generation(list(request.generated), list(request.entries) if wanted else None))
+
+    def _finish(self, request: Request, value) -> None:
+        """Hand the end of a request to its client: None/exception after the streamed tokens, else the result."""
+        if request.loop is None:  # offline (generate_batch)
+            request.result = value
+            return
+        if request.stream:
+            end = value if isinstance(value, Exception) else None
+            _post(request, request.tokens.put_nowait, end)
+        elif request.future is not None:
+            setter = request.future.set_exception if isinstance(value, Exception) else request.future.set_result
+            _post(request, lambda: request.future.done() or setter(value))
+
+    def _gauge_waiting(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queue.qsize() + len(self.incoming))
+
+    def _fail(self, message: str) -> None:
+        """A rank is gone: report unhealthy, fail everything in flight, and exit non-zero shortly after."""
+        self.healthy, self.failure = False, message
+        if self.metrics is not None:
+            self.metrics.healthy.set(0)
+        fail_and_exit(message, [request for request, _ in self.active.values()] + list(self.incoming), self.queue,
+                      self._finish)
+
+
+def _post(request: Request, fn, *args) -> None:
+    """Run `fn(*args)` on the request's event loop; a loop that has closed (its client is gone for good) only
+    marks the request cancelled, so it leaves its rank's batch at the next step."""
+    try:
+        request.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        request.cancelled = True
+
+
+class _LocalRunner:
+    """The one rank of an offline run: steps the RankBatch directly."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def run(self, op: dict, *_streaming) -> dict:
+        return self.batch.run(op, rank=0)
+
+
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int | None = None, *, kv_bytes: int | None = None,
+                   kv_fraction: float = 0.5, block_size: int = 32, step_tokens: int = 256,
+                   max_running: int = 64) -> list[list[int]]:
+    """Offline continuous batching on one process with the server's scheduler: every prompt's new tokens (EOS
+    excluded). Request i samples with seed `seed + i` when `temperature > 0`."""
+    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    blocks = kv_blocks_for_budget(model, block_size, kv_bytes, kv_fraction,
+                                  most_useful=min(max_running, len(prompts)) * -(-longest // block_size))
+    batch = RankBatch(model, num_blocks=blocks, block_size=block_size, step_tokens=step_tokens,
+                      max_requests=max_running)
+    engine = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1), max_queue=len(prompts) + 1,
+                              max_running_per_rank=max_running)
+    try:
+        engine.step()
+        requests = []
+        for i, ids in enumerate(prompts):
+            params = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=None if seed is None else seed + i)
+            request = Request("generate", list(ids), None, params=params)
+            requests.append(request)
+            engine.submit(request)
+        engine._drain()
+        while engine.active or engine.incoming:
+            engine.step()
+    finally:
+        batch.close()
+    for request in requests:
+        if isinstance(request.result, Exception):
+            raise request.result
+    return [request.result.tokens for request in requests]

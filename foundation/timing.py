@@ -1,0 +1,33 @@
+"""Wall time of callables, the one way the demo, the cost model and the benchmarks measure it."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def seconds(fn: Callable, device) -> float:
+    """One call's wall time, CUDA synchronised before and after so the kernels it queued are counted."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def best_seconds(fns: dict[str, Callable], device, repeats: int, *, warmup: int = 1,
+                 once: Callable[[Callable, object], float] = seconds) -> dict[str, float]:
+    """Best-of-`repeats` time of each callable, run round-robin: load elsewhere on the machine only ever adds
+    time, and hits every callable alike. `once(fn, device)` times one call (e.g. the slowest rank's)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], once(fn, device))
+    return best

@@ -1,0 +1,38 @@
+"""Model Breadcrumbs (Davari & Belilovsky, 2024), mergekit's `breadcrumbs` and `breadcrumbs_ties`: per
+task and tensor, drop the largest `gamma` fraction of magnitudes and the smallest ones down to `density`,
+then task arithmetic (`breadcrumbs`) or TIES's sign election (`breadcrumbs_ties`).
+
+mergekit's defaults: `density` 1.0 (nothing dropped), `gamma` 0.01, `normalize` false, `rescale` false.
+One difference: for a tensor with fewer than 1/gamma entries mergekit's slice keeps nothing; here the
+count `int(density · numel)` is kept whatever the size."""
+from __future__ import annotations
+
+import torch
+
+from merge.methods import Context, register, rescaled
+from merge.mixing import mix_all
+from merge.sparsify import outliers_mask
+
+
+def crumbs(tvs, ctx: Context):
+    out = {}
+    for n, t in tvs.items():
+        rows = []
+        for k in range(t.shape[0]):
+            d, g = float(ctx.value("density", k)), float(ctx.value("gamma", k))
+            rows.append(t[k] if d >= 1.0 else rescaled(t[k], outliers_mask(t[k], d, g), ctx.params["rescale"], d))
+        out[n] = torch.stack(rows)
+    return out
+
+
+_DEFAULTS = {"density": 1.0, "gamma": 0.01, "lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}
+
+
+@register("breadcrumbs", defaults=_DEFAULTS, prepare=crumbs)
+def breadcrumbs(sparse, ctx: Context):
+    return mix_all(sparse, ctx, None)
+
+
+@register("breadcrumbs_ties", defaults={**_DEFAULTS, "majority_sign_method": "total"}, prepare=crumbs)
+def breadcrumbs_ties(sparse, ctx: Context):
+    return mix_all(sparse, ctx, ctx.params["majority_sign_method"])

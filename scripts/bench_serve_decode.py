@@ -1,0 +1,267 @@
+"""Decode serving benchmark (`scripts/bench_serve.py --workload decode`): Poisson arrivals of completions with mixed
+prompt lengths (16-512 tokens) and output lengths (8-256 tokens), at rising arrival rates, against three servers
+in turn on the same tiny decoder MoE:
+
+- tessera with the continuous scheduler on 2 CPU ranks (torchrun, gloo, MoEShard),
+- tessera with the static batcher (`--scheduler static`) on the same 2 ranks,
+- `transformers serve --continuous-batching` on one process.
+
+Per arrival rate: output tokens per second, time to first token (TTFT) p50/p99, time per output token (TPOT, per
+request: first token to last over the tokens after the first) p50/p99, and errors (non-200 answers, broken streams,
+requests unfinished when the level's time is up). Every request is greedy and streams. The model is Mixtral-shaped
+with random seeded weights (tiny-mixtral's config, 1024 positions) and a character tokenizer that both servers load
+from the same folder, so every server computes the same tokens. A token is counted per streamed character (the
+tokenizer maps each non-special id to one character).
+
+All traffic is on 127.0.0.1; every level is bounded in time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model(folder: Path) -> None:
+    """tiny-mixtral's config with room for 512 + 256 tokens, seeded weights, and a tokenizer of one character per
+    id (ids 0-3 are special), saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    import engine
+
+    config = engine.load("tiny-mixtral", device="cpu").config
+    config.max_position_embeddings = 1024
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    specials = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    chars = [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0xC0, 0xC0 + config.vocab_size)]
+    vocab = dict(specials)
+    for i, ch in zip(range(4, config.vocab_size), [c for c in chars if c not in specials]):
+        vocab[ch] = i
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server at {url} did not start in {seconds} s")
+
+
+def start(kind: str, folder: Path, args, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if kind == "transformers":
+        # One thread, like each tessera rank (torchrun sets OMP_NUM_THREADS=1): the comparison is per process,
+        # and on a shared CPU a multi-threaded process is slowed down many times over by oversubscription.
+        env["OMP_NUM_THREADS"] = "1"
+        command = [str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
+                   "--device", "cpu", "--port", str(port), "--cb-block-size", "32", "--cb-num-blocks",
+                   str(args.kv_blocks), "--cb-max-batch-tokens", "256", str(folder)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
+                   f"--master-port={free_port()}", str(ROOT / "scripts" / "serve_moe.py"), "--port", str(port),
+                   "--model", str(folder), "--strategy", "moeshard", "--scheduler", kind, "--max-queue", "512",
+                   "--max-input-tokens", "600", "--kv-block-size", "32", "--step-tokens", "256",
+                   "--kv-cache-bytes", str(args.kv_blocks * kv_block_bytes(folder))]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, url)
+    except RuntimeError:
+        stop(process)
+        raise
+    return process, url
+
+
+def kv_block_bytes(folder: Path) -> int:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 32 * 4
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def workload(rate: float, seconds: float, seed: int) -> list[tuple[float, str, int]]:
+    """(arrival offset in s, prompt, max_tokens): Poisson arrivals at `rate`/s for `seconds`."""
+    rng = random.Random(seed)
+    words = "mixture experts route every token to a few of them and the rest stay idle".split()
+    out, t = [], rng.expovariate(rate)
+    while t < seconds:
+        length = rng.randint(16, 512)
+        text = ""
+        while len(text) < length:
+            text += rng.choice(words) + " "
+        out.append((t, text[:length], rng.randint(8, 256)))
+        t += rng.expovariate(rate)
+    return out
+
+
+async def one(client, model: str, prompt: str, max_tokens: int, start: float, offset: float, results: list):
+    await asyncio.sleep(max(start + offset - time.perf_counter(), 0))
+    sent = time.perf_counter()
+    stamps, error = [], None
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    try:
+        async with client.stream("POST", "/v1/completions", json=payload) as response:
+            if response.status_code != 200:
+                error = f"HTTP {response.status_code}"
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        error = "stream error"
+                        break
+                    text = chunk["choices"][0].get("text") or ""
+                    now = time.perf_counter()
+                    stamps += [now] * len(text)
+    except (httpx.TimeoutException, httpx.TransportError) as err:
+        error = type(err).__name__
+    results.append({"sent": sent, "stamps": stamps, "error": error})
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(int(p * len(values)), len(values) - 1)]
+
+
+async def run_level(url: str, model: str, rate: float, seconds: float, grace: float, seed: int) -> dict:
+    requests = workload(rate, seconds, seed)
+    results: list = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(seconds + grace), limits=limits) as client:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(one(client, model, p, n, start, t, results)) for t, p, n in requests]
+        done, pending = await asyncio.wait(tasks, timeout=seconds + grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        elapsed = time.perf_counter() - start
+    ok = [r for r in results if r["error"] is None and r["stamps"]]
+    ttft = [r["stamps"][0] - r["sent"] for r in ok]
+    tpot = [(r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1) for r in ok if len(r["stamps"]) > 1]
+    tokens = sum(len(r["stamps"]) for r in ok)
+    return dict(rate_per_s=rate, requests=len(requests), completed=len(ok), unfinished=len(pending),
+                errors=len(requests) - len(ok), output_tokens=tokens, seconds=round(elapsed, 2),
+                throughput_tok_s=tokens / elapsed,
+                ttft_p50_s=pct(ttft, 0.5), ttft_p99_s=pct(ttft, 0.99),
+                tpot_p50_s=pct(tpot, 0.5), tpot_p99_s=pct(tpot, 0.99))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1, 2, 4])
+    parser.add_argument("--seconds", type=float, default=15, help="arrivals per level")
+    parser.add_argument("--grace", type=float, default=30, help="after the arrivals, time left to finish")
+    parser.add_argument("--schedulers", default="continuous,static,transformers")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--kv-blocks", type=int, default=512, help="KV blocks of 32 tokens per rank / process")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
+    folder = Path(tempfile.mkdtemp(prefix="tessera-bench-model-"))
+    build_model(folder)
+    table = {}
+    for kind in args.schedulers.split(","):
+        log = Path(tempfile.gettempdir()) / f"tessera-bench-{kind}.log"
+        process, url = start(kind, folder, args, log)
+        try:
+            model = str(folder)
+            asyncio.run(run_level(url, model, 1.0, 2.0, 30, seed=99))  # warm up
+            table[kind] = []
+            for i, rate in enumerate(args.rates):
+                level = asyncio.run(run_level(url, model, rate, args.seconds, args.grace, seed=i))
+                table[kind].append(level)
+                print(f"{kind:>12} rate {rate:>4}/s: {level['throughput_tok_s']:7.1f} tok/s, "
+                      f"TTFT p50/p99 {fmt(level['ttft_p50_s'])}/{fmt(level['ttft_p99_s'])} s, "
+                      f"TPOT p50/p99 {fmt(level['tpot_p50_s'], 3)}/{fmt(level['tpot_p99_s'], 3)} s, "
+                      f"{level['completed']}/{level['requests']} done, {level['errors']} errors", flush=True)
+        finally:
+            stop(process)
+    print_table(table, args.rates)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(workload="decode", model="tiny-mixtral config, 1024 positions, seeded weights, char tokenizer",
+                  prompt_tokens=[16, 512], output_tokens=[8, 256], seconds_of_arrivals=args.seconds,
+                  grace_s=args.grace, ranks=args.ranks, kv_blocks=args.kv_blocks, block_size=32,
+                  threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
+                  note="CPU, 2 cores shared with other work: numbers are indicative only", schedulers=table)
+    tmp = out / "serve_decode_cpu.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "serve_decode_cpu.json")
+    print(f"wrote {out / 'serve_decode_cpu.json'}")
+    return 0
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(table: dict, rates: list[float]) -> None:
+    kinds = list(table)
+    print(f"\n{'rate/s':>6} | " + " | ".join(f"{k:^34}" for k in kinds))
+    print(f"{'':>6} | " + " | ".join(f"{'tok/s':>6} {'TTFT p50/p99':>13} {'TPOT p50/p99':>13}" for _ in kinds)
+          + " | errors")
+    for i, rate in enumerate(rates):
+        cells, errors = [], []
+        for k in kinds:
+            lv = table[k][i]
+            cells.append(f"{lv['throughput_tok_s']:>6.1f} {fmt(lv['ttft_p50_s']):>6}/{fmt(lv['ttft_p99_s']):<6} "
+                         f"{fmt(lv['tpot_p50_s'], 3):>6}/{fmt(lv['tpot_p99_s'], 3):<6}")
+            errors.append(str(lv["errors"]))
+        print(f"{rate:>6} | " + " | ".join(cells) + " | " + "/".join(errors))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The continuous scheduler on one process: the tokens of model.generate, chunked prefill, preemption when the KV
+cache is full, per-request seeds, and a failing step that fails only its own requests."""
+import asyncio
+import time
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import engine
+from engine.serving.coordinator import Coordinator
+from engine.serving.paged_batch import RankBatch
+from engine.serving.runner import Runner
+from engine.serving.scheduler import ContinuousEngine
+from engine.serving.tokenizer import ByteTokenizer
+
+PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 80)), [3, 4], list(range(20, 60)), list(range(40, 47))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return engine.load("tiny-mixtral", device="cpu")
+
+
+def reference(model, prompt, max_new_tokens):
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+    tokens = out[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_chunked_prefill_and_preemption_give_the_tokens_of_generate(model):
+    # 6 blocks of 16 tokens for 5 requests of up to 82 tokens: they cannot all run at once, and the newest is
+    # preempted and recomputed; 32 tokens per step splits the 70- and 40-token prompts over several steps.
+    batch = RankBatch(model, num_blocks=6, block_size=16, step_tokens=32)
+    for i, prompt in enumerate(PROMPTS):
+        batch.add(f"r{i}", prompt, max_tokens=12)
+    tokens = {}
+    while not batch.idle():
+        for event in batch.step():
+            tokens.setdefault(event["id"], []).extend(event["tokens"])
+    batch.close()
+    assert batch.stats()["preemptions"] > 0
+    assert batch.stats()["blocks_free"] == batch.stats()["blocks_total"] == 6
+    assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == [reference(model, p, 12) for p in PROMPTS]
+
+
+def test_generate_batch_greedy_is_generate(model):
+    prompts = [PROMPTS[0], PROMPTS[4]]
+    assert engine.generate_batch(model, prompts, max_new_tokens=6) == [reference(model, p, 6) for p in prompts]
+
+
+def test_a_seed_gives_the_same_tokens_whatever_the_batch(model):
+    alone = engine.generate_batch(model, [[1, 2, 3]], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=11)[0]
+    together = engine.generate_batch(model, [[1, 2, 3], *PROMPTS], max_new_tokens=8, temperature=0.9, top_p=0.9,
+                                     seed=11)
+    assert together[0] == alone
+    other = engine.generate_batch(model, [[1, 2, 3]], max_new_tokens=8, temperature=0.9, seed=12)[0]
+    assert other != alone  # the seed matters (8 tokens of a 128-token vocabulary)
+
+
+def run_alone(batch, request_id):
+    tokens, entries = [], []
+    while not batch.idle():
+        for event in batch.step():
+            tokens += event["tokens"]
+            entries += event["logprobs"] or []
+    return tokens, entries
+
+
+def test_logprobs_are_the_models_and_a_frequency_penalty_stops_repeats(model):
+    prompt = list(range(10, 30))
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=None)
+    want = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    batch = RankBatch(model, num_blocks=16, block_size=16, eos_token_id=-1)
+    batch.add("a", prompt, max_tokens=10, logprobs=3)
+    tokens, entries = run_alone(batch, "a")
+    assert tokens == out.sequences[0, len(prompt):].tolist()
+    for token, (logprob, alternatives), logprobs in zip(tokens, entries, want):
+        assert logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
+        assert [i for i, _ in alternatives] == logprobs.topk(3).indices.tolist()
+    assert len(tokens) > len(set(tokens))  # greedy repeats itself on this prompt ...
+    batch.add("b", prompt, max_tokens=10, frequency_penalty=100.0)
+    penalised, _ = run_alone(batch, "b")
+    batch.close()
+    assert len(penalised) == len(set(penalised)) == 10  # ... and not with a large frequency penalty
+
+
+class FailOnce:
+    """Wraps the model's forward: raises once, on the first call after `arm()`."""
+
+    def __init__(self, model):
+        self.model, self.armed, self.forward = model, False, model.forward
+
+    def __call__(self, *args, **kwargs):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return self.forward(*args, **kwargs)
+
+
+def test_a_failing_step_fails_its_requests_with_500_and_the_server_goes_on(model, monkeypatch):
+    from engine.serving.app import create_app
+    from engine.serving.config import ServeConfig
+    from engine.serving.metrics import Metrics
+
+    fault = FailOnce(model)
+    monkeypatch.setattr(model, "forward", fault)
+    tokenizer = ByteTokenizer(model.config.vocab_size)
+    metrics = Metrics()
+    runner = Runner(model, tokenizer)
+    runner.batch = RankBatch(model, num_blocks=32, block_size=16)
+    scheduler = ContinuousEngine(Coordinator(runner, world=1), metrics, tokenizer)
+    scheduler.start()
+    app = create_app(scheduler, ServeConfig(model="tiny-mixtral"), tokenizer, "tiny-mixtral", "decoder", metrics)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://tessera") as client:
+            fault.armed = True
+            failed = await client.post("/v1/completions", json={"prompt": "boom", "max_tokens": 4,
+                                                                "temperature": 0})
+            ok = await client.post("/v1/completions", json={"prompt": "hello tessera", "max_tokens": 6,
+                                                            "temperature": 0})
+            health = await client.get("/health")
+            text = (await client.get("/metrics")).text
+            return failed, ok, health, text
+
+    try:
+        failed, ok, health, text = asyncio.run(scenario())
+    finally:
+        scheduler.stop(timeout=30)
+        runner.batch.close()
+    assert failed.status_code == 500
+    assert "illegal memory access" in failed.json()["error"]["message"]
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["text"] == tokenizer.decode(reference(model, tokenizer.encode("hello tessera"), 6))
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    used = {s.labels["rank"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "tessera_kv_blocks_used" for s in f.samples}
+    assert used == {"0": 0.0}
+
+
+def test_generate_streams_the_tokens_and_closing_it_frees_the_request(model):
+    from engine.serving.batcher import Request
+
+    tokenizer = ByteTokenizer(model.config.vocab_size)
+    runner = Runner(model, tokenizer)
+    runner.batch = RankBatch(model, num_blocks=32, block_size=16)
+    scheduler = ContinuousEngine(Coordinator(runner, world=1), tokenizer=tokenizer)
+    scheduler.start()
+    prompt = list(range(10, 30))
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        full = Request("generate", prompt, loop, params=dict(max_tokens=8, temperature=0.0, logprobs=0))
+        steps = [step async for step in scheduler.generate(full)]
+        early = Request("generate", prompt, loop, params=dict(max_tokens=200, temperature=0.0))
+        stream = scheduler.generate(early)
+        first = await stream.__anext__()
+        await stream.aclose()  # the consumer goes away after its first tokens
+        return steps, first
+
+    try:
+        steps, first = asyncio.run(scenario())
+        for _ in range(200):  # the cancellation lands at the next step
+            if not scheduler.active:
+                break
+            time.sleep(0.05)
+    finally:
+        scheduler.stop(timeout=30)
+        runner.batch.close()
+    assert [t for step in steps for t in step.tokens] == reference(model, prompt, 8)
+    assert all(len(step.logprobs) == len(step.tokens) for step in steps)
+    assert first.tokens == reference(model, prompt, 8)[: len(first.tokens)] and first.logprobs is None
+    assert not scheduler.active and runner.batch.stats()["blocks_free"] == 32
