@@ -13,8 +13,8 @@ distinct specialisation (Triton's in-memory cache dedupes repeats).
 `CASES` is the registration list: functions that, with a stand-in driver active, yield `(label, launch)` pairs
 where `launch()` calls a real launcher on meta tensors. To check a new kernel, append its function.
 
-    python -m kernels.launch_check            # every GPU generation and tuned file; exit 1 on any failure
-    python -m kernels.launch_check --arch 90  # one target
+    python -m kernels.launch_check            # sm_80, sm_89, sm_90 and every tuned file; exit 1 on any failure
+    python -m kernels.launch_check --arch 86  # one target
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ from kernels.moe_configs import (CONFIG_DIR, PUBLISHED_SHAPES, SAFE_TABLES, SHAR
                                  generation)
 
 ARCHS = (80, 86, 89, 90)
+# sm_86 and sm_89 share their shared-memory limit and Triton's code generation: every kernel compiled for both
+# gave identical shared memory, registers and spills, so by default sm_89 stands for both (--arch 86 checks it).
+DEFAULT_ARCHS = (80, 89, 90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TOKEN_COUNTS = (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SPILL_LIMIT = 16  # bytes of register spill stores tolerated: a few words
@@ -184,7 +187,7 @@ def lora_cases():
 
     sizes = sorted({hidden for _, hidden, *_ in PUBLISHED_SHAPES.values()})
     # (rows, tokens per row, rank, adapters per row, split of the shrink's reduction)
-    shapes = [(1, 1, 16, 1, 4), (16, 1, 64, 3, 4), (4, 32, 16, 3, 1), (2, 512, 64, 1, 1), (2, 512, 16, 3, 1)]
+    shapes = [(1, 1, 16, 1, 4), (16, 1, 64, 3, 4), (4, 32, 16, 3, 1), (2, 512, 64, 1, 1)]
     for dtype in DTYPES:
         for d in sizes:
             for rows, per_row, rank, k, split in shapes:
@@ -297,9 +300,13 @@ def failure_report_problems() -> list[str]:
     w13 = _meta(8, 256, 512, dtype=torch.bfloat16)
     args = (_meta(4, 512, dtype=torch.bfloat16), _meta(4, 2, dtype=torch.int64), None, w13[:, :128],
             _meta(8, 512, 128, dtype=torch.bfloat16), w13[:, 128:])
+    from triton.runtime import driver
+
+    recorded = len(driver.active.compiled)
     try:
         fused_experts(*args, config=too_big)
     except RuntimeError as error:
+        del driver.active.compiled[recorded:]  # the deliberate failure is not a finding
         if all(word in str(error) for word in ("expert_up", "stand-in sm_90", "'num_stages': 8")):
             return []
         return [f"an over-limit launch raised an unclear error: {error}"]
@@ -382,8 +389,9 @@ def main(argv=None) -> int:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-launch-check-")  # every kernel through ptxas
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     tuned = tuned_devices()
-    unknown = sorted(set(tuned) - set(ARCHS))
-    jobs = [(arch, tuned.get(arch, [])) for arch in sorted(args.arch or ARCHS, key=lambda a: -a)]
+    unknown = sorted(set(tuned) - set(SHARED_MEMORY_LIMITS))
+    archs = set(args.arch or DEFAULT_ARCHS) | (set() if args.arch else set(tuned) - set(unknown))
+    jobs = [(arch, tuned.get(arch, [])) for arch in sorted(archs, reverse=True)]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_run, jobs))
     compiled = [c for kernels, _ in results for c in kernels]

@@ -52,7 +52,7 @@ if triton_importable():
             counts += tl.sum(hit.to(tl.int32), axis=0)
         return counts
 
-    @triton.jit(do_not_specialize=["num_pairs", "max_rows", "max_blocks"])
+    @triton.jit(do_not_specialize=["num_pairs", "num_experts", "max_rows", "max_blocks", "block_m"])
     def _place_pairs_kernel(
         expert_ids_ptr, counts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
         num_pairs, num_experts, max_rows, max_blocks, block_m,
