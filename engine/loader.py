@@ -43,7 +43,7 @@ class LoadPlan:
 
 def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, capacity: str | None = None,
          strategy: str | None = None, strategy_options: dict | None = None, task: str | None = None, tasks=None,
-         adapters=None, adapter_options: dict | None = None):
+         adapters=None, adapter_options: dict | None = None, cuda_graphs: bool = False):
     """A ready model: weights loaded as saved, MoE blocks on tessera's layer, eval mode.
 
     `name_or_path`: a registered name, a local folder (a Hugging Face checkpoint or a FlexMerge artifact), or a
@@ -53,15 +53,24 @@ def load(name_or_path, *, backend: str | None = None, dtype=None, device=None, c
     (capacity_factor, min_capacity, stats, calibration_tokens). `task`: the task of a FlexMerge artifact, or
     "auto" to route each query to its nearest task by `tasks` (task -> validation examples, a task folder, or a
     `TaskRouter`). `adapters`: LoRA adapters to attach (registered adapter names, a dict name -> PEFT folder, an
-    `AdapterPool` or a `TaskRouter`), with `adapter_options` for `engine.lora.attach_adapters`.
+    `AdapterPool` or a `TaskRouter`), with `adapter_options` for `engine.lora.attach_adapters`. `cuda_graphs`:
+    generate() replays its decode steps from CUDA graphs, captured now per batch bucket (`engine.moe.graphs`;
+    one CUDA device, strategy "single").
     """
     entry, folder = _entry_for(name_or_path)
     if is_artifact(folder):
         return load_artifact(folder, task, tasks, dtype=dtype, device=device)
     plan = resolve(entry, folder, backend=backend, dtype=dtype, device=device, capacity=capacity, strategy=strategy,
                    strategy_options=strategy_options)
+    if cuda_graphs and (plan.device.type != "cuda" or plan.strategy != "single"):
+        raise ValueError(f"cuda_graphs=True needs a CUDA device and strategy 'single', got {plan.device} and "
+                         f"{plan.strategy!r} (ranks agree on token counts on the host before every pass)")
     model = shard(patch(build(plan), plan), plan)
     model.tessera_entry = plan.entry
+    if cuda_graphs:
+        from engine.moe.graphs import capture_decode_buckets, enable_graphed_decode
+
+        capture_decode_buckets(enable_graphed_decode(model))
     return attach(model, adapters, adapter_options)
 
 

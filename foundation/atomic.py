@@ -7,6 +7,7 @@ that process is gone. A reader therefore sees either the old target or the compl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -134,3 +135,9 @@ def atomic_file(path: str | os.PathLike):
     with _tracked(tmp):
         yield tmp
         os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data, **dumps_args) -> None:
+    """`data` as JSON at `path`, written atomically (`dumps_args` go to json.dumps, indent 1 unless given)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, **{"indent": 1, **dumps_args}) + "\n")

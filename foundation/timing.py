@@ -1,22 +1,38 @@
-"""Wall time of callables, the one way the demo, the cost model and the benchmarks measure it."""
+"""Wall time of callables and blocks, the one way the demo, the cost model, the layer stats and the benchmarks
+measure it."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
 import torch
 
 
-def seconds(fn: Callable, device) -> float:
-    """One call's wall time, CUDA synchronised before and after so the kernels it queued are counted."""
+class Elapsed:
+    seconds = 0.0
+
+
+@contextlib.contextmanager
+def timed(device):
+    """Wall time of the body, CUDA synchronised before and after so the kernels it queued are counted; read
+    `.seconds` of what it yields once the body is done."""
+    elapsed = Elapsed()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    yield elapsed
     if cuda:
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    elapsed.seconds = time.perf_counter() - start
+
+
+def seconds(fn: Callable, device) -> float:
+    """One call's wall time."""
+    with timed(device) as elapsed:
+        fn()
+    return elapsed.seconds
 
 
 def best_seconds(fns: dict[str, Callable], device, repeats: int, *, warmup: int = 1,

@@ -14,19 +14,19 @@ if triton_importable():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["num_tokens"])  # a new batch size never recompiles
+    @triton.jit(do_not_specialize=["num_tokens", "num_experts", "top_k"])  # one compile per dtype and width
     def _combine_topk_kernel(
-        pair_out_ptr, expert_ids_ptr, out_ptr, num_tokens, N, num_experts,
+        pair_out_ptr, expert_ids_ptr, out_ptr, num_tokens, N, num_experts, top_k,
         stride_pm, stride_pn, stride_om, stride_on,
-        TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         token_ok = tokens < num_tokens
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for choice in tl.static_range(TOP_K):
-            pairs = tokens.to(tl.int64) * TOP_K + choice
+        for choice in range(0, top_k):
+            pairs = tokens.to(tl.int64) * top_k + choice
             expert = tl.load(expert_ids_ptr + pairs, mask=token_ok, other=-1)
             ok = token_ok & (expert >= 0) & (expert < num_experts)
             rows = tl.load(pair_out_ptr + pairs[:, None] * stride_pm + offs_n[None, :] * stride_pn,
@@ -45,9 +45,9 @@ def combine_topk(pair_out: torch.Tensor, expert_ids: torch.Tensor, num_experts: 
     block_t, block_n = 16, min(triton.next_power_of_2(n), 256)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(n, block_n))
     _combine_topk_kernel[grid](
-        pair_out, expert_ids.contiguous(), out, num_tokens, n, num_experts,
+        pair_out, expert_ids.contiguous(), out, num_tokens, n, num_experts, top_k,
         pair_out.stride(0), pair_out.stride(1), out.stride(0), out.stride(1),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_T=block_t, BLOCK_N=block_n,
     )
     return out
 

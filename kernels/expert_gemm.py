@@ -69,10 +69,10 @@ if triton_importable():
         num_pairs, top_k, N, K, up_offset,
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-        GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        OUT_N: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+        # OUT_N output columns per program: BLOCK_N, or BLOCK_N / 2 when the tile holds gate and up columns
         pid_m, pid_n = _grouped_block(tl.cdiv(N, OUT_N), GROUP_SIZE_M)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
@@ -206,7 +206,7 @@ def expert_up(
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), _bias_stride(b1),
         out.stride(0), out.stride(1),
         BLOCK_M=aligned.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        GROUP_SIZE_M=config["GROUP_SIZE_M"], GATED=w3 is not None, HAS_BIAS=b1 is not None,
+        GROUP_SIZE_M=config["GROUP_SIZE_M"], OUT_N=out_n, GATED=w3 is not None, HAS_BIAS=b1 is not None,
         ACTIVATION=ACTIVATIONS[activation], PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
         **_launch_options(config),
     )

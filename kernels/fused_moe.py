@@ -30,11 +30,36 @@ def fused_experts(
     num_experts, ffn, hidden_size = w1.shape
     if config is None:
         config = moe_kernel_config(num_tokens, top_k, num_experts, ffn, hidden_size, hidden.dtype, hidden.device)
-    aligned = moe_align(topk_ids, num_experts, config["BLOCK_M"])
-    inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config, b1)
-    pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
-    pair_out = expert_down(inter, aligned, w2, pair_weights, config, b2=b2)
-    return combine_topk(pair_out, topk_ids, num_experts, out_dtype or hidden.dtype)
+    stage = "align"
+    try:
+        aligned = moe_align(topk_ids, num_experts, config["BLOCK_M"])
+        stage = "expert_up"
+        inter = expert_up(hidden, aligned, top_k, w1, w3, activation, config, b1)
+        pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
+        stage = "expert_down"
+        pair_out = expert_down(inter, aligned, w2, pair_weights, config, b2=b2)
+        stage = "combine"
+        return combine_topk(pair_out, topk_ids, num_experts, out_dtype or hidden.dtype)
+    except _triton_errors() as error:
+        raise RuntimeError(
+            f"MoE kernel {stage} failed on {_device_name(hidden.device)} with {config} "
+            f"(E={num_experts}, F_s={ffn}, H={hidden_size}, {hidden.dtype}, {num_tokens} tokens x top-{top_k}): "
+            f"{error}") from error
+
+
+def _triton_errors() -> tuple[type[Exception], ...]:
+    """What Triton raises when a kernel cannot compile or launch on this device (not bad input)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    return CompilationError, OutOfResources
+
+
+def _device_name(device: torch.device) -> str:
+    from kernels.moe_configs import device_identity
+
+    identity = device_identity(device)
+    return str(device) if identity is None else f"{identity[0]} (sm_{identity[1]})"
 
 
 def fused_experts_launches(num_tokens: int, top_k: int, num_experts: int) -> int:

@@ -13,8 +13,8 @@ distinct specialisation (Triton's in-memory cache dedupes repeats).
 `CASES` is the registration list: functions that, with a stand-in driver active, yield `(label, launch)` pairs
 where `launch()` calls a real launcher on meta tensors. To check a new kernel, append its function.
 
-    python -m kernels.launch_check            # every GPU generation and tuned file; exit 1 on any failure
-    python -m kernels.launch_check --arch 90  # one target
+    python -m kernels.launch_check            # sm_80, sm_89, sm_90 and every tuned file; exit 1 on any failure
+    python -m kernels.launch_check --arch 86  # one target
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ from kernels.moe_configs import (CONFIG_DIR, PUBLISHED_SHAPES, SAFE_TABLES, SHAR
                                  generation)
 
 ARCHS = (80, 86, 89, 90)
+# sm_86 and sm_89 share their shared-memory limit and Triton's code generation: every kernel compiled for both
+# gave identical shared memory, registers and spills, so by default sm_89 stands for both (--arch 86 checks it).
+DEFAULT_ARCHS = (80, 89, 90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TOKEN_COUNTS = (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SPILL_LIMIT = 16  # bytes of register spill stores tolerated: a few words
@@ -184,7 +187,7 @@ def lora_cases():
 
     sizes = sorted({hidden for _, hidden, *_ in PUBLISHED_SHAPES.values()})
     # (rows, tokens per row, rank, adapters per row, split of the shrink's reduction)
-    shapes = [(1, 1, 16, 1, 4), (16, 1, 64, 3, 4), (4, 32, 16, 3, 1), (2, 512, 64, 1, 1), (2, 512, 16, 3, 1)]
+    shapes = [(1, 1, 16, 1, 4), (16, 1, 64, 3, 4), (4, 32, 16, 3, 1), (2, 512, 64, 1, 1)]
     for dtype in DTYPES:
         for d in sizes:
             for rows, per_row, rank, k, split in shapes:
@@ -193,6 +196,23 @@ def lora_cases():
                 slots, weights = _meta(rows, k, dtype=torch.int32), _meta(rows, k, dtype=torch.float32)
                 yield (f"lora d={d} r={rank} rows={rows}x{per_row} K={k} split={split} {dtype}",
                        functools.partial(lora_mixture_triton, x, y, a, b, slots, weights, split))
+
+
+def routing_cases():
+    """The one-launch router (`kernels.routing`) for every published family's experts, top-k and hidden size,
+    in every dtype, at decode and prefill token counts, with routing counts tracked (its atomics included)."""
+    from kernels.routing import fused_route
+
+    for family, (experts, hidden, _, top_k, _, _, fp32_weights) in PUBLISHED_SHAPES.items():
+        switch = family.startswith("switch")
+        for dtype in DTYPES:
+            weights_dtype = dtype if switch or not fp32_weights else torch.float32
+            for tokens in (1, 16, 32768):
+                args = (_meta(tokens, hidden, dtype=dtype), _meta(experts, hidden, dtype=dtype), None, top_k)
+                yield (f"route {family} {dtype} T={tokens}",
+                       functools.partial(fused_route, *args, switch=switch, normalize=not switch,
+                                         weights_dtype=weights_dtype, bad_flag=_meta(1, dtype=torch.int32),
+                                         counts=_meta(experts + 1, dtype=torch.int64)))
 
 
 def lora_sgmv_cases():
@@ -218,7 +238,7 @@ def lora_sgmv_cases():
                        functools.partial(lora_sgmv_triton, x, y, a, b, slots, weights, grouping))
 
 
-CASES = [moe_cases, lora_cases, lora_sgmv_cases]
+CASES = [moe_cases, lora_cases, lora_sgmv_cases, routing_cases]
 
 
 # ---------------------------------------------------------------- launch counting
@@ -272,6 +292,27 @@ def decode_launch_problems() -> list[str]:
     return problems
 
 
+def failure_report_problems() -> list[str]:
+    """A configuration the GPU cannot run fails with an error naming the kernel, configuration and device."""
+    from kernels.fused_moe import fused_experts
+
+    too_big = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_SIZE_M=1, num_warps=4, num_stages=8)
+    w13 = _meta(8, 256, 512, dtype=torch.bfloat16)
+    args = (_meta(4, 512, dtype=torch.bfloat16), _meta(4, 2, dtype=torch.int64), None, w13[:, :128],
+            _meta(8, 512, 128, dtype=torch.bfloat16), w13[:, 128:])
+    from triton.runtime import driver
+
+    recorded = len(driver.active.compiled)
+    try:
+        fused_experts(*args, config=too_big)
+    except RuntimeError as error:
+        del driver.active.compiled[recorded:]  # the deliberate failure is not a finding
+        if all(word in str(error) for word in ("expert_up", "stand-in sm_90", "'num_stages': 8")):
+            return []
+        return [f"an over-limit launch raised an unclear error: {error}"]
+    return ["an over-limit launch did not fail"]
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -293,7 +334,7 @@ def check_target(arch: int, device_name: str | None = None) -> tuple[list[Compil
                 except Exception as error:  # noqa: BLE001 - a compile error is a finding, reported below
                     errors.append(f"sm_{arch} {label}: {type(error).__name__}: {str(error)[:400]}")
         if arch == 90 and device_name is None:
-            errors += decode_launch_problems()
+            errors += decode_launch_problems() + failure_report_problems()
     return stand_in.compiled, errors
 
 
@@ -348,8 +389,9 @@ def main(argv=None) -> int:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-launch-check-")  # every kernel through ptxas
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     tuned = tuned_devices()
-    unknown = sorted(set(tuned) - set(ARCHS))
-    jobs = [(arch, tuned.get(arch, [])) for arch in sorted(args.arch or ARCHS, key=lambda a: -a)]
+    unknown = sorted(set(tuned) - set(SHARED_MEMORY_LIMITS))
+    archs = set(args.arch or DEFAULT_ARCHS) | (set() if args.arch else set(tuned) - set(unknown))
+    jobs = [(arch, tuned.get(arch, [])) for arch in sorted(archs, reverse=True)]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_run, jobs))
     compiled = [c for kernels, _ in results for c in kernels]

@@ -156,7 +156,9 @@ def lora_mixture_triton(x, y, a_stack, b_stack, slots, weights, split_k: int | N
     n_slots, rank, d_in = a_stack.shape
     d_out = b_stack.shape[1]
     k = slots.shape[1]
-    block_m = min(64, max(16, _next_pow2(per_row)))
+    # fp32 runs full-precision FMA dots: 32- and 64-row tiles at rank 64 spill registers on sm_80
+    # (kernels.launch_check).
+    block_m = min(16 if x.dtype == torch.float32 else 64, max(16, _next_pow2(per_row)))
     block_r = max(16, _next_pow2(rank))
     block_k = min(64, max(16, _next_pow2(d_in)))
     block_n = min(64, max(16, _next_pow2(d_out)))

@@ -52,11 +52,11 @@ if triton_importable():
             counts += tl.sum(hit.to(tl.int32), axis=0)
         return counts
 
-    @triton.jit(do_not_specialize=["num_pairs", "max_rows", "max_blocks"])
+    @triton.jit(do_not_specialize=["num_pairs", "num_experts", "max_rows", "max_blocks", "block_m"])
     def _place_pairs_kernel(
         expert_ids_ptr, counts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-        num_pairs, num_experts, max_rows, max_blocks,
-        BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, COUNT_HERE: tl.constexpr, COUNT_CHUNK: tl.constexpr,
+        num_pairs, num_experts, max_rows, max_blocks, block_m,
+        E_PAD: tl.constexpr, COUNT_HERE: tl.constexpr, COUNT_CHUNK: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
         expert = tl.program_id(0)
@@ -66,7 +66,7 @@ if triton_importable():
             tl.store(counts_ptr + expert, tl.sum(tl.where(experts == expert, counts, 0), axis=0))
         else:
             counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
-        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded = (counts + block_m - 1) // block_m * block_m
         start = tl.sum(tl.where(experts < expert, padded, 0), axis=0)
         count = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
         end = start + tl.sum(tl.where(experts == expert, padded, 0), axis=0)
@@ -87,13 +87,13 @@ if triton_importable():
             block_end = max_blocks
         else:
             fill_end = end
-            block_end = end // BLOCK_M
+            block_end = end // block_m
         for row_start in range(start + count, fill_end, CHUNK):
             rows = row_start + tl.arange(0, CHUNK)
             tl.store(sorted_pair_ids_ptr + rows, num_pairs + 0 * rows, mask=rows < fill_end)
-        for block_start in range(start // BLOCK_M, block_end, CHUNK):
+        for block_start in range(start // block_m, block_end, CHUNK):
             blocks = block_start + tl.arange(0, CHUNK)
-            owner = tl.where(blocks < end // BLOCK_M, expert, -1)
+            owner = tl.where(blocks < end // block_m, expert, -1)
             tl.store(block_expert_ids_ptr + blocks, owner, mask=blocks < block_end)
 
 
@@ -142,7 +142,7 @@ def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
         _count_pairs_kernel[(num_experts,)](flat, counts, num_pairs, CHUNK=_CHUNK)
     _place_pairs_kernel[(num_experts,)](
         flat, counts, sorted_pair_ids, block_expert_ids, num_padded, num_pairs, num_experts, max_rows, max_blocks,
-        BLOCK_M=block_m, E_PAD=e_pad, COUNT_HERE=count_here, COUNT_CHUNK=max(16, 2048 // e_pad), CHUNK=_CHUNK,
+        block_m, E_PAD=e_pad, COUNT_HERE=count_here, COUNT_CHUNK=max(16, 2048 // e_pad), CHUNK=_CHUNK,
     )
     return AlignedPairs(sorted_pair_ids, block_expert_ids, num_padded, counts, block_m, num_pairs)
 

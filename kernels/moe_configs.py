@@ -30,7 +30,8 @@ def _cfg(m, n, k, warps, stages, group=8):
 
 
 # (max rows per expert, config) in increasing order; the first bucket that fits is used. BLOCK_N is the width
-# of the GEMM tile: for gated experts it holds BLOCK_N / 2 gate and BLOCK_N / 2 up columns.
+# of the GEMM tile: for gated experts it holds BLOCK_N / 2 gate and BLOCK_N / 2 up columns. 4-byte dtypes run
+# full-precision FMA dots (no tensor cores), which need more registers: 8 warps from 32 rows on.
 SAFE_TABLES = {
     # H100/H200 (227 KiB of shared memory per block).
     ("sm90", 2): [(16, _cfg(16, 64, 128, 4, 5)), (64, _cfg(32, 128, 128, 4, 4)), (512, _cfg(64, 128, 64, 4, 4)),
@@ -40,12 +41,12 @@ SAFE_TABLES = {
     # A100 (163 KiB).
     ("sm80", 2): [(16, _cfg(16, 64, 128, 4, 4)), (64, _cfg(32, 64, 128, 4, 4)), (256, _cfg(64, 128, 64, 4, 4)),
                   (float("inf"), _cfg(128, 128, 64, 8, 3))],
-    ("sm80", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 3)),
+    ("sm80", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 8, 3)), (512, _cfg(64, 128, 32, 8, 3)),
                   (float("inf"), _cfg(128, 128, 32, 8, 3))],
     # A10/A40/L4/L40S/RTX 30xx/40xx (99 KiB).
     ("sm86", 2): [(16, _cfg(16, 64, 128, 4, 4)), (64, _cfg(32, 64, 128, 4, 3)), (256, _cfg(64, 128, 64, 4, 3)),
                   (float("inf"), _cfg(128, 128, 64, 8, 2))],
-    ("sm86", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 4, 3)), (512, _cfg(64, 128, 32, 4, 2)),
+    ("sm86", 4): [(16, _cfg(16, 64, 64, 4, 3)), (64, _cfg(32, 64, 64, 8, 3)), (512, _cfg(64, 128, 32, 8, 2)),
                   (float("inf"), _cfg(128, 128, 32, 8, 2))],
 }
 

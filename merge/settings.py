@@ -29,10 +29,6 @@ def count_layers(names) -> int:
     return max(found) + 1 if found else 0
 
 
-def is_setting_list(value) -> bool:
-    return isinstance(value, list)
-
-
 def evaluate(setting, name: str, t: float):
     """The value of `setting` for tensor `name` at depth `t`; None when no filter matches."""
     if isinstance(setting, dict) and "value" in setting:

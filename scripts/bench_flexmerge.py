@@ -31,6 +31,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from foundation.atomic import write_json  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -402,8 +405,7 @@ def main() -> int:
         params = args.params or (20e6 if args.quick else 88e6)
         result["speed"] = bench_speed(tasks, params, args.method, args.workdir)
         print_speed(result["speed"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(f"results: {args.out}")
     return 0
 

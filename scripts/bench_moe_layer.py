@@ -7,6 +7,8 @@ bound (the larger of compute time at peak FLOP/s and weight+activation traffic a
 
     python scripts/bench_moe_layer.py                       # CPU defaults, a few minutes
     python scripts/bench_moe_layer.py --device cuda --dtype bfloat16 --out benchmarks/results
+    python scripts/bench_moe_layer.py --decode-graphs     # + a whole MoE block (router included) at decode
+                                                          #   batches, eager against a CUDA-graph replay (GPU)
 """
 from __future__ import annotations
 
@@ -171,8 +173,49 @@ def run(args) -> dict:
                             row["roofline_pct"] = {k: 100 * bound / v for k, v in times.items()}
                     rows.append(row)
                     print_row(row)
+    if args.decode_graphs:
+        rows += decode_graph_rows(args, device, dtype)
     return dict(device=device_name, device_type=device.type, dtype=args.dtype, torch=torch.__version__,
                 triton=_version("triton"), transformers=_version("transformers"), results=rows)
+
+
+def mixtral_block(shape: str, dtype, device, backend: str):
+    """A whole MoE block (router included) of the shape, on tessera's layer, with random weights."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from engine.families import FAMILIES
+
+    hidden, ffn, top_k, _, _ = SHAPES[shape]
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=8,
+                           num_experts_per_tok=top_k, router_jitter_noise=0.0)
+    with torch.device(device):  # built on the device: initialising Mixtral's experts on the host takes long
+        hf_block = MixtralSparseMoeBlock(config).to(dtype)
+    with torch.no_grad():
+        for param in hf_block.parameters():
+            param.normal_(0, hidden ** -0.5)
+    hf_block = hf_block.eval()
+    return FAMILIES["mixtral"].convert(hf_block, config, backend, None)
+
+
+def decode_graph_rows(args, device, dtype) -> list[dict]:
+    """Per decode batch: one MoE block eager, and replayed from a CUDA graph (`engine.moe.graphs.GraphedLayer`).
+    (MoEShard's overhead at one rank is `scripts/bench_moeshard.py --single-gpu-overhead`.)"""
+    from engine.moe.graphs import GraphedLayer
+
+    rows = []
+    shape = "mixtral" if "mixtral" in args.shapes else "mixtral-small"
+    block = mixtral_block(shape, dtype, device, "triton")
+    for batch in args.decode_batches:
+        x = torch.randn(batch, 1, SHAPES[shape][0], device=device, dtype=dtype)
+        graphed = GraphedLayer(block, x)
+        times = time_all({"eager": lambda: block(x), "graphed": lambda: graphed(x)}, device, args.repeats)
+        row = dict(section="decode_graphs", shape=shape, batch=batch, seconds=times,
+                   graph_speedup=times["eager"] / times["graphed"])
+        rows.append(row)
+        print(f"decode {shape:14} batch {batch:>3}  eager {times['eager'] * 1e3:8.3f} ms  graphed "
+              f"{times['graphed'] * 1e3:8.3f} ms  ×{row['graph_speedup']:.2f}")
+    return rows
 
 
 def _version(package):
@@ -212,11 +255,16 @@ def main(argv=None):
                         default=[16, 256, 4096, 32768] if cuda else [16, 256, 2048])
     parser.add_argument("--routing", type=lambda s: s.split(","), default=["uniform", "zipf"])
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
+    parser.add_argument("--decode-graphs", action="store_true",
+                        help="also a whole MoE block at decode batches: eager against a CUDA-graph replay")
+    parser.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = parser.parse_args(argv)
     for shape in args.shapes:
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    if args.decode_graphs and torch.device(args.device).type != "cuda":
+        parser.error("--decode-graphs needs a CUDA device (CUDA graphs)")
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ import math
 import os
 import socket
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +31,7 @@ from torch import nn  # noqa: E402
 
 from engine.moe.patch import install_health_check  # noqa: E402
 from engine.parallel import apply_strategy, generate_lockstep, init_distributed  # noqa: E402
+from foundation.atomic import write_json  # noqa: E402
 from foundation.timing import best_seconds, seconds  # noqa: E402
 
 STRATEGIES = ("moeshard", "ep-capacity", "ep", "auto")
@@ -252,10 +252,8 @@ def device_name(device) -> str:
 
 
 def write(result, out_dir, stem):
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{stem}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(path, result)
     print(f"wrote {path}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -25,6 +24,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from foundation.atomic import write_json  # noqa: E402
+
 TEXT = "Mixture-of-experts layers route every token to a few experts; tessera shards each expert over all ranks."
 
 
@@ -171,9 +174,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = dict(server=info, endpoint=endpoint, seconds_per_level=args.seconds, max_queue=args.max_queue,
                   strategy=args.strategy, levels=levels, healthy_after=healthy_after)
-    tmp = out / "serve_cpu.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "serve_cpu.json")
+    write_json(out / "serve_cpu.json", result, indent=2)
     plot(levels, out / "serve_cpu.png")
     print(f"healthy after the load: {healthy_after}; wrote {out / 'serve_cpu.json'} and {out / 'serve_cpu.png'}")
     return 0

@@ -33,6 +33,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from foundation.atomic import write_json  # noqa: E402
 
 
 def free_port() -> int:
@@ -237,9 +240,7 @@ def main(argv=None) -> int:
                   grace_s=args.grace, ranks=args.ranks, kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
                   note="CPU, 2 cores shared with other work: numbers are indicative only", schedulers=table)
-    tmp = out / "serve_decode_cpu.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "serve_decode_cpu.json")
+    write_json(out / "serve_decode_cpu.json", result, indent=2)
     print(f"wrote {out / 'serve_decode_cpu.json'}")
     return 0
 

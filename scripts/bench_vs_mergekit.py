@@ -29,8 +29,12 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
-VENV = CACHE / "mergekit-venv"
+sys.path.insert(0, str(ROOT))
+
+from foundation.atomic import write_json  # noqa: E402
+from foundation.cache import cache_dir  # noqa: E402
+
+VENV = cache_dir("mergekit-venv")
 TORCH = "torch==2.13.0"
 
 
@@ -177,7 +181,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
             mem = memory_check(Path(tmp), env, 1024, 4, 8192)
         previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-        args.out.write_text(json.dumps({**previous, "memory": mem}, indent=1))
+        write_json(args.out, {**previous, "memory": mem})
         print(f"wrote {args.out}")
         return 0
     mergekit = args.venv / "bin" / "mergekit-yaml"
@@ -217,8 +221,7 @@ def main() -> int:
                                          capture_output=True, text=True).stdout.strip(),
               "torch": torch.__version__, "cpu_cores": os.cpu_count(),
               "load_average_1min": os.getloadavg()[0], "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--kv-block-size", type=int)
     parser.add_argument("--step-tokens", type=int, help="tokens per rank per step (prefill chunk size)")
     parser.add_argument("--adapters", help="a saved TaskRouter folder (enables \"adapter\": \"auto\")")
+    parser.add_argument("--enable-lora", action="store_true", default=None,
+                        help="accept adapters loaded at run time (POST /v1/load_lora_adapter)")
+    parser.add_argument("--lora-budget-bytes", type=int, help="device bytes per rank for adapter weights")
     parser.add_argument("--api-key", help="every /v1 endpoint then needs 'Authorization: Bearer KEY' "
                                           "(better: set TESSERA_API_KEY, which other users cannot see in ps)")
     parser.add_argument("--chat-template", help="a Jinja chat template file for /v1/chat/completions, replacing "
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
+    from engine.serving.lora_api import AdapterNames, lora_model
     from engine.serving.runner import Runner, model_kind
     from engine.serving.tokenizer import load_tokenizer
 
@@ -79,16 +83,18 @@ def main(argv=None) -> int:
     _, folder = _entry_for(config.model)
     model = load(config.model, backend=config.backend, dtype=config.dtype, device=device, strategy=strategy)
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
-    model, router = attach_pool(model, config.adapters)
+    model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not config.adapters:
+    # a live pool (--enable-lora) and a device budget for adapters (sub-batches) are the static batcher's
+    live_pool = lora_model(model) is not None and (config.enable_lora or config.lora_budget_bytes is not None)
+    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not live_pool:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
         follow(coordinator)
         return 0
-    names = frozenset(model.pool.names) if router is not None or config.adapters else frozenset()
+    names = AdapterNames(model)  # live: adapters loaded and unloaded at run time
     kind = model_kind(model)
     context = config.max_model_len or (getattr(model.config, "max_position_embeddings", None)
                                        if kind == "decoder" else None)
@@ -107,35 +113,50 @@ def rank_batch(model, config, tokenizer, world: int):
                      dummy_when_idle=world > 1)
 
 
-def attach_pool(model, adapters):
-    """LoRA adapters for completions: a TaskRouter folder, or a mapping adapter name -> PEFT folder."""
-    if not adapters:
+def attach_pool(model, config):
+    """LoRA adapters for completions: a TaskRouter folder, a mapping adapter name -> PEFT folder, or (with
+    enable_lora) an empty pool that /v1/load_lora_adapter fills; within `lora_budget_bytes` on the device."""
+    adapters = config.adapters
+    if not adapters and not config.enable_lora:
         return model, None
-    from engine.lora import attach_adapters
+    from engine.lora import AdapterPool, attach_adapters
     from engine.lora.router import TaskRouter
 
     router = TaskRouter.load(adapters) if isinstance(adapters, str) else None
-    return attach_adapters(model, router if router is not None else adapters), router
+    pool = router if router is not None else (adapters or AdapterPool())
+    lm = attach_adapters(model, pool, cache_bytes=config.lora_budget_bytes)
+    if router is not None and config.lora_budget_bytes is not None:
+        fit = config.lora_budget_bytes // lm.cache.bytes_per_adapter
+        if fit < min(router.k, len(lm.pool)):
+            raise SystemExit(f"lora_budget_bytes={config.lora_budget_bytes} holds {fit} adapter(s) but the router "
+                             f"mixes up to k={router.k} per request")
+    return lm, router
 
 
-def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=frozenset(),
+def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=None,
           context_length: int | None = None) -> int:
     import uvicorn
 
     from engine.serving.app import create_app
     from engine.serving.batcher import BatchEngine
+    from engine.serving.lora_api import AdapterNames, mount
     from engine.serving.metrics import Metrics
 
     metrics = Metrics()
+    adapter_names = adapter_names if adapter_names is not None else AdapterNames(coordinator.runner.model)
+    if coordinator.world == 1:
+        metrics.routing_reader = coordinator.runner.routing_counts
     if coordinator.runner.batch is not None:
         from engine.serving.scheduler import ContinuousEngine
 
         engine = ContinuousEngine(coordinator, metrics, tokenizer, max_queue=config.max_queue,
-                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s)
+                                  max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s,
+                                  router=router)
     else:
         engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
     app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names, context_length)
+    mount(app, engine, adapter_names, config.model)
     class DrainingServer(uvicorn.Server):
         """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
         graceful shutdown, which would end the process with -15 instead)."""

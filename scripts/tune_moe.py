@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from foundation.atomic import write_json  # noqa: E402
 from kernels.moe_configs import (CONFIG_DIR, CONFIG_KEYS, DTYPE_NAMES, PUBLISHED_SHAPES, config_file_name,  # noqa: E402
                                  moe_kernel_config)
 
@@ -92,14 +90,6 @@ def tune_one(family, slices, dtype, token_counts, full, device) -> tuple[dict, d
     return configs, timings
 
 
-def write_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(f.name, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(PUBLISHED_SHAPES), choices=list(PUBLISHED_SHAPES))
@@ -130,9 +120,9 @@ def main(argv=None) -> int:
         experts, hidden, ffn, *_ = PUBLISHED_SHAPES[family]
         width = -(-ffn // slices)
         path = args.out / config_file_name(name, experts, width, hidden, dtype)
-        write_atomically(path, {"device": name, "capability": major * 10 + minor, "E": experts, "N": width,
-                                "K": hidden, "dtype": DTYPE_NAMES[dtype], "triton": triton.__version__,
-                                "torch": torch.__version__, "configs": configs, "time_us": timings})
+        write_json(path, {"device": name, "capability": major * 10 + minor, "E": experts, "N": width,
+                          "K": hidden, "dtype": DTYPE_NAMES[dtype], "triton": triton.__version__,
+                          "torch": torch.__version__, "configs": configs, "time_us": timings}, sort_keys=True)
         print(f"wrote {path}", flush=True)
     return 0
 

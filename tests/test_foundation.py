@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from foundation.atomic import atomic_folder, remove_stale
+from foundation.atomic import atomic_folder, remove_stale, write_json
 from foundation.cache import build_once, cache_dir
 from foundation.dtypes import SAFETENSORS_DTYPES, parse_dtype
 from foundation.io import INDEX_NAME, Checkpoint
@@ -147,6 +147,16 @@ def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
         (tmp / "again").write_text("2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["again"]
+
+
+def test_json_results_replace_the_old_file_whole(tmp_path):
+    out = tmp_path / "results" / "bench.json"
+    write_json(out, {"b": 1, "a": 2}, sort_keys=True)
+    assert out.read_text() == '{\n "a": 2,\n "b": 1\n}\n'
+    with pytest.raises(TypeError):
+        write_json(out, {"not json": object()})
+    assert json.loads(out.read_text()) == {"a": 2, "b": 1}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.lora.errors import AdapterError
 from foundation.dtypes import SAFETENSORS_DTYPES
+from foundation.io import read_header
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<nested>(?:\.base_layer)*)"
                   r"\.lora_(?P<ab>[AB])\.weight$")
@@ -131,47 +131,42 @@ def _module_scale(cfg: dict, module: str) -> tuple[int, float]:
 
 
 def _read_header(name: str, weights: Path) -> tuple[dict[str, dict[str, tuple]], torch.dtype]:
-    """Tensor names and shapes from the safetensors header: {key prefix: {"A": shape, "B": shape}}, dtype."""
+    """Tensor names and shapes from the checked safetensors header: {key prefix: {"A": shape, "B": shape}},
+    dtype."""
     if not weights.is_file():
         raise AdapterError(f"adapter {name!r}: {weights.parent} has no adapter_model.safetensors "
                            "(pickled adapter_model.bin files are refused)")
-    pairs: dict[str, dict[str, tuple]] = {}
-    dtypes = set()
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                if "lora_embedding_" in key:
-                    raise AdapterError(f"adapter {name!r}: tensor {key!r} is embedding LoRA (lora_embedding_A/B), "
-                                       "which is refused: only linear layers and stacked expert parameters mix")
-                if "lora_magnitude_vector" in key:
-                    raise AdapterError(f"adapter {name!r}: tensor {key!r} is a DoRA magnitude (use_dora), which "
-                                       "is refused")
-            for key in keys:
-                match = _KEY.match(key)
-                if match is None:
-                    raise AdapterError(f"adapter {name!r}: unsupported tensor {key!r} (only lora_A/lora_B "
-                                       "weights of linear layers and expert parameters can be mixed)")
-                sl = f.get_slice(key)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if dtype not in _MIXABLE:
-                    raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {dtype}, expected F32/F16/BF16")
-                if len(shape) != 2:
-                    raise AdapterError(f"adapter {name!r}: tensor {key!r} has shape {shape}, expected 2-D")
-                dtypes.add(dtype)
-                pairs.setdefault(match["module"] + match["nested"], {})[match["ab"]] = shape
-    except AdapterError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+        header, _ = read_header(weights)
+    except (OSError, ValueError) as exc:
         raise AdapterError(f"adapter {name!r}: cannot read {weights} ({exc})") from exc
+    for key in header:
+        if "lora_embedding_" in key:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} is embedding LoRA (lora_embedding_A/B), "
+                               "which is refused: only linear layers and stacked expert parameters mix")
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} is a DoRA magnitude (use_dora), which is refused")
+    pairs: dict[str, dict[str, tuple]] = {}
+    for key, h in header.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(f"adapter {name!r}: unsupported tensor {key!r} (only lora_A/lora_B "
+                               "weights of linear layers and expert parameters can be mixed)")
+        shape = tuple(h["shape"])
+        if h["dtype"] not in _MIXABLE:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {h['dtype']}, expected F32/F16/BF16")
+        if len(shape) != 2:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} has shape {shape}, expected 2-D")
+        pairs.setdefault(match["module"] + match["nested"], {})[match["ab"]] = shape
     if not pairs:
         raise AdapterError(f"adapter {name!r}: {weights} holds no LoRA tensors")
     unpaired = sorted(p for p, ab in pairs.items() if len(ab) != 2)
     if unpaired:
         raise AdapterError(f"adapter {name!r}: lora_A and lora_B tensors do not pair up for {unpaired[:4]}")
+    dtypes = sorted({h["dtype"] for h in header.values()})
     if len(dtypes) > 1:
-        raise AdapterError(f"adapter {name!r}: mixed dtypes {sorted(dtypes)} in {weights}")
-    return pairs, SAFETENSORS_DTYPES[dtypes.pop()]
+        raise AdapterError(f"adapter {name!r}: mixed dtypes {dtypes} in {weights}")
+    return pairs, SAFETENSORS_DTYPES[dtypes[0]]
 
 
 def _read_modules(name: str, cfg: dict, pairs: dict[str, dict[str, tuple]]):

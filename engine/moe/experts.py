@@ -4,10 +4,12 @@ A backend takes token rows, each token's expert ids and routing weights, and ret
 experts' outputs. Expert ids outside `[0, E)` mean "not computed here" (dropped by a capacity limit, or held by
 another rank) and contribute zero. All backends give the same answer; they differ in speed and where they run:
 
-- `triton`: our fused kernels (`kernels.fused_moe`), four launches per layer at decode sizes (five for large
-  batches), no host synchronisation. CUDA, or CPU through Triton's interpreter (slow, for tests).
-- `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM) on Hopper GPUs in bf16, else
-  one matmul per expert that has rows. The fast CPU path.
+- `triton`: our fused kernels (`kernels.fused_moe`), four launches at decode sizes (align, two GEMMs, combine;
+  five for large batches; the MoE block adds one for its fused router), no host synchronisation. CUDA, or CPU
+  through Triton's interpreter (slow, for tests).
+- `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM, no host synchronisation) on
+  Hopper GPUs in bf16, else one matmul per expert that has rows: that fallback reads the per-expert counts on
+  the host (a synchronisation on CUDA, free on CPU). The fast CPU path.
 - `reference`: token-by-token plain PyTorch, the oracle for tests.
 """
 from __future__ import annotations

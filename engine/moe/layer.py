@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from engine.moe.experts import ExpertWeights, run_experts
+from engine.moe.launch_errors import explain_launch_failure
 from engine.moe.router import RouterSpec, route, router_logits
 
 
@@ -28,11 +29,16 @@ class RouterHealth:
         self.names = names
         self._flags: dict[torch.device, torch.Tensor] = {}
 
-    def mark(self, index: int, bad: torch.Tensor) -> None:
-        flags = self._flags.get(bad.device)
+    def flags_for(self, device: torch.device) -> torch.Tensor:
+        """The device's flags, int32 (the fused router raises them with an atomic)."""
+        device = torch.device(device)
+        flags = self._flags.get(device)
         if flags is None:
-            flags = self._flags[bad.device] = torch.zeros(len(self.names), dtype=torch.bool, device=bad.device)
-        flags[index] |= bad
+            flags = self._flags[device] = torch.zeros(len(self.names), dtype=torch.int32, device=device)
+        return flags
+
+    def mark(self, index: int, bad: torch.Tensor) -> None:
+        self.flags_for(bad.device)[index] |= bad
 
     def raise_if_bad(self) -> None:
         bad = set()
@@ -65,7 +71,8 @@ class MoEBlock(nn.Module):
         self.health: tuple[RouterHealth, int] | None = None
         self.last_topk_ids: torch.Tensor | None = None
         # Per-expert routed pair counts (last slot: dropped pairs), accumulated on the device when a server or
-        # benchmark asks for load statistics (`track_routing`); read and reset between forward passes.
+        # benchmark asks for load statistics (`track_routing`); read on the host only when someone asks
+        # (`engine.moe.patch.routing_counts`, e.g. a /metrics scrape).
         self.routed_counts: torch.Tensor | None = None
 
     def expert_weights(self) -> ExpertWeights:
@@ -80,27 +87,62 @@ class MoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden_size = hidden_states.shape
         x = hidden_states.reshape(-1, hidden_size)
-        logits = router_logits(self.spec, x, *self.router_parameters())
-        self._check_logits(logits)
-        topk_ids, topk_weights = route(self.spec, logits, x.dtype, (batch, seq_len), self.capacity)
-        self.last_topk_ids = topk_ids
-        if self.routed_counts is not None:
-            ids = topk_ids.reshape(-1).clamp(0, self.spec.num_experts)
-            self.routed_counts += torch.bincount(ids, minlength=self.spec.num_experts + 1)
-        out = self.executor(self, x, topk_ids, topk_weights)
+        try:
+            if self.backend == "triton" and (self.capacity is None or self.spec.expert_capacity is None):
+                topk_ids, topk_weights = self._fused_route(x)
+            else:
+                topk_ids, topk_weights = self._torch_route(x, (batch, seq_len))
+            self.last_topk_ids = topk_ids
+            out = self.executor(self, x, topk_ids, topk_weights)
+        except Exception as err:
+            where = f"MoE block ({self.extra_repr()}) on {x.shape[0]} tokens"
+            explained = explain_launch_failure(err, x.device, where)
+            if explained is err:
+                raise
+            raise explained from err
         extra = self.extra_output(x)
         if extra is not None:
             out = out + extra
         return out.view(batch, seq_len, hidden_size)
 
-    def _check_logits(self, logits: torch.Tensor) -> None:
+    def _torch_route(self, x: torch.Tensor, sequence_shape: tuple[int, int]):
+        logits = router_logits(self.spec, x, *self.router_parameters())
         bad = ~torch.isfinite(logits).all()
         if self.health is None:
-            if bad:
-                raise FloatingPointError(f"non-finite router logits in MoE block {self.extra_repr()}")
-            return
-        health, index = self.health
-        health.mark(index, bad)
+            self._raise_if_bad(bad)
+        else:
+            health, index = self.health
+            health.mark(index, bad)
+        topk_ids, topk_weights = route(self.spec, logits, x.dtype, sequence_shape, self.capacity)
+        if self.routed_counts is not None:  # on the device: bincount would read its size back to the host
+            ids = topk_ids.reshape(-1).clamp(0, self.spec.num_experts)
+            self.routed_counts.index_add_(0, ids, torch.ones_like(ids, dtype=self.routed_counts.dtype))
+        return topk_ids, topk_weights
+
+    def _fused_route(self, x: torch.Tensor):
+        """The router in one Triton launch (`kernels.routing`), same arithmetic as `_torch_route`."""
+        from kernels.routing import fused_route
+
+        weight, bias = self.router_parameters()
+        spec = self.spec
+        switch = spec.kind == "switch"
+        weights_dtype = x.dtype if switch or not spec.weights_in_fp32 else torch.float32
+        if self.health is None:
+            flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+        else:
+            health, index = self.health
+            flag = health.flags_for(x.device)[index : index + 1]
+        routed = fused_route(x, weight, bias, spec.top_k, switch=switch, normalize=spec.normalize and not switch,
+                             weights_dtype=weights_dtype, bad_flag=flag, counts=self.routed_counts,
+                             ids_dtype=torch.int32)
+        if self.health is None:
+            self._raise_if_bad(flag)
+        return routed
+
+    def _raise_if_bad(self, bad: torch.Tensor) -> None:
+        """A block used on its own checks at once: a host synchronisation that a patched model avoids."""
+        if bad:
+            raise FloatingPointError(f"non-finite router logits in MoE block {self.extra_repr()}")
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -35,14 +35,11 @@ def track_routing(model: nn.Module, enabled: bool = True) -> None:
             block.routed_counts = None
 
 
-def take_routing_counts(model: nn.Module) -> dict[str, list[int]]:
-    """Per block: routed pairs per expert plus dropped pairs (last entry) since the last call; resets them."""
-    counts = {}
-    for name, block in moe_blocks(model):
-        if block.routed_counts is not None:
-            counts[name] = block.routed_counts.tolist()
-            block.routed_counts.zero_()
-    return counts
+def routing_counts(model: nn.Module) -> dict[str, list[int]]:
+    """Per block: routed pairs per expert plus dropped pairs (last entry) since tracking started. The counts
+    only grow, so readers (a /metrics scrape) take differences; reading them is the one host synchronisation,
+    made when asked, never by the layers."""
+    return {name: block.routed_counts.tolist() for name, block in moe_blocks(model) if block.routed_counts is not None}
 
 
 def install_health_check(model: nn.Module) -> None:

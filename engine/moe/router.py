@@ -66,7 +66,9 @@ def _drop_over_capacity(top_ids: torch.Tensor, spec: RouterSpec, sequence_shape)
     if sequence_shape is None:
         raise ValueError("capacity='hf' needs the (batch, seq_len) shape of the tokens")
     batch, seq_len = sequence_shape
-    one_hot = F.one_hot(top_ids[:, 0], spec.num_experts).view(batch, seq_len, spec.num_experts)
+    # A comparison, not F.one_hot, which checks the ids' range on the host.
+    one_hot = (top_ids[:, :1] == torch.arange(spec.num_experts, device=top_ids.device)).long()
+    one_hot = one_hot.view(batch, seq_len, spec.num_experts)
     position_in_expert = torch.cumsum(one_hot, dim=1).view(batch * seq_len, spec.num_experts)
     rank = position_in_expert.gather(1, top_ids[:, :1])
     return torch.where(rank <= spec.expert_capacity, top_ids, spec.num_experts)

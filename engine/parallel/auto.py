@@ -17,6 +17,14 @@ from engine.parallel.runtime import Dist
 from engine.parallel.stats import ExchangeStats
 
 
+def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert `(E,)` int64, on the device (bincount would read its output size back to the host)."""
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    slot = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    return counts.index_add_(0, slot, torch.ones_like(slot))[:num_experts]
+
+
 class AutoExecutor:
     name = "auto"
 
@@ -53,15 +61,12 @@ class AutoExecutor:
         prediction = self.model.predict(self.shape, rows, *self._load(rows))
         choice = prediction.choice
         self.last_choice = choice
-        ids = topk_ids.reshape(-1)
-        valid = (ids >= 0) & (ids < self.shape.num_experts)
-        self._counts = torch.bincount(torch.where(valid, ids, self.shape.num_experts),
-                                      minlength=self.shape.num_experts + 1)[: self.shape.num_experts]
+        self._counts = expert_counts(topk_ids, self.shape.num_experts)
         self._rows_at_last_call = rows
         if self.stats is not None:
             self.stats.choices[choice] = self.stats.choices.get(choice, 0) + 1
         if choice == "moeshard":
             return moeshard_forward(self.dist, hidden, topk_ids, topk_weights, rows, block.moeshard_part.weights(),
                                     block.backend, self.stats)
-        return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, block.ep_part.weights(),
-                                   block.backend, self.stats)
+        return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows,
+                                   block.ep_part.weights(), block.backend, self.stats)

@@ -12,7 +12,7 @@ Inputs, all identical on every rank so every rank makes the same choice without 
     t_moeshard = a_s + b_s · rows                       (G·rows gathered rows, equal work on every rank)
     t_ep       = a_e + b_e · pairs / G + c_e · busiest  (the busiest owner computes and receives `busiest`)
 
-`a` holds fixed costs (collective latency, launches, EP's per-layer host sync), `b_s` MoEShard's G× larger
+`a` holds fixed costs (collective latency, launches), `b_s` MoEShard's G× larger
 activation traffic plus its share of compute, `b_e` EP's local sorting and packing, `c_e` the hot rank's link and
 kernel time. MoEShard's `rows` is the same whatever the skew; EP's `busiest` grows with it. Fitting on whole
 paths rather than summing link and kernel estimates keeps the memory-bound glue (gathers, packing, sorting) in
@@ -91,13 +91,54 @@ def _inputs(shape: LayerShape, tokens: int, skewed: bool, device):
 _MEASURED: dict = {}
 
 
+class CalibrationError(RuntimeError):
+    """`auto`'s start-up measurement cannot run here; raised on every rank alike."""
+
+
+def probe_kernels(dist: Dist, layers: dict, backend: str, token_sizes) -> None:
+    """Run every expert computation calibration will make, at its exact shapes, on this rank alone (no
+    collectives), then agree across ranks on whether all succeeded. A kernel that fails to launch (shared
+    memory, registers, compilation) makes every rank raise here, the failing one naming kernel, configuration
+    and device, instead of one rank dying inside a collective while the others wait for it."""
+    from engine.moe.experts import run_experts
+    from engine.moe.launch_errors import explain_launch_failure
+    from engine.parallel.expert_parallel import ExpertOwners, dropless_bounds
+
+    failure = None
+    try:
+        for shape, (ffn_part, expert_part) in layers.items():
+            owners = ExpertOwners(shape.num_experts, dist.size, dist.device)
+            for tokens in token_sizes:
+                x, ids, w = _inputs(shape, dist.size * tokens, False, dist.device)
+                run_experts(x, ids, w, ffn_part, backend, out_dtype=shape.dtype)  # MoEShard's gathered rows
+                received = dist.size * dropless_bounds(owners, tokens, shape.top_k)[dist.rank]
+                g = torch.Generator(device="cpu").manual_seed(received)
+                x_ep = torch.randn(received, shape.hidden, generator=g).to(device=dist.device, dtype=shape.dtype)
+                local = torch.randint(0, max(expert_part.num_experts, 1), (received, 1), generator=g)
+                run_experts(x_ep, local.to(dist.device), None, expert_part, backend)  # EP's received chunk
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize(dist.device)  # launch failures surface here at the latest
+    except Exception as err:  # noqa: BLE001 - every failure must reach the agreement below, or the others hang
+        failure = explain_launch_failure(err, dist.device, f"auto's calibration at {token_sizes} tokens per rank")
+    failed = torch.zeros(dist.size, dtype=torch.int64, device=dist.device)
+    failed[dist.rank] = int(failure is not None)
+    failed_ranks = [r for r, f in enumerate(dist.all_reduce_max(failed).tolist()) if f]
+    if failure is not None:
+        raise CalibrationError(f"rank {dist.rank}: {failure} (a smaller `calibration_tokens` keeps auto's start-up "
+                               "within what the kernels accept)") from failure
+    if failed_ranks:
+        raise CalibrationError(f"auto's calibration failed on rank(s) {failed_ranks} (their errors name the kernel); "
+                               f"rank {dist.rank} stops too rather than wait for them")
+
+
 def calibrate(dist: Dist, layers: dict, backend: str, *, token_sizes=(1024, 16384), repeats: int = 5) -> CostModel:
     """Measure once per process. `layers` maps each distinct `LayerShape` to this rank's (ffn part, experts
     part) weights. Every rank runs the same calls in the same order (they are collectives); the fitted numbers
-    are max-reduced so every rank holds the same model."""
+    are max-reduced so every rank holds the same model. The kernels are probed first (`probe_kernels`)."""
     context = (dist.size, backend, str(dist.device))
     todo = {shape: parts for shape, parts in layers.items() if (shape, *context) not in _MEASURED}
     if todo:
+        probe_kernels(dist, todo, backend, token_sizes)
         _MEASURED.update(_measure(dist, todo, backend, token_sizes, repeats, context))
     return CostModel(dist.size, {s: _MEASURED[(s, *context)][0] for s in layers},
                      {s: _MEASURED[(s, *context)][1] for s in layers})
@@ -118,8 +159,8 @@ def _measure(dist: Dist, layers: dict, backend: str, token_sizes, repeats: int, 
             x, ids, w = _inputs(shape, tokens, False, dist.device)
             _, hot, _ = _inputs(shape, tokens, True, dist.device)
             return {"moeshard": lambda: moeshard_forward(dist, x, ids, w, tokens, ffn_part, backend),
-                    "ep": lambda: ep_dropless_forward(dist, owners, x, ids, w, expert_part, backend),
-                    "ep_hot": lambda: ep_dropless_forward(dist, owners, x, hot, w, expert_part, backend)}
+                    "ep": lambda: ep_dropless_forward(dist, owners, x, ids, w, tokens, expert_part, backend),
+                    "ep_hot": lambda: ep_dropless_forward(dist, owners, x, hot, w, tokens, expert_part, backend)}
 
         (shard_small, ep_small, _), (shard_large, ep_large, ep_hot) = (
             best_seconds(paths(n), dist.device, repeats).values() for n in (small, large))

@@ -10,9 +10,10 @@ Two variants:
   zero (its token keeps the other choices and the residual). The buffer `(E, capacity, H)` is sent whole and
   computed whole, padding included, as DeepSpeed does; sizes are fixed, so there is no host synchronisation.
   DeepSpeed's optional random token selection (`use_rts`) is not reproduced: priority is token order.
-- `ep` (dropless): variable-size all-to-all of exactly the routed rows, as MegaBlocks/DeepSpeed's
-  `drop_tokens=False` path needs. The row counts must reach the host to size the buffers: one host
-  synchronisation per layer, inherent to dropless expert parallelism (MoEShard avoids it).
+- `ep` (dropless): every routed pair reaches its owner, as with MegaBlocks/DeepSpeed's `drop_tokens=False`. They
+  size a variable all-to-all from this layer's counts, a host synchronisation per layer; here each destination
+  gets a chunk sized by the most pairs it could get (`dropless_bounds`), so sizes come from the pass's agreed
+  token count and the layer never waits on the host, at the cost of sending padding.
 
 Routing weights are the family router's; EP only decides which pairs are computed.
 """
@@ -41,10 +42,23 @@ class ExpertOwners:
             owner[lo:hi] = r
             start[r] = lo
         self.owner, self.start = owner.to(device), start.to(device)
+        self.sizes = torch.tensor([hi - lo for lo, hi in self.ranges]).to(device)  # experts per owner
+
+    def chunk_starts(self, top_k: int, rows: int) -> torch.Tensor:
+        """`(G + 1,)` offsets of each owner's chunk of `dropless_bounds`, computed on the device (a tensor
+        built from host values per call would be a synchronous copy on CUDA)."""
+        chunks = torch.cumsum(self.sizes.clamp(max=top_k) * rows, 0)
+        return torch.nn.functional.pad(chunks, (1, 0))
 
     def owner_of(self, flat_ids: torch.Tensor) -> torch.Tensor:
         valid = (flat_ids >= 0) & (flat_ids < self.num_experts)
         return self.owner[torch.where(valid, flat_ids, self.num_experts)]
+
+
+def one_hot_on_device(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`F.one_hot` checks its input's range on the host on CPU (an `.item()`); a comparison never reads it.
+    Ids at or past `num_classes` give an all-zero row."""
+    return (ids[..., None] == torch.arange(num_classes, device=ids.device)).to(torch.int64)
 
 
 def deepspeed_capacity(rows: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -58,7 +72,7 @@ def capacity_slots(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> t
     Returns each pair's slot `expert * capacity + location` (T, k) and whether it is kept (T, k)."""
     ids = topk_ids.to(torch.int64)
     valid = (ids >= 0) & (ids < num_experts)
-    one_hot = torch.nn.functional.one_hot(torch.where(valid, ids, num_experts), num_experts + 1)[..., :num_experts]
+    one_hot = one_hot_on_device(torch.where(valid, ids, num_experts), num_experts)
     # (T, k, E) → choice-major order (k, T, E); cumulative count gives each pair's location in its expert.
     by_choice = one_hot.transpose(0, 1).reshape(-1, num_experts)
     locations = (torch.cumsum(by_choice, dim=0) - 1).view(ids.shape[1], ids.shape[0], num_experts).transpose(0, 1)
@@ -75,13 +89,14 @@ def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     capacity = deepspeed_capacity(rows, num_experts, topk_ids.shape[1], capacity_factor, min_capacity)
     slot, kept = capacity_slots(topk_ids, num_experts, capacity)
     token = torch.arange(num_tokens, device=hidden.device)[:, None].expand_as(slot)
-    # Dispatch buffer (E·capacity, H), expert-major, so each owner's slots are one contiguous chunk.
-    buffer = hidden.new_zeros(num_experts * capacity, hidden_size)
-    buffer[slot[kept]] = hidden[token[kept]]
+    # Dispatch buffer (E·capacity, H), expert-major, so each owner's slots are one contiguous chunk; dropped
+    # pairs go to one extra row that is never sent (no boolean mask: its size would be read back to the host).
+    buffer = hidden.new_zeros(num_experts * capacity + 1, hidden_size)
+    buffer[torch.where(kept, slot, num_experts * capacity).reshape(-1)] = hidden[token.reshape(-1)]
     splits = [(hi - lo) * capacity for lo, hi in owners.ranges]
-    received = dist.all_to_all(buffer, splits, [splits[dist.rank]] * dist.size)
+    received = dist.all_to_all(buffer[: num_experts * capacity], splits, [splits[dist.rank]] * dist.size)
     local = part.num_experts
-    local_ids = torch.arange(local, device=hidden.device).repeat_interleave(capacity).repeat(dist.size)
+    local_ids = torch.arange(dist.size * local * capacity, device=hidden.device) // capacity % local
     with maybe_timing(stats, hidden.device):
         # The whole buffer, empty slots included: DeepSpeed computes its padding too.
         expert_out = run_experts(received, local_ids[:, None], None, part, backend)
@@ -99,34 +114,50 @@ def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     return pair_out.sum(1).to(hidden.dtype)
 
 
-def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk_weights, part: ExpertWeights,
-                        backend: str, stats: ExchangeStats | None = None) -> torch.Tensor:
+def dropless_bounds(owners: ExpertOwners, rows: int, top_k: int) -> list[int]:
+    """Most pairs one rank can send to each owner: every one of `rows` tokens picks up to `min(k, E_r)` of the
+    owner's experts (a token's choices are distinct). Known on the host from shapes alone."""
+    return [rows * min(top_k, hi - lo) for lo, hi in owners.ranges]
+
+
+def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk_weights, rows: int,
+                        part: ExpertWeights, backend: str, stats: ExchangeStats | None = None) -> torch.Tensor:
+    """Dropless EP without a host synchronisation: each destination gets a fixed-size chunk of
+    `dropless_bounds` rows (padding carries expert id E, which every backend skips), so the all-to-all sizes
+    come from the agreed `rows`, not from this layer's routing. The price is bandwidth: padding travels too
+    (up to min(k, E_r)·G/k times the routed rows), which the cost model of `auto` measures."""
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
+    num_experts = owners.num_experts
     flat = topk_ids.reshape(-1).to(torch.int64)
-    dest = owners.owner_of(flat)
-    order = torch.argsort(dest, stable=True)
-    send_counts = torch.bincount(dest, minlength=dist.size + 1)[: dist.size]
-    recv_counts = dist.all_to_all(send_counts)
-    counts = torch.stack([send_counts, recv_counts]).cpu().tolist()  # the per-layer host sync of dropless EP
-    send, recv = counts
-    picked = order[: sum(send)]
-    local_ids = flat[picked] - owners.start[dest[picked]]
-    packed = pack_rows(hidden[picked // top_k], local_ids[:, None])
-    arrived = dist.all_to_all(packed, send, recv)
+    dest = owners.owner_of(flat)  # G for pairs computed nowhere
+    bounds = dropless_bounds(owners, rows, top_k)
+    starts = owners.chunk_starts(top_k, rows)
+    total = int(sum(bounds))
+    # Each pair's place in its destination's chunk: its rank among this rank's pairs for that destination.
+    one_hot = one_hot_on_device(dest, dist.size + 1)
+    location = (torch.cumsum(one_hot, dim=0) - 1).gather(1, dest[:, None]).squeeze(1)
+    slot = torch.where(dest < dist.size, starts[dest.clamp(max=dist.size - 1)] + location, total)  # total: dump row
+    send_x = hidden.new_zeros(total + 1, hidden_size)
+    send_x[slot] = hidden[torch.arange(num_tokens * top_k, device=hidden.device) // top_k]
+    send_ids = torch.full((total + 1,), num_experts, dtype=torch.int64, device=hidden.device)
+    send_ids[slot] = flat - owners.start[dest.clamp(max=dist.size - 1)]
+    packed = pack_rows(send_x[:total], send_ids[:total, None])
+    recv = [bounds[dist.rank]] * dist.size
+    arrived = dist.all_to_all(packed, bounds, recv)
     x, ids = unpack_rows(arrived, [(hidden_size, hidden.dtype), (1, torch.int64)])
     with maybe_timing(stats, hidden.device):
         expert_out = run_experts(x, ids.contiguous(), None, part, backend)
-    returned = dist.all_to_all(expert_out, recv, send)
-    pair_out = torch.zeros(num_tokens * top_k, hidden_size, dtype=returned.dtype, device=hidden.device)
-    pair_out[picked] = returned
-    weighted = pair_out.view(num_tokens, top_k, hidden_size) * topk_weights[..., None]
+    returned = dist.all_to_all(expert_out, recv, bounds)
+    kept = (dest < dist.size).view(num_tokens, top_k)
+    pair_out = returned[torch.where(kept.reshape(-1), slot, 0)].view(num_tokens, top_k, hidden_size)
+    weighted = pair_out * (topk_weights * kept)[..., None]
     if stats is not None:
-        me = dist.rank
+        me, row_out = dist.rank, hidden_size * returned.element_size()
         stats.calls += 1
-        stats.bytes_sent += (sum(send) - send[me]) * packed.shape[1] + (sum(recv) - recv[me]) * hidden_size * returned.element_size()
-        stats.bytes_received += (sum(recv) - recv[me]) * packed.shape[1] + (sum(send) - send[me]) * hidden_size * returned.element_size()
-        stats.add_rows(sum(recv))
+        stats.bytes_sent += (total - bounds[me]) * packed.shape[1] + (sum(recv) - recv[me]) * row_out
+        stats.bytes_received += (sum(recv) - recv[me]) * packed.shape[1] + (total - bounds[me]) * row_out
+        stats.add_rows(((ids >= 0) & (ids < part.num_experts)).sum())
     return weighted.sum(1).to(hidden.dtype)
 
 
@@ -142,9 +173,9 @@ class ExpertParallelExecutor:
 
     def __call__(self, block, hidden, topk_ids, topk_weights):
         part = block.ep_part.weights()
-        if self.capacity_factor is None:
-            return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, part, block.backend,
-                                       self.stats)
         rows = self.sync.tokens(self.stream, hidden.shape[0])
+        if self.capacity_factor is None:
+            return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows, part,
+                                       block.backend, self.stats)
         return ep_capacity_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows, part,
                                    block.backend, self.capacity_factor, self.min_capacity, self.stats)

@@ -3,10 +3,11 @@ expert rows it computed, tokens dropped, time inside expert kernels. Byte counts
 each collective; row and drop counts stay on the device until read, so counting adds no synchronisation."""
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+from foundation.timing import timed
 
 
 class ExchangeStats:
@@ -44,13 +45,9 @@ class ExchangeStats:
     @contextmanager
     def timing(self, device: torch.device):
         """Wall time of expert compute. Synchronises CUDA around the kernels: use only when measuring balance."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.compute_s += time.perf_counter() - start
+        with timed(device) as elapsed:
+            yield
+        self.compute_s += elapsed.seconds
 
     def summary(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,
@@ -58,10 +55,5 @@ class ExchangeStats:
                 "compute_s": self.compute_s, "choices": dict(self.choices)}
 
 
-@contextmanager
 def maybe_timing(stats: ExchangeStats | None, device: torch.device):
-    if stats is None or not stats.time_compute:
-        yield
-    else:
-        with stats.timing(device):
-            yield
+    return stats.timing(device) if stats is not None and stats.time_compute else nullcontext()

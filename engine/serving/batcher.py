@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.serving.coordinator import Coordinator, RankFailure
+from engine.serving.lora_api import run_pool_op, sub_batches
 from engine.serving.metrics import Metrics
 
 _STOP = object()
@@ -54,8 +55,8 @@ class Request:
         return self.params.get("presence_penalty", 0.0), self.params.get("frequency_penalty", 0.0)
 
     def batch_key(self):
-        if self.kind == "embed":
-            return ("embed",)
+        if self.kind != "generate":  # "embed", or "lora": a change to the adapter pool (engine.serving.lora_api)
+            return (self.kind,)
         sampling = self.params["temperature"] > 0  # a batch samples with one seed: requests with others wait
         return ("generate", self.params["temperature"], self.params["top_p"], self.params["seed"] if sampling else 0)
 
@@ -104,6 +105,9 @@ class BatchEngine:
                     break
                 if first.cancelled:
                     continue
+                if first.kind == "lora":  # between batches, on every rank
+                    self._finish(first, run_pool_op(self, first.params))
+                    continue
                 batch = self._collect(first)
                 self.metrics.queue_depth.set(self.queue.qsize() + len(self.held))
                 self._execute(batch)
@@ -143,14 +147,24 @@ class BatchEngine:
         return shares
 
     def _execute(self, batch: list[Request]) -> None:
+        if batch[0].kind == "generate" and any(r.adapter for r in batch):
+            # as many sub-batches as the device budget for adapters needs (engine.serving.lora_api)
+            parts, rejected = sub_batches(batch, self._adapter_mixtures(batch), self.coordinator.runner.model)
+            for request, err in rejected:
+                self._finish(request, err)
+            for part in parts:
+                self._execute_part([r for r, _ in part], [m for _, m in part])
+        else:
+            self._execute_part(batch, None)
+
+    def _execute_part(self, batch: list[Request], mixtures: list[dict] | None) -> None:
         shares = self._assign(batch)
         work = [[batch[i].token_ids for i in share] for share in shares]
         op = {"type": batch[0].kind, "work": work}
         streamer = cancelled = None
         if batch[0].kind == "generate":
             limits = [[batch[i].params["max_tokens"] for i in share] for share in shares]
-            if any(batch[i].adapter for i in range(len(batch))):
-                mixtures = self._adapter_mixtures(batch)
+            if mixtures is not None:
                 op["adapters"] = [[mixtures[i] for i in share] for share in shares]
             penalties = [[batch[i].penalties() for i in share] for share in shares]
             if any(p != (0.0, 0.0) for share in penalties for p in share):

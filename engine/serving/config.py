@@ -16,6 +16,8 @@ class ServeConfig:
     # LoRA adapters for completions: a saved TaskRouter folder (enables "adapter": "auto"), or a mapping
     # adapter name -> PEFT folder (requests then name their adapter).
     adapters: str | dict | None = None
+    enable_lora: bool = False  # serve LoRA adapters loaded at run time (/v1/load_lora_adapter) without --adapters
+    lora_budget_bytes: int | None = None  # device bytes per rank for adapter weights; unset: the whole pool
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_tokens: int = 8192  # prompt tokens in one batch, over all ranks

@@ -43,16 +43,25 @@ class Metrics:
         self._preempted = {}
         self.healthy = Gauge("tessera_healthy", "1 while every rank answers", registry=r)
         self.healthy.set(1)
+        # Routing counts stay on the device; with one rank, a scrape reads them through this callable.
+        self.routing_reader = None
+        self._routing_seen: dict[tuple[int, str], list[int]] = {}
 
     def record_results(self, results: list[dict]) -> None:
         """Per-rank compute time and routing statistics of one executed operation."""
         for rank, result in enumerate(results):
             self.rank_compute.labels(str(rank)).inc(result["seconds"])
-            for layer, counts in result["routing"].items():
-                for expert, count in enumerate(counts[:-1]):
-                    if count:
-                        self.expert_load.labels(layer, str(expert)).inc(count)
-                self.tokens_dropped.inc(counts[-1])
+            self._add_routing(rank, result.get("routing", {}))
+
+    def _add_routing(self, rank: int, totals: dict[str, list[int]]) -> None:
+        """`totals`: per layer, pairs per expert and dropped pairs since tracking started; counts the growth."""
+        for layer, counts in totals.items():
+            seen = self._routing_seen.get((rank, layer), [0] * len(counts))
+            for expert, (count, before) in enumerate(zip(counts[:-1], seen)):
+                if count > before:
+                    self.expert_load.labels(layer, str(expert)).inc(count - before)
+            self.tokens_dropped.inc(max(counts[-1] - seen[-1], 0))
+            self._routing_seen[(rank, layer)] = counts
 
     def record_kv(self, kv: list[dict], waiting: int) -> None:
         """The continuous scheduler's state after a step: `kv` per rank from `RankBatch.stats()`."""
@@ -67,4 +76,6 @@ class Metrics:
         self.waiting.set(waiting + sum(stats["waiting"] for stats in kv))
 
     def render(self) -> bytes:
+        if self.routing_reader is not None:
+            self._add_routing(0, self.routing_reader())
         return generate_latest(self.registry)

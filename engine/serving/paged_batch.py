@@ -12,6 +12,8 @@ recomputed as prompt later). What it cannot do for tessera, and what this module
 - Per-request sampling. The manager samples every row with one global generator and one temperature. Here each
   request has its own temperature, top-p and `torch.Generator`, so a seeded request gives the same tokens
   whatever it is batched with.
+- LoRA per token. With an adapter pool (`engine.lora.LoRAModel`), each step's packed rows go through the pool's
+  packed mixture (`forward(seq_lens=...)`): every request has its own adapter mixture, in the same pass.
 - Counters for /metrics (blocks used and free, preemptions), read through the cache API of the installed version.
 
 CUDA graphs and async batching stay off: a graph cannot capture the per-pass host agreement, and async batching
@@ -75,6 +77,7 @@ class RowSampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    adapters: dict = field(default_factory=dict)  # LoRA mixture name -> weight ({}: the base model)
     entries: list = field(default_factory=list)  # per generated token: (logprob, [(id, logprob), ...])
     delivered: int = 0  # tokens already reported
 
@@ -107,6 +110,7 @@ class RankBatch:
         self.sampling: dict[str, RowSampling] = {}
         self.preemptions = 0
         self.processor.model_runner._sample = self._sample
+        self.forward_model = _PackedAdapters(model, self) if hasattr(model, "pool") else model
         offload = self.processor.offloading_manager.offload_requests
 
         def counted_offload():
@@ -119,13 +123,13 @@ class RankBatch:
 
     def add(self, request_id: str, token_ids: list[int], max_tokens: int, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
-            frequency_penalty: float = 0.0, logprobs: int | None = None) -> None:
+            frequency_penalty: float = 0.0, logprobs: int | None = None, adapters: dict | None = None) -> None:
         generator = None
         if temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.sampling[request_id] = RowSampling(temperature, top_p, generator, presence_penalty, frequency_penalty,
-                                                logprobs)
+                                                logprobs, dict(adapters or {}))
         self.manager.add_request(list(token_ids), request_id=request_id, max_new_tokens=max_tokens, streaming=True)
 
     def cancel(self, request_id: str) -> None:
@@ -162,7 +166,7 @@ class RankBatch:
             return events
         if scheduled:
             try:
-                self.processor._generation_step(self.model)
+                self.processor._generation_step(self.forward_model)
                 self.processor.update_batch()
             except Exception as err:  # e.g. a kernel launch failure: this step's requests fail, not the rank
                 self.processor.handle_batch_error(err)
@@ -251,6 +255,24 @@ class RankBatch:
                 alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
                 row.entries.append((logprobs[tokens[i]].item(), alternatives))
         output_ids[0, : tokens.shape[0]].copy_(tokens.to(output_ids.dtype))
+
+
+class _PackedAdapters:
+    """The model as transformers' runner calls it, for a LoRA pool: adds each scheduled request's adapter mixture
+    and its query length (`seq_lens`) to the packed forward, so the mixture kernel applies per token."""
+
+    def __init__(self, lora_model, batch: RankBatch):
+        self.lora_model, self.batch = lora_model, batch
+
+    def __getattr__(self, name):  # what the runner asks of the model (_supports_logits_to_keep, ...)
+        return getattr(self.lora_model, name)
+
+    def __call__(self, **kwargs):
+        scheduled = [f.state.request_id for f in self.batch.processor.inputs_and_outputs.requests_in_batch]
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+        seq_lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])][: len(scheduled)]
+        weights = [self.batch.sampling[r].adapters if r in self.batch.sampling else {} for r in scheduled]
+        return self.lora_model(**kwargs, adapter_weights=weights, seq_lens=seq_lens)
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

@@ -13,8 +13,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from engine.moe.patch import take_routing_counts, track_routing
+from engine.moe.patch import routing_counts, track_routing
 from engine.pooling import mean_pool_normalized
+from engine.serving.lora_api import POOL_OPS, apply_pool_op
 from engine.serving.sampling import Generation, LogprobRecorder, PresenceFrequencyPenalty
 
 
@@ -71,6 +72,8 @@ class Runner:
             out = {"tokens": self._generate(rows, op, streamer, cancelled)}
         elif op["type"] == "step":
             out = self.batch.run(op, self.rank)
+        elif op["type"] in POOL_OPS:
+            out = apply_pool_op(self.model, op)
         elif op["type"] == "ping":
             out = {}
         else:
@@ -78,8 +81,12 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out["seconds"] = time.perf_counter() - start
-        out["routing"] = take_routing_counts(self.model)
+        if self.world > 1:  # rank 0's /metrics cannot reach this device: totals ride with the (synchronised) result
+            out["routing"] = self.routing_counts()
         return out
+
+    def routing_counts(self) -> dict[str, list[int]]:
+        return routing_counts(self.model)
 
     def _pad(self, rows: list[list[int]], left: bool):
         rows = rows or [[self.tokenizer.pad_token_id]]  # a rank without work runs a dummy row

@@ -188,9 +188,18 @@ class ContinuousEngine:
             add[rank].append(dict(request_id=request.id, token_ids=request.token_ids, max_tokens=p["max_tokens"],
                                   temperature=p.get("temperature", 0.0), top_p=p.get("top_p", 1.0),
                                   seed=p.get("seed"), presence_penalty=p.get("presence_penalty", 0.0),
-                                  frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs")))
+                                  frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs"),
+                                  adapters=self._mixture(request)))
         self._gauge_waiting()
         return add
+
+    def _mixture(self, request: Request) -> dict:
+        """A request's adapter mixture: none, its named adapter, or the router's choice for its prompt."""
+        if request.adapter is None:
+            return {}
+        if request.adapter == "auto":
+            return dict(self.router.route([request.text])[0].adapters)
+        return {request.adapter: 1.0}
 
     def _deliver(self, event: dict, now: float) -> None:
         entry = self.active.get(event["id"])

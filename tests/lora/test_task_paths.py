@@ -10,9 +10,10 @@ from engine.cli import main as tessera
 from merge.task_paths import TaskRoutedModel
 from merge.artifact import load_task_model
 
-_spec = importlib.util.spec_from_file_location("merge_fixtures", Path(__file__).parents[1] / "merge" / "conftest.py")
-merge_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(merge_fixtures)
+_MERGE_HELPERS = Path(__file__).parents[1] / "merge" / "merge_helpers.py"  # by path: any test folders collect
+_spec = importlib.util.spec_from_file_location("merge_helpers", _MERGE_HELPERS)
+merge_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(merge_helpers)
 
 VALIDATION = {"a": ["What is 12 times 7?", "Add 5 and 9.", "Compute 81 divided by 9."],
               "b": ["Bonjour, comment allez-vous ?", "Merci beaucoup, mon ami.", "Je voudrais un café."],
@@ -22,7 +23,7 @@ VALIDATION = {"a": ["What is 12 times 7?", "Add 5 and 9.", "Compute 81 divided b
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("flexmerge")
-    base, models = merge_fixtures.make_family(root, "bert", tasks=tuple(VALIDATION))
+    base, models = merge_helpers.make_family(root, "bert", tasks=tuple(VALIDATION))
     args = ["merge", "--base", str(base), "--method", "task_arithmetic", "--size", "2", "--out", str(root / "art")]
     for task, folder in models.items():
         args += ["--model", f"{task}={folder}"]

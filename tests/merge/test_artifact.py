@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers as T
-from conftest import build, make_family
+from merge_helpers import build, make_family
 from safetensors.torch import load_file
 
 from merge import methods

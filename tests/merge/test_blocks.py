@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import build
+from merge_helpers import build
 
 from merge.blocks import assign
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import make_family
+from merge_helpers import make_family
 from safetensors.torch import load_file, save_file
 
 from engine.cli import main

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_family
+from merge_helpers import make_family
 
 from merge import greedy
 from merge.config import load_spec

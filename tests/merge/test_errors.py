@@ -6,8 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import build, make_family
-from safetensors.torch import load_file, save_file
+from merge_helpers import build, make_family, rewrite, spec
 
 from engine.cli import main
 from merge.artifact import export, load_task_model
@@ -15,18 +14,6 @@ from merge.config import load_spec
 from merge.flexmerge import run
 
 TENSOR = "bert.encoder.layer.0.attention.self.query.weight"
-
-
-def spec(base, models, out, **extra):
-    return load_spec(None, {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "out": str(out), **extra})
-
-
-def rewrite(folder, change):
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    change(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-    return path
 
 
 def assert_nothing_written(out):
@@ -44,7 +31,8 @@ def assert_nothing_written(out):
 )
 def test_mismatched_or_corrupt_model_is_named(tmp_path, change, message):
     base, models = make_family(tmp_path, "bert")
-    bad = rewrite(models["b"], change)
+    rewrite(models["b"], change)
+    bad = models["b"] / "model.safetensors"
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message) as err:
         run(spec(base, models, out, size=2))

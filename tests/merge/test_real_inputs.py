@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import make_family
-from safetensors.torch import load_file, save_file
+from merge_helpers import make_family, rewrite, spec
+from safetensors.torch import load_file
 
 from merge.artifact import export, task_state_dict
 from merge.config import load_spec
@@ -14,18 +14,6 @@ from merge.flexmerge import run
 from merge.settings import evaluate
 
 HEAD = "classifier.weight"
-
-
-def spec(base, models, out, **extra):
-    return load_spec(None, {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "out": str(out), **extra})
-
-
-def rewrite(folder, change):
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    change(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-    return tensors
 
 
 def test_heads_of_other_shapes_and_tensors_the_base_lacks_stay_task_specific(tmp_path):

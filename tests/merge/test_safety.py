@@ -4,16 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_family
+from merge_helpers import make_family, spec
 
 from merge import greedy, sizing
 from merge.artifact import export
-from merge.config import load_spec
 from merge.flexmerge import run
-
-
-def spec(base, models, out, **extra):
-    return load_spec(None, {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "out": str(out), **extra})
 
 
 def snapshot(root):

@@ -216,3 +216,33 @@ def test_tuned_config_files_are_used_for_their_device_and_shape(tmp_path):
     bad.write_text(json.dumps({"configs": {"1": {"BLOCK_M": 16}}}))
     with pytest.raises(ValueError, match="lacks"):
         config_for((name, 90), 1, 2, 8, 1792, 4096, torch.float16, tmp_path)
+
+
+def test_tuner_lists_the_registry_shapes_and_refuses_without_a_gpu(capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "tune_moe.py"
+    spec = importlib.util.spec_from_file_location("tune_moe", path)
+    tune_moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_moe)
+    assert tune_moe.main(["--dry-run", "--families", "mixtral-8x7b", "--slices", "1", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "E=8,N=14336,K=4096" in out and "E=8,N=1792,K=4096" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        tune_moe.main(["--families", "mixtral-8x7b"])
+
+
+def test_grouped_program_order_reaches_every_tile():
+    """GPU configs walk row blocks in groups (L2 reuse); a last, partial group and groups taller than the grid
+    must still cover every (row block, column block) tile exactly once."""
+    num_tokens, top_k, hidden, ffn, num_experts = 40, 2, 48, 72, 3  # 8 row blocks at most: groups 3, 3, 2
+    x = torch.randn(num_tokens, hidden, device=DEVICE)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), device=DEVICE)
+    weights = torch.rand(num_tokens, top_k, device=DEVICE)
+    w1, w2, w3 = _weights(num_experts, ffn, hidden, gated=True)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=3, num_warps=4, num_stages=1)
+    got = fused_experts(x, ids, weights, w1, w2, w3, "silu", config=config)
+    torch.testing.assert_close(got, fused_experts_reference(x, ids, weights, w1, w2, w3, "silu"),
+                               rtol=1e-5, atol=1e-5)

@@ -227,6 +227,62 @@ def fail_or_stall(rank, world, mode, stall_s=0.0):
     return ("returned", None, time.monotonic() - start)
 
 
+def no_host_sync(rank, world):
+    """Every strategy's MoE layers under the dispatch mode of tests/moe/sync_guard.py, on the torch backend's
+    CUDA path (grouped GEMMs), routing tracked: → {strategy: (relative error, pass agreements)}. The guard
+    raises on any host synchronisation inside a layer; the pass's agreement runs before the layers."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe"))
+    import engine.moe.experts as experts
+    from engine.moe.patch import track_routing
+    from sync_guard import SyncGuard, guarded_layers
+
+    original_check = experts._grouped_mm_works
+    experts._grouped_mm_works = lambda x: True
+    results = {}
+    try:
+        inputs = rank_inputs("mixtral", rank)
+        reference = forward(build("mixtral"), inputs)
+        for strategy in STRATEGIES:
+            model = distribute(build("mixtral"), strategy, capacity_factor=100.0)
+            track_routing(model)
+            with guarded_layers(SyncGuard()):
+                out = forward(model, inputs)
+            results[strategy] = (relative_error(out, reference), model.tessera_parallel.sync.host_syncs)
+    finally:
+        experts._grouped_mm_works = original_check
+    return results
+
+
+def failing_kernel_in_calibration(rank, world):
+    """Rank 1's up-projection kernel runs out of shared memory at auto's larger calibration size (as Hopper's
+    would at Mixtral shapes with an oversized tile). → ("raised", error type, message, seconds) or "returned"."""
+    import time
+
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if rank == 1:
+        run = InterpretedFunction.run
+
+        def failing_run(self, *args, grid, warmup, **kwargs):
+            if self.fn.__name__ == "_expert_up_kernel" and args[0].shape[0] >= 32:
+                raise OutOfResources(245760, 232448, "shared memory")
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        InterpretedFunction.run = failing_run
+    from engine.parallel import apply_strategy
+
+    start = time.monotonic()
+    try:
+        model = apply_strategy(build("mixtral", "triton"), "auto", calibration_tokens=(4, 16))
+    except Exception as e:
+        return ("raised", type(e).__name__, str(e), time.monotonic() - start)
+    return ("returned", None, repr(model.tessera_parallel.cost_model), time.monotonic() - start)
+
+
 def two_rank_session(rank, world, folders):
     """Everything the two-rank tests check, in one process group (one start-up instead of six)."""
     return {
@@ -238,6 +294,7 @@ def two_rank_session(rank, world, folders):
         "auto": auto_switching(rank, world),
         "empty_rank": empty_rank_layer(rank, world),
         "capacity": ep_capacity_drops(rank, world, 0.5),
+        "no_sync": no_host_sync(rank, world),
         "loading": rank_local_loading(rank, world, folders),
         "generation": {f: lockstep_generation(rank, world, f, [(2, 5, 3), (1, 7, 6)])
                        for f in ("qwen3_moe", "switch_transformers")},

@@ -22,3 +22,19 @@ def test_failing_rank_raises_on_every_rank(mode):
         assert status1 == "error" and "injected failure" in value1
     else:  # the stalled rank wakes up to a dead group and raises too
         assert status1 == "ok" and pickle.loads(value1)[0] == "raised", value1
+
+
+def test_failing_kernel_in_auto_calibration_names_it_and_stops_every_rank():
+    """No rank hangs: the probe before calibration agrees on failure; the failing rank names kernel,
+    configuration and device."""
+    outcomes = run_ranks_raw(checks.failing_kernel_in_calibration, 2, limit_s=120, timeout_s=60)
+    results = []
+    for status, value in outcomes:
+        assert status == "ok", value
+        results.append(pickle.loads(value))
+    (what0, type0, message0, seconds0), (what1, type1, message1, _) = results
+    assert what0 == what1 == "raised" and type0 == type1 == "CalibrationError"
+    assert "rank(s) [1]" in message0
+    for piece in ("_expert_up_kernel", "BLOCK_M", "Triton interpreter", "OutOfResources", "shared memory"):
+        assert piece in message1, (piece, message1)
+    assert seconds0 < 60, "rank 0 must not wait for the collective timeout"

@@ -70,6 +70,15 @@ def test_ep_capacity_drops_exactly_as_deepspeed(ranks):
         assert error < 1e-5
 
 
+def test_no_layer_waits_on_the_host_only_the_pass_agreement_does(ranks):
+    """MoE layers of every strategy run under a dispatch mode that raises on host synchronisations; the one
+    agreement per forward pass is counted."""
+    for rank in ranks:
+        for strategy, (error, agreements) in rank["no_sync"].items():
+            assert error < 1e-5, strategy
+            assert agreements == 1, f"{strategy}: {agreements} host synchronisations in one forward pass"
+
+
 def test_rank_local_loading_reads_only_this_ranks_part(ranks, checkpoints):
     assert_rank_local_reads([r["loading"] for r in ranks], checkpoints)
 

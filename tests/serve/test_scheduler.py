@@ -175,3 +175,34 @@ def test_generate_streams_the_tokens_and_closing_it_frees_the_request(model):
     assert all(len(step.logprobs) == len(step.tokens) for step in steps)
     assert first.tokens == reference(model, prompt, 8)[: len(first.tokens)] and first.logprobs is None
     assert not scheduler.active and runner.batch.stats()["blocks_free"] == 32
+
+
+def test_rows_with_different_adapters_share_a_step(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from lora_helpers import save_adapter
+
+    base = engine.load("tiny-mixtral", device="cpu")
+    folders = {name: save_adapter(base, tmp_path / name, seed=3 + i, targets=("q_proj", "v_proj", "o_proj"))
+               for i, name in enumerate(("a", "b"))}
+    lm = engine.load("tiny-mixtral", device="cpu", adapters=folders)
+    prompt = list(range(10, 30))
+
+    def alone(mixture):
+        out = lm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          adapter_weights=[mixture])
+        return out[0, len(prompt):].tolist()
+
+    want = {"a": alone({"a": 1.0}), "b": alone({"b": 1.0}), "mix": alone({"a": 0.5, "b": 0.5}), "base": alone({})}
+    assert len({tuple(v) for v in want.values()}) > 1  # the adapters change the tokens
+    batch = RankBatch(lm, num_blocks=16, block_size=16, eos_token_id=-1)
+    for name, mixture in (("a", {"a": 1.0}), ("b", {"b": 1.0}), ("mix", {"a": 0.5, "b": 0.5}), ("base", {})):
+        batch.add(name, prompt, max_tokens=6, adapters=mixture)
+    got = {}
+    while not batch.idle():
+        for event in batch.step():
+            got.setdefault(event["id"], []).extend(event["tokens"])
+    batch.close()
+    assert got == want
