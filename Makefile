@@ -27,7 +27,7 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 test: venv
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=10 tests
 
 clean:
 	rm -rf $(VENV)

@@ -43,6 +43,7 @@ DEFAULT_ARCHS = (80, 89, 90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TOKEN_COUNTS = (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SPILL_LIMIT = 16  # bytes of register spill stores tolerated: a few words
+BERT_MOE_SHAPE = (8, 384, 1536, 2)  # minilm-moe (experts, hidden, FFN, top-k): all-MiniLM-L6-v2 upcycled
 
 
 @dataclass
@@ -180,6 +181,34 @@ def moe_cases():
                            functools.partial(fused_experts, x, ids, weights, w1, w2, w3, activation))
 
 
+def bias_and_ep_cases():
+    """The two other ways the engine calls `fused_experts`: BERT-MoE's biased, ungated GELU experts (the served
+    default, minilm-moe, as a whole and as MoEShard slices), and expert parallelism's chunk, where each rank runs
+    whole experts, E / G of them, over received rows at top-1 with no routing weights."""
+    from kernels.fused_moe import fused_experts
+
+    experts, hidden, ffn, top_k = BERT_MOE_SHAPE
+    for dtype in DTYPES:
+        for width in sorted({-(-ffn // g) for g in SLICES}):
+            w1, w2 = _meta(experts, width, hidden, dtype=dtype), _meta(experts, hidden, width, dtype=dtype)
+            b1, b2 = _meta(experts, width, dtype=dtype), _meta(experts, hidden, dtype=dtype)
+            for tokens in TOKEN_COUNTS:
+                x, ids = _meta(tokens, hidden, dtype=dtype), _meta(tokens, top_k, dtype=torch.int64)
+                weights = _meta(tokens, top_k, dtype=dtype)
+                yield (f"bert-moe F={width} {dtype} T={tokens}",
+                       functools.partial(fused_experts, x, ids, weights, w1, w2, None, "gelu", b1=b1, b2=b2))
+    for family, (experts, hidden, ffn, _, gated, activation, _) in PUBLISHED_SHAPES.items():
+        for dtype in DTYPES:
+            for local in sorted({max(1, experts // g) for g in SLICES[1:]}):
+                first = _meta(local, 2 * ffn if gated else ffn, hidden, dtype=dtype)
+                w1, w3 = (first[:, :ffn], first[:, ffn:]) if gated else (first, None)
+                w2 = _meta(local, hidden, ffn, dtype=dtype)
+                for rows in (1, 64, 4096, 32768):
+                    x, ids = _meta(rows, hidden, dtype=dtype), _meta(rows, 1, dtype=torch.int64)
+                    yield (f"ep {family} E_r={local} {dtype} rows={rows}",
+                           functools.partial(fused_experts, x, ids, None, w1, w2, w3, activation))
+
+
 def lora_cases():
     """The per-row LoRA mixture at the families' hidden sizes, so that every block size its launcher derives is
     reached: decode rows (one token, split reduction) and prefill rows, ranks 16 and 64, one and three adapters."""
@@ -238,7 +267,7 @@ def lora_sgmv_cases():
                        functools.partial(lora_sgmv_triton, x, y, a, b, slots, weights, grouping))
 
 
-CASES = [moe_cases, lora_cases, lora_sgmv_cases, routing_cases]
+CASES = [moe_cases, bias_and_ep_cases, lora_cases, lora_sgmv_cases, routing_cases]
 
 
 # ---------------------------------------------------------------- launch counting
