@@ -7,7 +7,9 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
+from merge import methods
 from merge.config import load_spec
+from merge.methods import Context, apply
 
 CONFIGS = {
     "bert": lambda: T.BertForSequenceClassification(T.BertConfig(
@@ -63,3 +65,18 @@ def rewrite(folder, change) -> dict[str, torch.Tensor]:
     change(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
     return tensors
+
+
+def run(name, tvs, weights=None, rng=None, thresholds=None, base=None, task_params=None, **params):
+    """One merge method on stacked task vectors `tvs` (name -> (K, ...)), with equal weights by default."""
+    method = methods.get(name)
+    K = next(iter(tvs.values())).shape[0]
+    w = torch.ones(K) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    ctx = Context(methods.resolve_params(method, params), w, thresholds, rng, task_params=task_params, base=base)
+    return apply(method, tvs, ctx)
+
+
+def shared_rng(seed):
+    """One generator for every (task, tensor), drawn in order — the way PEFT draws from the global RNG."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda k, name: g

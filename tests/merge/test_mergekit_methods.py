@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from merge import methods
-from merge.methods import Context, apply
+from merge_helpers import run, shared_rng
 
 # Read from mergekit's merge_methods/registry.py and sparsify.py: the defaults a mergekit user relies on.
 MERGEKIT_DEFAULTS = {
@@ -25,19 +25,6 @@ MERGEKIT_DEFAULTS = {
     "nuslerp": {"nuslerp_flatten": True, "nuslerp_row_wise": False},
     "passthrough": {"scale": None},
 }
-
-
-def run(name, tvs, weights=None, rng=None, base=None, task_params=None, **params):
-    method = methods.get(name)
-    K = next(iter(tvs.values())).shape[0]
-    w = torch.ones(K) if weights is None else torch.tensor(weights, dtype=torch.float32)
-    ctx = Context(methods.resolve_params(method, params), w, None, rng, task_params=task_params, base=base)
-    return apply(method, tvs, ctx)
-
-
-def shared_rng(seed):
-    g = torch.Generator().manual_seed(seed)
-    return lambda k, name: g
 
 
 @pytest.fixture

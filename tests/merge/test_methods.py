@@ -9,22 +9,9 @@ import torch
 from peft.utils import merge_utils as peft
 
 from merge import methods
+from merge_helpers import run, shared_rng
 from merge.methods import Context, MergeResult, apply
 from merge.sparsify import magnitude_histogram, threshold_from_histogram, trim
-
-
-def run(name, tvs, weights=None, rng=None, thresholds=None, **params):
-    method = methods.get(name)
-    K = next(iter(tvs.values())).shape[0]
-    w = torch.ones(K) if weights is None else torch.tensor(weights, dtype=torch.float32)
-    ctx = Context(methods.resolve_params(method, params), w, thresholds, rng)
-    return apply(method, tvs, ctx)
-
-
-def shared_rng(seed):
-    """One generator for every (task, tensor), drawn in order — the way PEFT draws from the global RNG."""
-    g = torch.Generator().manual_seed(seed)
-    return lambda k, name: g
 
 
 @pytest.fixture
