@@ -120,6 +120,7 @@ class RankBatch:
             return result
 
         self.processor.offloading_manager.offload_requests = counted_offload
+        self._attention_before = _use_varlen_attention(model, self.processor)
 
     def add(self, request_id: str, token_ids: list[int], max_tokens: int, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
@@ -139,6 +140,9 @@ class RankBatch:
 
     def close(self) -> None:
         """Give the model back its own attention implementation (5.17 switched it to a paged one)."""
+        if self._attention_before is not None:
+            self.model.set_attn_implementation(self._attention_before)
+            self._attention_before = None
         original = getattr(self.manager, "_original_attn_impl", None)
         if original is not None:
             self.model.set_attn_implementation(original)
@@ -273,6 +277,24 @@ class _PackedAdapters:
         seq_lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])][: len(scheduled)]
         weights = [self.batch.sampling[r].adapters if r in self.batch.sampling else {} for r in scheduled]
         return self.lora_model(**kwargs, adapter_weights=weights, seq_lens=seq_lens)
+
+
+def _use_varlen_attention(model, processor) -> str | None:
+    """Switches the model to per-request attention (`engine.serving.varlen_attention`) where transformers would
+    attend over the whole packed step with a dense mask: SDPA with full attention in every layer, on a version
+    whose batch inputs hold that mask (5.24). Returns the implementation to give back at close, or None where it
+    left the model as it was (flash attention, sliding windows, 5.17's paged names)."""
+    from engine.serving.varlen_attention import register
+
+    inputs = processor.inputs_and_outputs
+    config = model.config
+    full = all(t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
+    if config._attn_implementation != "sdpa" or getattr(config, "sliding_window", None) or not full \
+            or getattr(inputs, "attention_mask", None) is None:
+        return None
+    inputs.attention_mask = None  # no dense mask to build; the attention reads cu_seq_lens instead
+    model.set_attn_implementation(register())
+    return "sdpa"
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
