@@ -176,7 +176,7 @@ class BatchEngine:
                                                  top_p=batch[0].params["top_p"], seed=batch[0].params["seed"]))
             local = [batch[i] for i in shares[0]]
             cancelled = lambda: [r.cancelled for r in local]  # noqa: E731
-            streamer = lambda step, entries: self._stream_step(local, step, entries)  # noqa: E731
+            streamer = lambda step, finished, entries: self._stream_step(local, step, finished, entries)  # noqa: E731
         self.metrics.batch_size.observe(len(batch))
         prompt_tokens = sum(len(r.token_ids) for r in batch)
         self.metrics.batch_tokens.observe(prompt_tokens)
@@ -207,14 +207,20 @@ class BatchEngine:
                 mixtures[i] = dict(decision.adapters)
         return mixtures
 
-    def _stream_step(self, requests: list[Request], step: list[int], entries: list | None) -> None:
+    def _stream_step(self, requests: list[Request], step: list, finished: list[bool], entries: list | None) -> None:
+        """Hands each streaming row its token of this step; a row that ends (end-of-sequence) ends its stream now,
+        not when the batch ends, and a row that ended earlier (None) gets nothing."""
         now = time.perf_counter()
         for row, (request, token) in enumerate(zip(requests, step)):
-            if request.stream and not request.cancelled:
-                if request.first_token_at is None:
-                    request.first_token_at = now
-                    self.metrics.time_to_first_token.observe(now - request.enqueued_at)
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, (token, entries and entries[row]))
+            if token is None or not request.stream or request.cancelled:
+                continue
+            if finished[row]:
+                request.loop.call_soon_threadsafe(request.tokens.put_nowait, None)
+                continue
+            if request.first_token_at is None:
+                request.first_token_at = now
+                self.metrics.time_to_first_token.observe(now - request.enqueued_at)
+            request.loop.call_soon_threadsafe(request.tokens.put_nowait, (token, entries and entries[row]))
 
     def _finish(self, request: Request, value) -> None:
         if request.stream:

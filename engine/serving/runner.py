@@ -85,6 +85,14 @@ class Runner:
             out["routing"] = self.routing_counts()
         return out
 
+    def eos_ids(self) -> set[int]:
+        """The ids that end a row: the tokenizer's and the model's generation config's (which `generate` stops
+        on; a model served with bytes for a tokenizer has only the latter)."""
+        configured = self.model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, list) else [configured])
+        ids.add(self.tokenizer.eos_token_id)
+        return {i for i in ids if i is not None}
+
     def routing_counts(self) -> dict[str, list[int]]:
         return routing_counts(self.model)
 
@@ -129,11 +137,14 @@ class Runner:
                       stopping_criteria=StoppingCriteriaList([RowLimits(prompt_len, limits or [0], cancelled)]))
         if sampling:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"], top_k=0)
+        eos = self.eos_ids()
         if streamer is not None or recorder is not None:
+            ended = [False] * len(rows)
+
             def on_step(tokens):
                 entries = recorder.take(tokens) if recorder else None
                 if streamer is not None:
-                    streamer(tokens, entries)
+                    streamer(*_row_ends(tokens[: len(rows)], ended, eos), entries)
             kwargs["streamer"] = StepStreamer(on_step)
         if "adapters" in op:
             kwargs["adapter_weights"] = op["adapters"][self.rank] or [{}]  # a rank's dummy row: base model
@@ -143,12 +154,23 @@ class Runner:
                 out = generate_lockstep(self.model, ids[: len(rows)], mask[: len(rows)], **kwargs)
             else:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        eos = self.tokenizer.eos_token_id
         result = []
         for i, (row, limit) in enumerate(zip(out[:, prompt_len:].tolist(), limits)):
             row = row[:limit]
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
+            end = next((j for j, token in enumerate(row) if token in eos), None)
+            if end is not None:  # the end-of-sequence token, and the padding generate wrote after it
+                row = row[:end]
             wanted = recorder is not None and tops[i] is not None
             result.append(Generation(row, recorder.rows[i][: len(row)] if wanted else None))
         return result
+
+
+def _row_ends(tokens: list[int], ended: list[bool], eos: set[int]) -> tuple[list, list[bool]]:
+    """One generate step's tokens for the streamer: a row that ended before this step gets None (generate pads
+    it); `finished[i]` says row i ends at this step (its token is an end-of-sequence one, not text)."""
+    step, finished = [], []
+    for i, token in enumerate(tokens):
+        step.append(None if ended[i] else token)
+        finished.append(not ended[i] and token in eos)
+        ended[i] = ended[i] or token in eos
+    return step, finished

@@ -152,3 +152,56 @@ def test_a_killed_worker_makes_the_server_exit_non_zero(server_factory):
     server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
     os.kill(server.workers[1], signal.SIGKILL)
     assert server.wait(timeout=120) != 0
+
+
+def test_static_batcher_ends_a_row_at_the_models_end_of_sequence_without_padding():
+    """A byte-tokenizer model has no tokenizer EOS: the model's own (its generation config) ends the row, in the
+    whole answer and in the stream, and neither it nor generate's padding after it becomes text."""
+    import copy
+
+    from engine.serving.app import create_app
+    from engine.serving.batcher import BatchEngine
+    from engine.serving.config import ServeConfig
+    from engine.serving.coordinator import Coordinator
+    from engine.serving.metrics import Metrics
+    from engine.serving.runner import Runner
+    from engine.serving.tokenizer import ByteTokenizer
+
+    model = copy.deepcopy(engine.load("tiny-mixtral", device="cpu"))
+    tokenizer = ByteTokenizer(model.config.vocab_size)
+    short, long = tokenizer.encode("ends early"), tokenizer.encode("runs on and on")
+    free = model.generate(input_ids=torch.tensor([short]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    free = free[0, len(short):].tolist()
+    model.generation_config.eos_token_id = free[2]  # this model's greedy continuation ends at its third token
+    want = free[: free.index(free[2])]
+    assert tokenizer.eos_token_id is None and free[2] not in long[-1:]
+
+    config = ServeConfig(model="tiny-mixtral", scheduler="static", max_wait_ms=200)
+    metrics = Metrics()
+    batcher = BatchEngine(Coordinator(Runner(model, tokenizer), world=1), config, metrics)
+    batcher.start()
+    app = create_app(batcher, config, tokenizer, "tiny-mixtral", "decoder", metrics)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://tessera") as client:
+            body = {"max_tokens": 8, "temperature": 0}
+            whole = client.post("/v1/completions", json={**body, "prompt": "ends early"})
+            other = client.post("/v1/completions", json={**body, "prompt": "runs on and on"})
+            whole, other = await asyncio.gather(whole, other)  # one batch: the other row runs on
+            streamed = client.post("/v1/completions", json={**body, "prompt": "ends early", "stream": True})
+            other_streamed = client.post("/v1/completions", json={**body, "prompt": "runs on and on", "stream": True})
+            return whole, other, *await asyncio.gather(streamed, other_streamed)
+
+    try:
+        whole, other, streamed, _ = asyncio.run(scenario())
+    finally:
+        batcher.stop(timeout=30)
+    choice = whole.json()["choices"][0]
+    assert choice["text"] == tokenizer.decode(want) and "\x02" not in choice["text"] and len(want) == 2
+    assert choice["finish_reason"] == "stop"
+    assert whole.json()["usage"]["completion_tokens"] == len(want)
+    assert other.json()["choices"][0]["finish_reason"] == "length"
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["finish_reason"] == "stop" and events[-1] == "[DONE]"
