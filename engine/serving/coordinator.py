@@ -6,6 +6,7 @@ that dies makes the others raise instead of waiting forever.
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -15,6 +16,12 @@ from engine.serving.runner import Runner
 
 class RankFailure(RuntimeError):
     """Another rank stopped answering: the server cannot go on."""
+
+
+class StepCannotPair(RuntimeError):
+    """A forward pass failed on a rank in lockstep with others: they may be waiting in one of its collectives,
+    which it can no longer pair one to one, so it cannot go on (the server exits non-zero, never hangs). With
+    one rank there is nothing to pair: the step's requests fail and the rank goes on."""
 
 
 class Coordinator:
@@ -28,9 +35,14 @@ class Coordinator:
             return [self.runner.run(op, streamer, cancelled)]
         try:
             dist.broadcast_object_list([op], src=0, group=self.group)
-            mine = self.runner.run(op, streamer, cancelled)
+            try:
+                mine = self.runner.run(op, streamer, cancelled)
+            except StepCannotPair as err:  # the others may wait in a collective of this pass: all must stop
+                raise RankFailure(f"the step failed on rank 0 in lockstep with the other ranks: {err}") from err
             results = [None] * self.world
             dist.gather_object(mine, results, dst=0, group=self.group)
+        except RankFailure:
+            raise
         except (RuntimeError, ConnectionError) as err:  # gloo reports a lost peer or a timeout as RuntimeError
             raise RankFailure(f"a worker rank failed during {op['type']!r}: {err}") from err
         return results
@@ -49,4 +61,10 @@ def follow(coordinator: Coordinator) -> None:
         op = box[0]
         if op["type"] == "stop":
             return
-        dist.gather_object(runner.run(op), None, dst=0, group=coordinator.group)
+        try:
+            result = runner.run(op)
+        except StepCannotPair as err:  # exiting closes this rank's connections: the others stop waiting on it
+            print(f"tessera serve: the step failed on rank {runner.rank} in lockstep with the other ranks: {err}; "
+                  "exiting", flush=True)
+            os._exit(1)
+        dist.gather_object(result, None, dst=0, group=coordinator.group)

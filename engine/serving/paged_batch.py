@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
+from engine.serving.coordinator import StepCannotPair
+
 try:  # transformers 5.17 and 5.24 both define it here
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 except ImportError:  # pragma: no cover - only very old transformers
@@ -168,14 +170,17 @@ class RankBatch:
             if self.dummy_when_idle:
                 self._dummy_forward()  # no forward ran yet: the other ranks' collectives still need this one
             return events
-        if scheduled:
-            try:
+        try:
+            if scheduled:
                 self.processor._generation_step(self.forward_model)
                 self.processor.update_batch()
-            except Exception as err:  # e.g. a kernel launch failure: this step's requests fail, not the rank
+            elif self.dummy_when_idle:
+                self._dummy_forward()
+        except Exception as err:  # e.g. a kernel launch failure: this step's requests fail
+            if scheduled:
                 self.processor.handle_batch_error(err)
-        elif self.dummy_when_idle:
-            self._dummy_forward()
+            if self.dummy_when_idle:
+                raise StepCannotPair(f"{type(err).__name__}: {err}") from err
         return self._events()
 
     def stats(self) -> dict:

@@ -20,12 +20,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args, ranks: int = 2, startup_s: float = 240):
+    def __init__(self, *args, ranks: int = 2, startup_s: float = 240, script: Path | None = None,
+                 env: dict | None = None):
+        """`script`: run instead of scripts/serve_moe.py (a test's wrapper around it), with `env` added."""
         self.port = free_port()
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-                   f"--master-port={free_port()}", str(ROOT / "scripts" / "serve_moe.py"),
+                   f"--master-port={free_port()}", str(script or ROOT / "scripts" / "serve_moe.py"),
                    "--port", str(self.port), *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TESSERA_DIST_TIMEOUT": "60"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TESSERA_DIST_TIMEOUT": "60", **(env or {})}
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tessera-serve-{self.port}.log", "w+")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)

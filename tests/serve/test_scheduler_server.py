@@ -88,3 +88,70 @@ def test_500_streaming_clients_hanging_up_at_random_leak_no_kv_block(server):
     assert server.client.get("/health").json()["status"] == "ok"
     response = server.client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2})
     assert response.status_code == 200
+
+
+FAULTY_SERVER = '''
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import engine.serving.paged_batch as paged_batch
+
+init = paged_batch.RankBatch.__init__
+
+
+def with_fault(self, model, **kwargs):  # this rank's forward raises once, when the test creates the trigger file
+    init(self, model, **kwargs)
+    if os.environ["RANK"] != os.environ["FAIL_RANK"]:
+        return
+    forward = model.forward
+
+    def failing(*args, **kw):
+        if os.path.exists(os.environ["FAIL_TRIGGER"]):
+            os.remove(os.environ["FAIL_TRIGGER"])
+            raise RuntimeError("CUDA error: unspecified launch failure (injected on rank " + os.environ["RANK"] + ")")
+        return forward(*args, **kw)
+
+    model.forward = failing
+
+
+paged_batch.RankBatch.__init__ = with_fault
+runpy.run_path({serve!r}, run_name="__main__")
+'''
+
+
+@pytest.mark.parametrize("fail_rank", [1, 0])
+def test_a_rank_whose_step_raises_mid_collective_makes_the_server_exit_non_zero_not_hang(server_factory, tmp_path,
+                                                                                          fail_rank):
+    """A forward that raises on one rank leaves the other waiting in that pass's MoE collectives, which cannot
+    pair up any more: the request in flight ends with an error naming what happened, and the server exits
+    non-zero well before the 600 s collective timeout would have ended a hang."""
+    from conftest import ROOT
+
+    script = tmp_path / "faulty_serve.py"
+    script.write_text(FAULTY_SERVER.format(root=str(ROOT), serve=str(ROOT / "scripts" / "serve_moe.py")))
+    (tmp_path / "config.yaml").write_text("rank_timeout_s: 600\n")
+    trigger = tmp_path / "fail-now"
+    server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard", "--config",
+                            str(tmp_path / "config.yaml"), script=script,
+                            env={"FAIL_RANK": str(fail_rank), "FAIL_TRIGGER": str(trigger),
+                                 "TESSERA_DIST_TIMEOUT": "600"})
+    ok = server.client.post("/v1/completions", json={"prompt": "before", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    events = []
+    with server.client.stream("POST", "/v1/completions", json={"prompt": "in flight", "max_tokens": 100,
+                                                               "temperature": 0, "stream": True}) as stream:
+        try:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        trigger.touch()
+        except httpx.TransportError:
+            pass  # the server may go before the error event reaches us
+    assert server.wait(timeout=120) != 0
+    assert "[DONE]" not in events[-1:]
+    errors = [json.loads(e)["error"]["message"] for e in events if e.startswith('{"error"')]
+    assert all("in lockstep with the other ranks" in message for message in errors), errors
+    if fail_rank == 0:  # rank 0 answers with the error itself
+        assert errors and "unspecified launch failure (injected on rank 0)" in errors[0]
+    assert f"the step failed on rank {fail_rank} in lockstep" in server.output() or fail_rank == 0
+    assert "unspecified launch failure (injected" in server.output()
