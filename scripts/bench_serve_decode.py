@@ -6,9 +6,10 @@ in turn on the same tiny decoder MoE:
 - tessera with the static batcher (`--scheduler static`) on the same 2 ranks,
 - `transformers serve --continuous-batching` on one process.
 
-Per arrival rate: output tokens per second, time to first token (TTFT) p50/p99, time per output token (TPOT, per
-request: first token to last over the tokens after the first) p50/p99, and errors (non-200 answers, broken streams,
-requests unfinished when the level's time is up). Every request is greedy and streams. The model is Mixtral-shaped
+Per arrival rate: output tokens per second (every token streamed before the level's end), time to first token
+(TTFT) p50/p99, time per output token (TPOT, per finished request: first token to last over the tokens after the
+first) p50/p99, errors (non-200 answers, broken streams) and requests unfinished when the level's time is up. The
+highest rate is past every server's capacity (saturation): there the throughput is each server's capacity. Every request is greedy and streams. The model is Mixtral-shaped
 with random seeded weights (tiny-mixtral's config, 1024 positions) and a character tokenizer that both servers load
 from the same folder, so every server computes the same tokens. A token is counted per streamed character (the
 tokenizer maps each non-special id to one character).
@@ -101,6 +102,9 @@ def start(kind: str, folder: Path, args, log: Path) -> tuple[subprocess.Popen, s
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                    f"--master-port={free_port()}", str(ROOT / "scripts" / "serve_moe.py"), "--port", str(port),
                    "--model", str(folder), "--strategy", "moeshard", "--scheduler", kind, "--max-queue", "512",
+                   # 64 sequences per batch (static) or per rank (continuous); prompt tokens do not cap a static
+                   # batch below that (the default 8192 would stop it at about 31 of these prompts)
+                   "--max-batch-size", "64", "--max-batch-tokens", str(64 * 512),
                    "--max-input-tokens", "600", "--kv-block-size", "32", "--step-tokens", "256",
                    "--kv-cache-bytes", str(args.kv_blocks * kv_block_bytes(folder))]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -149,37 +153,41 @@ def workload(rate: float, seconds: float, seed: int) -> list[tuple[float, str, i
 
 async def one(client, model: str, prompt: str, max_tokens: int, start: float, offset: float, results: list):
     await asyncio.sleep(max(start + offset - time.perf_counter(), 0))
-    sent = time.perf_counter()
-    stamps, error = [], None
+    record = {"sent": time.perf_counter(), "stamps": [], "error": None, "done": False}
+    results.append(record)  # before the answer: a request cut off at the level's end still counts its tokens
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     try:
         async with client.stream("POST", "/v1/completions", json=payload) as response:
             if response.status_code != 200:
-                error = f"HTTP {response.status_code}"
+                record["error"] = f"HTTP {response.status_code}"
             else:
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        error = "stream error"
+                        record["error"] = "stream error"
                         break
                     text = chunk["choices"][0].get("text") or ""
                     now = time.perf_counter()
-                    stamps += [now] * len(text)
+                    record["stamps"] += [now] * len(text)
+                record["done"] = record["error"] is None
     except (httpx.TimeoutException, httpx.TransportError) as err:
-        error = type(err).__name__
-    results.append({"sent": sent, "stamps": stamps, "error": error})
+        record["error"] = type(err).__name__
 
 
 def pct(values: list[float], p: float) -> float | None:
+    """The p-quantile; None when there is none or it is infinite (requests that never got a token)."""
     if not values:
         return None
-    values = sorted(values)
-    return values[min(int(p * len(values)), len(values) - 1)]
+    value = sorted(values)[min(int(p * len(values)), len(values) - 1)]
+    return None if value == float("inf") else value
 
 
 async def run_level(url: str, model: str, rate: float, seconds: float, grace: float, seed: int) -> dict:
+    """One arrival rate. Throughput counts every token streamed before the level's end, also those of requests
+    still running then, so past capacity it is what the server delivers, not what it managed to finish. TTFT
+    percentiles count a request that got no token by then as infinitely late (reported as None, with the count)."""
     requests = workload(rate, seconds, seed)
     results: list = []
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
@@ -187,29 +195,34 @@ async def run_level(url: str, model: str, rate: float, seconds: float, grace: fl
         start = time.perf_counter()
         tasks = [asyncio.create_task(one(client, model, p, n, start, t, results)) for t, p, n in requests]
         done, pending = await asyncio.wait(tasks, timeout=seconds + grace)
+        end = time.perf_counter()
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        elapsed = time.perf_counter() - start
-    ok = [r for r in results if r["error"] is None and r["stamps"]]
-    ttft = [r["stamps"][0] - r["sent"] for r in ok]
-    tpot = [(r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1) for r in ok if len(r["stamps"]) > 1]
-    tokens = sum(len(r["stamps"]) for r in ok)
-    return dict(rate_per_s=rate, requests=len(requests), completed=len(ok), unfinished=len(pending),
-                errors=len(requests) - len(ok), output_tokens=tokens, seconds=round(elapsed, 2),
-                throughput_tok_s=tokens / elapsed,
+    elapsed = end - start
+    completed = [r for r in results if r["done"]]
+    served = [r for r in results if r["error"] is None]  # finished, or still streaming at the end
+    ttft = [r["stamps"][0] - r["sent"] if r["stamps"] else float("inf") for r in served]
+    ttft += [float("inf")] * (len(requests) - len(results))  # not even sent before the end
+    tpot = [(r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1) for r in completed if len(r["stamps"]) > 1]
+    tokens = sum(sum(stamp <= end for stamp in r["stamps"]) for r in served)
+    return dict(rate_per_s=rate, requests=len(requests), completed=len(completed), unfinished=len(pending),
+                errors=sum(1 for r in results if r["error"] is not None), output_tokens=tokens,
+                seconds=round(elapsed, 2), throughput_tok_s=tokens / elapsed,
                 ttft_p50_s=pct(ttft, 0.5), ttft_p99_s=pct(ttft, 0.99),
+                no_first_token=sum(t == float("inf") for t in ttft),
                 tpot_p50_s=pct(tpot, 0.5), tpot_p99_s=pct(tpot, 0.99))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1, 2, 4])
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=15, help="arrivals per level")
     parser.add_argument("--grace", type=float, default=30, help="after the arrivals, time left to finish")
     parser.add_argument("--schedulers", default="continuous,static,transformers")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--kv-blocks", type=int, default=512, help="KV blocks of 32 tokens per rank / process")
+    # 1536 blocks of 32 tokens: what the static batcher's cache holds for a full batch (64 rows of 512 + 256)
+    parser.add_argument("--kv-blocks", type=int, default=1536, help="KV blocks of 32 tokens per rank / process")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = parser.parse_args(argv)
     os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
@@ -229,20 +242,41 @@ def main(argv=None) -> int:
                 print(f"{kind:>12} rate {rate:>4}/s: {level['throughput_tok_s']:7.1f} tok/s, "
                       f"TTFT p50/p99 {fmt(level['ttft_p50_s'])}/{fmt(level['ttft_p99_s'])} s, "
                       f"TPOT p50/p99 {fmt(level['tpot_p50_s'], 3)}/{fmt(level['tpot_p99_s'], 3)} s, "
-                      f"{level['completed']}/{level['requests']} done, {level['errors']} errors", flush=True)
+                      f"{level['completed']}/{level['requests']} done, {level['unfinished']} unfinished, "
+                      f"{level['errors']} errors", flush=True)
+                time.sleep(5)  # the cut-off requests leave their batches
         finally:
             stop(process)
     print_table(table, args.rates)
+    ratios = saturation_ratios(table)
+    for name, ratio in ratios.items():
+        print(f"at {args.rates[-1]}/s: {name} = {ratio:.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(workload="decode", model="tiny-mixtral config, 1024 positions, seeded weights, char tokenizer",
                   prompt_tokens=[16, 512], output_tokens=[8, 256], seconds_of_arrivals=args.seconds,
                   grace_s=args.grace, ranks=args.ranks, kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
-                  note="CPU, 2 cores shared with other work: numbers are indicative only", schedulers=table)
+                  note="CPU, 2 cores shared with other work: numbers are indicative only", schedulers=table,
+                  saturation_throughput_ratios=ratios)
     write_json(out / "serve_decode_cpu.json", result, indent=2)
     print(f"wrote {out / 'serve_decode_cpu.json'}")
     return 0
+
+
+def saturation_ratios(table: dict) -> dict:
+    """Throughput of the continuous scheduler over each other server's, at the highest rate (transformers serve
+    runs one process, tessera two ranks: its ratio is also given per process)."""
+    if "continuous" not in table:
+        return {}
+    mine = table["continuous"][-1]["throughput_tok_s"]
+    ratios = {}
+    for kind, levels in table.items():
+        if kind != "continuous" and levels[-1]["throughput_tok_s"] > 0:
+            ratios[f"continuous/{kind}"] = mine / levels[-1]["throughput_tok_s"]
+    if "transformers" in ratios:
+        ratios["continuous per rank/transformers"] = ratios["continuous/transformers"] / 2
+    return ratios
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -253,14 +287,15 @@ def print_table(table: dict, rates: list[float]) -> None:
     kinds = list(table)
     print(f"\n{'rate/s':>6} | " + " | ".join(f"{k:^34}" for k in kinds))
     print(f"{'':>6} | " + " | ".join(f"{'tok/s':>6} {'TTFT p50/p99':>13} {'TPOT p50/p99':>13}" for _ in kinds)
-          + " | errors")
+          + " | errors, unfinished")
     for i, rate in enumerate(rates):
         cells, errors = [], []
         for k in kinds:
             lv = table[k][i]
-            cells.append(f"{lv['throughput_tok_s']:>6.1f} {fmt(lv['ttft_p50_s']):>6}/{fmt(lv['ttft_p99_s']):<6} "
+            ttft = [fmt(lv[key]) if lv[key] is not None else "never" for key in ("ttft_p50_s", "ttft_p99_s")]
+            cells.append(f"{lv['throughput_tok_s']:>6.1f} {ttft[0]:>6}/{ttft[1]:<6} "
                          f"{fmt(lv['tpot_p50_s'], 3):>6}/{fmt(lv['tpot_p99_s'], 3):<6}")
-            errors.append(str(lv["errors"]))
+            errors.append(f"{lv['errors']},{lv['unfinished']}")
         print(f"{rate:>6} | " + " | ".join(cells) + " | " + "/".join(errors))
 
 

@@ -55,6 +55,7 @@ class ContinuousEngine:
         self.kv: list[dict] = []  # per rank, after the last step: blocks_total, blocks_free, running, waiting
         self.healthy, self.failure = True, None
         self.stopping = False
+        self._outbox: dict | None = None  # event loop -> calls, while a step's results are delivered
         self._thread = threading.Thread(target=self._run, name="tessera-scheduler", daemon=True)
 
     # --- the interface -------------------------------------------------------------------------------------------
@@ -159,9 +160,15 @@ class ContinuousEngine:
         if self.metrics is not None:  # before answering: a client that then reads /metrics sees this step
             self.metrics.record_results(results)
             self.metrics.record_kv(self.kv, waiting=self.queue.qsize() + len(self.incoming))
-        for result in results:
-            for event in result["events"]:
-                self._deliver(event, now)
+        self._outbox = {}
+        try:
+            for result in results:
+                for event in result["events"]:
+                    self._deliver(event, now)
+        finally:
+            outbox, self._outbox = self._outbox, None
+            for loop, calls in outbox.items():
+                _post_all(loop, calls)
 
     def _place(self) -> list[list[dict]]:
         """New requests to the rank with the most free KV blocks (counting what this step already placed)."""
@@ -223,7 +230,7 @@ class ContinuousEngine:
         request.entries.extend(entries)
         if request.stream:
             for pair in zip(tokens, entries):
-                _post(request, request.tokens.put_nowait, pair)
+                self._post(request, request.tokens.put_nowait, pair)
         if self.metrics is not None:
             self.metrics.tokens_out.inc(len(tokens))
         if finish is None:
@@ -245,10 +252,18 @@ class ContinuousEngine:
             return
         if request.stream:
             end = value if isinstance(value, Exception) else None
-            _post(request, request.tokens.put_nowait, end)
+            self._post(request, request.tokens.put_nowait, end)
         elif request.future is not None:
             setter = request.future.set_exception if isinstance(value, Exception) else request.future.set_result
-            _post(request, lambda: request.future.done() or setter(value))
+            self._post(request, lambda: request.future.done() or setter(value))
+
+    def _post(self, request: Request, fn, *args) -> None:
+        """Run `fn(*args)` on the request's event loop: during a step's delivery, gathered per loop and handed over
+        in one call after it (one wake-up of the loop per step, not one per request and token), in order."""
+        if self._outbox is None:
+            _post_all(request.loop, [(request, fn, args)])
+        else:
+            self._outbox.setdefault(request.loop, []).append((request, fn, args))
 
     def _gauge_waiting(self) -> None:
         if self.metrics is not None:
@@ -263,13 +278,18 @@ class ContinuousEngine:
                       self._finish)
 
 
-def _post(request: Request, fn, *args) -> None:
-    """Run `fn(*args)` on the request's event loop; a loop that has closed (its client is gone for good) only
-    marks the request cancelled, so it leaves its rank's batch at the next step."""
+def _post_all(loop, calls: list) -> None:
+    """Run each `fn(*args)` of `calls` on `loop`, in order; a loop that has closed (its clients are gone for good)
+    only marks their requests cancelled, so they leave their ranks' batches at the next step."""
+    def run():  # each its own callback, as before, so one that raises leaves the others to run
+        for _, fn, args in calls:
+            loop.call_soon(fn, *args)
+
     try:
-        request.loop.call_soon_threadsafe(fn, *args)
+        loop.call_soon_threadsafe(run)
     except RuntimeError:  # "Event loop is closed"
-        request.cancelled = True
+        for request, _, _ in calls:
+            request.cancelled = True
 
 
 class _LocalRunner:
