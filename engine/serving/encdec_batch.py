@@ -64,7 +64,8 @@ class EncDecBatch:
         self.start_token = model.config.decoder_start_token_id if start is None else start
         self.encoder = model.get_encoder()
         self.cross_attention = [block.layer[1].EncDecAttention for block in model.get_decoder().block]
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward = inspect.signature(type(model).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"  # the older name
         self.rows: list[_Row] = []  # running, in slab order
         self.waiting: list[_Row] = []  # added, not yet encoded
         self.reserved = 0  # blocks held by running requests

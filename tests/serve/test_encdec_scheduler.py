@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import engine
 from engine.registry import register_model
@@ -60,7 +61,7 @@ def test_requests_joining_at_different_steps_get_the_tokens_of_generate(model, p
     plain = [reference(model, p, 12) for p in prompts]
     assert len({tuple(t) for t in plain}) == len(prompts) and all(len(set(t)) > 1 for t in plain)
     eos = plain[1][4]  # a token some requests generate: they stop there, the others run to max_tokens
-    want = [reference(model, p, 12, eos=eos) for p in prompts]
+    want = [t[: t.index(eos)] if eos in t else t for t in plain]  # greedy with EOS: the same, cut at its first EOS
     # 8 blocks of 8 tokens; the five requests need 2, 4, 3, 5 and 2: some wait for others to finish
     batch = EncDecBatch(model, num_blocks=8, block_size=8, eos_token_id=eos)
     joins = {0: [("r0", prompts[0], {}), ("r1", prompts[1], {})], 2: [("r2", prompts[2], {})],
@@ -73,29 +74,34 @@ def test_requests_joining_at_different_steps_get_the_tokens_of_generate(model, p
     assert batch.stats()["blocks_free"] == 8 and batch.self_mask.shape == batch.encoder_mask.shape == (0, 0)
 
 
-def test_logprobs_and_a_cancelled_row_leaving_mid_batch(model, prompts):
-    out = model.generate(input_ids=torch.tensor([prompts[3]]), max_new_tokens=8, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, eos_token_id=None)
-    want = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+def generated_logprobs(model, prompt, max_new_tokens):
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, eos_token_id=None)
+    return out.sequences[0, 1:].tolist(), [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+
+
+def test_padded_rows_have_the_logprobs_of_generate_and_a_cancelled_row_leaves(model, prompts):
+    # "late" joins two steps after "kept": its decoder keys are left-padded by two, its 3-token prompt's cross-
+    # attention keys right-padded to the 30-token one's; the longest prompt leaves mid-way and the slab is trimmed.
     batch = EncDecBatch(model, num_blocks=64, block_size=8, eos_token_id=-1)
     batch.add("gone", prompts[1], max_tokens=40)
     batch.add("kept", prompts[3], max_tokens=8, logprobs=2)
-    batch.add("short", prompts[0], max_tokens=8)
-    tokens, entries = {}, []
+    tokens, entries = {}, {"kept": [], "late": []}
     for step in range(20):
-        if step == 3:
-            batch.cancel("gone")  # the longest prompt leaves: the slab is trimmed under the others
+        if step == 2:
+            batch.add("late", prompts[0], max_tokens=8, logprobs=0)
+        if step == 4:
+            batch.cancel("gone")
         for event in batch.step():
             tokens.setdefault(event["id"], []).extend(event["tokens"])
-            if event["id"] == "kept":
-                entries += event["logprobs"]
-    assert batch.idle()
-    assert tokens["kept"] == out.sequences[0, 1:].tolist()
-    assert tokens["short"] == reference(model, prompts[0], 8, eos=-1)
-    assert len(tokens["gone"]) == 3
-    for token, (logprob, alternatives), logprobs in zip(tokens["kept"], entries, want):
-        assert logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
-        assert [i for i, _ in alternatives] == logprobs.topk(2).indices.tolist()
+            entries.get(event["id"], []).extend(event["logprobs"] or [])
+    assert batch.idle() and len(tokens["gone"]) == 4
+    for name, prompt, top in (("kept", prompts[3], 2), ("late", prompts[0], 0)):
+        want_tokens, want = generated_logprobs(model, prompt, 8)
+        assert tokens[name] == want_tokens
+        for token, (logprob, alternatives), logprobs in zip(tokens[name], entries[name], want, strict=True):
+            assert logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
+            assert [i for i, _ in alternatives] == (logprobs.topk(top).indices.tolist() if top else [])
 
 
 def test_generate_batch_runs_switch_through_the_scheduler(model, prompts):
@@ -103,7 +109,7 @@ def test_generate_batch_runs_switch_through_the_scheduler(model, prompts):
     got = engine.generate_batch(model, prompts, max_new_tokens=10, step_tokens=16, max_running=2)
     assert got == [reference(model, p, 10, eos=model.generation_config.eos_token_id) for p in prompts]
     alone = engine.generate_batch(model, [prompts[2]], max_new_tokens=8, temperature=0.9, seed=11)[0]
-    together = engine.generate_batch(model, [prompts[2], *prompts], max_new_tokens=8, temperature=0.9, seed=11)
+    together = engine.generate_batch(model, [prompts[2], *prompts[3:]], max_new_tokens=8, temperature=0.9, seed=11)
     assert together[0] == alone
     assert engine.generate_batch(model, [prompts[2]], max_new_tokens=8, temperature=0.9, seed=12)[0] != alone
 
@@ -114,13 +120,13 @@ def test_a_short_request_submitted_while_a_long_one_runs_finishes_first(model, p
     batch = EncDecBatch(model, num_blocks=64, block_size=16, eos_token_id=-1)
     scheduler = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1))
     scheduler.step()
-    long = Request("generate", prompts[3], None, params=dict(max_tokens=60, temperature=0.0))
+    long = Request("generate", prompts[3], None, params=dict(max_tokens=24, temperature=0.0))
     short = Request("generate", prompts[0], None, params=dict(max_tokens=3, temperature=0.0))
     scheduler.submit(long)
     for _ in range(5):
         scheduler._drain()
         scheduler.step()
-    assert 0 < len(long.generated) < 60
+    assert 0 < len(long.generated) < 24
     scheduler.submit(short)
     while short.result is None:
         scheduler._drain()
@@ -129,7 +135,7 @@ def test_a_short_request_submitted_while_a_long_one_runs_finishes_first(model, p
     assert short.result.tokens == reference(model, prompts[0], 3, eos=-1)
     while scheduler.active:
         scheduler.step()
-    assert long.result.tokens == reference(model, prompts[3], 60, eos=-1)
+    assert long.result.tokens == reference(model, prompts[3], 24, eos=-1)
 
 
 def stream_text(server, payload, chunks: list, started: threading.Event):
@@ -155,12 +161,14 @@ def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
     threads, streams = [], []
     for _ in range(2):  # the second goes to the rank with more free blocks: the other one
         chunks, started = [], threading.Event()
-        thread = threading.Thread(target=stream_text, args=(server, {"prompt": "the long one", "max_tokens": 48,
+        thread = threading.Thread(target=stream_text, args=(server, {"prompt": "the long one", "max_tokens": 32,
                                                                      "temperature": 0}, chunks, started))
         thread.start()
         assert started.wait(120)
         threads.append(thread)
         streams.append(chunks)
+    metrics = text_string_to_metric_families(server.client.get("/metrics").text)
+    used = {s.labels["rank"]: s.value for f in metrics if f.name == "tessera_kv_blocks_used" for s in f.samples}
     short = server.client.post("/v1/completions", json={"prompt": "short", "max_tokens": 3, "temperature": 0})
     long_done_when_short_answered = ["[DONE]" in chunks for chunks in streams]
     for thread in threads:
@@ -169,4 +177,26 @@ def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
     assert short.json()["choices"][0]["text"] == want("short", 3)
     assert long_done_when_short_answered == [False, False]
     texts = ["".join(json.loads(c)["choices"][0]["text"] for c in chunks[:-1]) for chunks in streams]
-    assert texts == [want("the long one", 48)] * 2
+    assert texts == [want("the long one", 32)] * 2
+    assert used["0"] > 0 and used["1"] > 0, used  # each rank held one of the long requests
+
+
+def test_a_failing_decoder_step_fails_its_requests_and_the_batch_goes_on(model, prompts, monkeypatch):
+    forward, calls = model.forward, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second decoder step
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", fail_once)
+    batch = EncDecBatch(model, num_blocks=16, block_size=8, eos_token_id=-1)
+    batch.add("a", prompts[0], max_tokens=4)
+    batch.add("b", prompts[2], max_tokens=4)
+    first, failed = batch.step(), batch.step()
+    assert [e["finish"] for e in first] == [None, None]
+    assert [(e["id"], e["finish"]) for e in failed] == [("a", "error"), ("b", "error")]
+    assert "illegal memory access" in failed[0]["error"] and batch.idle() and batch.stats()["blocks_free"] == 16
+    tokens, _, _ = run(batch, {0: [("c", prompts[4], {"max_tokens": 4})]})
+    assert tokens["c"] == reference(model, prompts[4], 4, eos=-1)
