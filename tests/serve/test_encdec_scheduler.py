@@ -179,6 +179,11 @@ def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
     texts = ["".join(json.loads(c)["choices"][0]["text"] for c in chunks[:-1]) for chunks in streams]
     assert texts == [want("the long one", 32)] * 2
     assert used["0"] > 0 and used["1"] > 0, used  # each rank held one of the long requests
+    assert want("short", 8) == "L" * 8  # so a stop string ends it after three tokens
+    stopped = server.client.post("/v1/completions", json={"prompt": "short", "max_tokens": 32, "stop": ["LLL"],
+                                                           "temperature": 0}).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["text"] == ""
+    assert stopped["usage"]["completion_tokens"] == 3
 
 
 def test_a_failing_decoder_step_fails_its_requests_and_the_batch_goes_on(model, prompts, monkeypatch):
