@@ -232,11 +232,8 @@ class EncDecBatch:
         count = len(self.rows)
         ids = torch.tensor([[row.next_input] for row in self.rows], dtype=torch.long, device=self.device)
         self_mask = torch.cat([self.self_mask, self.self_mask.new_ones((count, 1))], dim=1)
-        self_cache, cross_cache = DynamicCache(), DynamicCache()
-        for layer, ((k, v), (ck, cv)) in enumerate(zip(self.self_kv, self.cross_kv)):
-            self_cache.update(k, v, layer)
-            cross_cache.update(ck, cv, layer)
-        cache = EncoderDecoderCache(self_cache, cross_cache)  # cross-attention filled: read, never recomputed
+        # cross-attention filled: read, never recomputed
+        cache = EncoderDecoderCache(_holding(self.self_kv), _holding(self.cross_kv))
         # The decoder takes its cross-attention keys from the cache; the encoder output only gives the shapes.
         source = self.encoder_mask.shape[1]
         hidden = torch.zeros((), dtype=self.dtype, device=self.device).expand(count, source, self.model.config.d_model)
@@ -281,6 +278,16 @@ class EncDecBatch:
         with torch.no_grad():
             self.model(encoder_outputs=self.encoder_output(last_hidden_state=hidden), decoder_input_ids=ids,
                        use_cache=False)
+
+
+def _holding(tensors: list[tuple]) -> DynamicCache:
+    """A cache whose layers hold these (keys, values) themselves: an empty update creates each layer, then the
+    layer takes the tensors (an update with them would copy the whole slab at every step)."""
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(tensors):
+        cache.update(keys[:, :, :0], values[:, :, :0], layer)
+        cache.layers[layer].keys, cache.layers[layer].values = keys, values
+    return cache
 
 
 def _error_event(request_id: str, message: str) -> dict:
