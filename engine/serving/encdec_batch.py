@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 
-from engine.serving.paged_batch import RowSampling
+from engine.serving.paged_batch import RankBatch, RowSampling
 
 
 class _Row:
@@ -110,14 +110,7 @@ class EncDecBatch:
         self.waiting.clear()
         self._leave(list(range(len(self.rows))))
 
-    def run(self, op: dict, rank: int) -> dict:
-        """A scheduler step operation: add and drop this rank's requests, step, report."""
-        for request in op["add"][rank]:
-            self.add(**request)
-        for request_id in op["cancel"][rank]:  # after adding: a request may leave at the step it joins
-            self.cancel(request_id)
-        events = self.step()
-        return {"events": events, "kv": self.stats()}
+    run = RankBatch.run  # a scheduler step operation: add and drop this rank's requests, step, report
 
     def step(self) -> list[dict]:
         """Encode the requests that can start now, then one decoder forward over every running request (dummy

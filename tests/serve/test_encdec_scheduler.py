@@ -13,6 +13,7 @@ from engine.registry import register_model
 from engine.serving.coordinator import Coordinator
 from engine.serving.encdec_batch import EncDecBatch
 from engine.serving.scheduler import ContinuousEngine, _LocalRunner
+from test_scheduler_server import stream_events  # the SSE data lines of one streamed completion
 
 LENGTHS = (3, 17, 9, 30, 5)
 
@@ -138,14 +139,6 @@ def test_a_short_request_submitted_while_a_long_one_runs_finishes_first(model, p
     assert long.result.tokens == reference(model, prompts[3], 24, eos=-1)
 
 
-def stream_text(server, payload, chunks: list, started: threading.Event):
-    with server.client.stream("POST", "/v1/completions", json={**payload, "stream": True}) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                chunks.append(line[6:])
-                started.set()
-
-
 def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
     from engine.serving.tokenizer import ByteTokenizer
 
@@ -161,7 +154,7 @@ def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
     threads, streams = [], []
     for _ in range(2):  # the second goes to the rank with more free blocks: the other one
         chunks, started = [], threading.Event()
-        thread = threading.Thread(target=stream_text, args=(server, {"prompt": "the long one", "max_tokens": 32,
+        thread = threading.Thread(target=stream_events, args=(server, {"prompt": "the long one", "max_tokens": 32,
                                                                      "temperature": 0}, chunks, started))
         thread.start()
         assert started.wait(120)
