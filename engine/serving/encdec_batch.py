@@ -1,5 +1,5 @@
-"""One rank's running batch for an encoder-decoder model (Switch Transformers, T5): the encoder runs once per
-request when it joins, then every step is one batched decoder forward over all running requests.
+"""One rank's running batch for a T5-style encoder-decoder (tested with Switch Transformers): the encoder runs once
+per request when it joins, then every step is one batched decoder forward over all running requests.
 
 Why not transformers' paged cache (`engine.serving.paged_batch.RankBatch`): its `ContinuousBatchingManager`
 serves decoder-only models; it has no cross-attention cache and no encoder pass. So this module keeps the cache
