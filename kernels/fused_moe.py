@@ -65,6 +65,8 @@ def _device_name(device: torch.device) -> str:
 def fused_experts_launches(num_tokens: int, top_k: int, num_experts: int) -> int:
     """Kernel launches of one `fused_experts` call with merged gate/up weights: align, up, down, combine."""
     return align_launches(num_tokens * top_k, num_experts) + 3
+
+
 def fused_experts_reference(hidden, topk_ids, topk_weights, w1, w2, w3=None, activation="silu", out_dtype=None,
                             b1=None, b2=None):
     """The plain-PyTorch definition of the experts, which every backend (and the expert-LoRA path) must meet:
