@@ -1,4 +1,4 @@
-"""End-to-end LoRA routing: does choosing adapters per query give the right answers? CPU, ~10 minutes.
+"""End-to-end LoRA routing: does choosing adapters per query give the right answers? CPU, one thread.
 
 Tasks. Twelve string transforms of real words from wordfreq's lists, in four families of three languages:
   reverse   de, nl, da     each word spelt backwards
@@ -45,7 +45,8 @@ Regimes:
 "% of oracle" is a method's mean accuracy over the regime's queries divided by the oracle's on the same
 queries (the oracle uses the task's own adapter even where the regime removed it).
 
-  python scripts/bench_lora_e2e.py                 # writes benchmarks/results/lora_e2e_cpu.json (~15 min)
+  python scripts/bench_lora_e2e.py                 # writes benchmarks/results/lora_e2e_cpu.json
+                                                   # (measured: 5.6 min of CPU time from an empty cache)
   python scripts/bench_lora_e2e.py --quick         # a smaller run to check the pipeline
 """
 from __future__ import annotations
