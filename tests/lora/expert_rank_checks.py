@@ -1,0 +1,125 @@
+"""What each gloo rank runs in test_expert_lora_ranks.py: expert LoRA under every distributed strategy against
+the same rows on one process (and PEFT), on Mixtral and Qwen3-MoE. Rank functions return plain values."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from lora_helpers import peft_mixture_logits, tiny_mixtral, tiny_qwen3_moe
+
+BUILDS = {"mixtral": tiny_mixtral, "qwen3_moe": tiny_qwen3_moe}
+# Rank 0 fills its cache a, b, d; rank 1 fills c, b, d, e: a slot holds different adapters on the two ranks.
+# Ranks 4 to 16, adapters with and without expert parameters (d: attention only, e: down_proj only).
+MIXES = {0: [{"a": 1.0}, {"b": 0.6, "a": 0.4}, {}, {"d": 1.0}],
+         1: [{"c": 1.0}, {"b": 0.5, "c": 0.3, "d": 0.2}, {"e": 1.0}]}
+SHAPES = {0: (4, 5), 1: (3, 7)}  # every rank's token count differs
+SMALL_CALIBRATION = (64, 512)
+
+
+def rank_ids(rank: int) -> torch.Tensor:
+    return torch.randint(3, 96, SHAPES[rank], generator=torch.Generator().manual_seed(50 + rank))
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out - reference).abs().max() / reference.abs().max()).item()
+
+
+def distributed(family: str, strategy: str, folders: dict, backend: str, attach_first: bool = False, **options):
+    """The family's tiny model under `strategy` with the adapters attached (after the strategy, as
+    engine.load does, or before it)."""
+    from engine.families import patch_moe
+    from engine.lora import attach_adapters
+    from engine.parallel import apply_strategy
+
+    model = patch_moe(BUILDS[family](), backend="torch")
+    if attach_first:
+        lm = attach_adapters(model, folders, backend=backend, **options)
+        apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, capacity_factor=100.0)
+        return lm
+    apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, capacity_factor=100.0)
+    return attach_adapters(model, folders, backend=backend, **options)
+
+
+def force_auto(lm, choice: str, world: int) -> None:
+    from engine.parallel.cost_model import CostModel, Linear
+
+    shard_cost, ep_cost = (1.0, 0.0) if choice == "ep" else (0.0, 1.0)
+    for ex in lm.model.tessera_parallel.executors.values():
+        ex.model = CostModel(world, {ex.shape: Linear(shard_cost, 0.0)}, {ex.shape: (ep_cost, 0.0, 0.0)})
+
+
+def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: str) -> dict:
+    """→ {"single": {family: error vs PEFT}, "runs": {(family, strategy, backend): (error vs one process,
+    host synchronisations in the pass)}, "choices": ..., "idle_rank": ..., "budget": ...}"""
+    from engine.lora import attach_adapters
+
+    ids, mixes = rank_ids(rank), MIXES[rank]
+    out = {"single": {}, "runs": {}, "choices": {}, "effect": {}, "seconds": {}}
+    references = {}
+    start = time.monotonic()
+    for family, build in BUILDS.items():
+        folders = family_folders[family]
+        base = build()
+        references[family] = attach_adapters(copy.deepcopy(base), folders, backend="torch")(
+            input_ids=ids, adapter_weights=mixes).logits
+        with torch.no_grad():  # how far the adapters move this rank's rows: the errors below must be far smaller
+            out["effect"][family] = relative_error(base(input_ids=ids).logits, references[family])
+        if family == "qwen3_moe" or rank == 0:  # PEFT per row is slow: each family's rows once, split over ranks
+            rescaled = Path(scratch) / f"{family}-rank{rank}"
+            rescaled.mkdir()
+            expected = torch.cat([peft_mixture_logits(base, mix, folders, rescaled, ids[r:r + 1])
+                                  for r, mix in enumerate(mixes)])
+            out["single"][family] = relative_error(references[family], expected)
+    out["seconds"]["one process and PEFT"] = time.monotonic() - start
+    runs = [(f, s, "torch") for f in BUILDS for s in ("moeshard", "ep", "ep-capacity", "auto:moeshard", "auto:ep")]
+    runs += [("qwen3_moe", "moeshard", "triton"), ("mixtral", "ep", "triton"), ("mixtral", "moeshard:first", "torch")]
+    for family, strategy, backend in runs:
+        name, _, variant = strategy.partition(":")
+        lm = distributed(family, name, family_folders[family], backend, attach_first=variant == "first")
+        if name == "auto":
+            force_auto(lm, variant, world)
+        got = lm(input_ids=ids, adapter_weights=mixes).logits
+        out["runs"][(family, strategy, backend)] = (relative_error(got, references[family]),
+                                                    lm.model.tessera_parallel.sync.host_syncs)
+        if name == "auto":
+            out["choices"][strategy] = sorted({ex.last_choice for ex in lm.model.tessera_parallel.executors.values()})
+    out["seconds"]["strategies"] = time.monotonic() - start - out["seconds"]["one process and PEFT"]
+    out["idle_rank"] = idle_rank(rank, family_folders["mixtral"], references["mixtral"])
+    out["budget"] = over_budget(rank, family_folders["mixtral"])
+    return out
+
+
+def idle_rank(rank: int, folders: dict, reference: torch.Tensor) -> float:
+    """A second call on the same model where rank 1 runs the base model: rank 0's rows still get their expert
+    adapters (rank 1 computes its part of them), rank 1's rows none. → relative error against one process"""
+    ids = rank_ids(rank)
+    lm = distributed("mixtral", "moeshard", folders, "torch")
+    lm(input_ids=ids, adapter_weights=MIXES[rank])
+    if rank == 0:
+        return relative_error(lm(input_ids=ids, adapter_weights=MIXES[0]).logits, reference)
+    with torch.no_grad():
+        base = tiny_mixtral()(input_ids=ids).logits
+    return relative_error(lm(input_ids=ids).logits, base)
+
+
+def over_budget(rank: int, folders: dict):
+    """A cache of two adapters per rank: each rank's batch fits, the union of the ranks' (a, b, c) does not. Every
+    rank refuses the pass the same way; a later pass that fits runs. → (error message, relative error after)"""
+    from engine.lora import AdapterPool, CacheFullError, attach_adapters
+    from engine.lora.cache import AdapterCache
+
+    per_adapter = AdapterCache.adapter_bytes(AdapterPool(folders), torch.float32)
+    lm = distributed("mixtral", "ep", folders, "torch", cache_bytes=2 * per_adapter)
+    ids = rank_ids(rank)
+    mixes = [{"a": 1.0}, {"b": 1.0}, {}, {}] if rank == 0 else [{"c": 1.0}, {"b": 1.0}, {}]
+    try:
+        lm(input_ids=ids, adapter_weights=mixes)
+        message = None
+    except CacheFullError as err:
+        message = str(err)
+    fits = [{"b": 1.0}] * ids.shape[0]
+    single = attach_adapters(tiny_mixtral(), folders, backend="torch")(input_ids=ids, adapter_weights=fits).logits
+    return message, relative_error(lm(input_ids=ids, adapter_weights=fits).logits, single)
