@@ -37,9 +37,9 @@ def distributed(family: str, strategy: str, folders: dict, backend: str, attach_
     model = patch_moe(BUILDS[family](), backend="torch")
     if attach_first:
         lm = attach_adapters(model, folders, backend=backend, **options)
-        apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, capacity_factor=100.0)
+        apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, capacity_factor=100.0, stats=True)
         return lm
-    apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, capacity_factor=100.0)
+    apply_strategy(model, strategy, calibration_tokens=SMALL_CALIBRATION, capacity_factor=100.0, stats=True)
     return attach_adapters(model, folders, backend=backend, **options)
 
 
@@ -84,9 +84,9 @@ def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: st
             force_auto(lm, variant, world)
         got = lm(input_ids=ids, adapter_weights=mixes).logits
         out["runs"][(family, strategy, backend)] = (relative_error(got, references[family]),
-                                                    lm.model.tessera_parallel.sync.host_syncs)
+                                                    lm.model.tessera_parallel.stats.host_syncs)
         if name == "auto":
-            out["choices"][strategy] = sorted({ex.last_choice for ex in lm.model.tessera_parallel.executors.values()})
+            out["choices"][strategy] = sorted(lm.model.tessera_parallel.stats.choices)
     out["seconds"]["strategies"] = time.monotonic() - start - out["seconds"]["one process and PEFT"]
     out["idle_rank"] = idle_rank(rank, family_folders["mixtral"], references["mixtral"])
     out["budget"] = over_budget(rank, family_folders["mixtral"])
