@@ -76,21 +76,47 @@ def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: st
     out["seconds"]["one process and PEFT"] = time.monotonic() - start
     runs = [("mixtral", s, "torch") for s in ("moeshard", "ep", "ep-capacity", "auto:moeshard", "auto:ep")]
     runs += [("qwen3_moe", "moeshard", "torch"), ("qwen3_moe", "ep", "torch"), ("qwen3_moe", "moeshard", "triton"),
-             ("mixtral", "ep", "triton"), ("mixtral", "moeshard:first", "torch")]
+             ("mixtral", "ep", "triton"), ("mixtral", "moeshard:first", "torch"), ("mixtral", "moeshard:unpacked", "torch")]
     for family, strategy, backend in runs:
         name, _, variant = strategy.partition(":")
         lm = distributed(family, name, family_folders[family], backend, attach_first=variant == "first")
         if name == "auto":
             force_auto(lm, variant, world)
-        got = lm(input_ids=ids, adapter_weights=mixes).logits
+        got = forward(lm, ids, mixes, unpacked=variant == "unpacked")
         out["runs"][(family, strategy, backend)] = (relative_error(got, references[family]),
                                                     lm.model.tessera_parallel.stats.host_syncs)
         if name == "auto":
             out["choices"][strategy] = sorted(lm.model.tessera_parallel.stats.choices)
     out["seconds"]["strategies"] = time.monotonic() - start - out["seconds"]["one process and PEFT"]
+    out["generate"] = generate(rank, family_folders["qwen3_moe"])
     out["idle_rank"] = idle_rank(rank, family_folders["mixtral"], references["mixtral"])
     out["budget"] = over_budget(rank, family_folders["mixtral"])
     return out
+
+
+def forward(lm, ids, mixes, unpacked: bool = False) -> torch.Tensor:
+    """Logits; `unpacked`: MoEShard's large-batch path (hidden states gathered apart from the routing)."""
+    from engine.parallel import moeshard
+
+    limit = moeshard.PACK_LIMIT_BYTES
+    moeshard.PACK_LIMIT_BYTES = 0 if unpacked else limit
+    try:
+        return lm(input_ids=ids, adapter_weights=mixes).logits
+    finally:
+        moeshard.PACK_LIMIT_BYTES = limit
+
+
+def generate(rank: int, folders: dict) -> bool:
+    """Greedy generation (one agreement per step, the other ranks' adapters pinned for the whole call) gives
+    the tokens one process gives. Every rank runs the same number of steps (min = max new tokens)."""
+    from engine.lora import attach_adapters
+
+    ids, mixes = rank_ids(rank), MIXES[rank]
+    options = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    single = attach_adapters(tiny_qwen3_moe(), folders, backend="torch").generate(ids, adapter_weights=mixes,
+                                                                                  **options)
+    lm = distributed("qwen3_moe", "moeshard", folders, "torch")
+    return bool(torch.equal(lm.generate(ids, adapter_weights=mixes, **options), single))
 
 
 def idle_rank(rank: int, folders: dict, reference: torch.Tensor) -> float:

@@ -72,3 +72,7 @@ def test_ranks_whose_adapters_together_exceed_the_cache_refuse_the_pass_alike_an
         message, error_after = rank["budget"]
         assert message is not None and "3 expert adapters together" in message and "['a', 'b', 'c']" in message
         assert error_after < 1e-5
+
+
+def test_generation_under_moeshard_gives_the_one_process_tokens(ranks):
+    assert all(rank["generate"] for rank in ranks)
