@@ -27,13 +27,19 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out - reference).abs().max() / reference.abs().max()).item()
 
 
-def distributed(family: str, strategy: str, folders: dict, backend: str, attach_first: bool = False, **options):
-    """The family's tiny model under `strategy` with the adapters attached (after the strategy, as
-    engine.load does, or before it)."""
+def distributed(family: str, strategy: str, folders: dict, backend: str, attach_first: bool = False,
+                checkpoint: str | None = None, **options):
+    """The family's tiny model under `strategy` with the adapters attached (after the strategy or before it),
+    or loaded rank-locally from `checkpoint` by engine.load with the adapters."""
+    import engine
     from engine.families import patch_moe
-    from engine.lora import attach_adapters
+    from engine.lora import AdapterPool, attach_adapters
     from engine.parallel import apply_strategy
 
+    if checkpoint is not None:  # saved from the same seeded model; the adapters name it by its hub-style name
+        pool = AdapterPool(folders, base_model=BUILDS[family]().config._name_or_path)
+        return engine.load(checkpoint, strategy=strategy, backend="torch", strategy_options={"stats": True},
+                           adapters=pool, adapter_options={"backend": backend, **options})
     model = patch_moe(BUILDS[family](), backend="torch")
     if attach_first:
         lm = attach_adapters(model, folders, backend=backend, **options)
@@ -76,10 +82,12 @@ def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: st
     out["seconds"]["one process and PEFT"] = time.monotonic() - start
     runs = [("mixtral", s, "torch") for s in ("moeshard", "ep", "ep-capacity", "auto:moeshard", "auto:ep")]
     runs += [("qwen3_moe", "moeshard", "torch"), ("qwen3_moe", "ep", "torch"), ("qwen3_moe", "moeshard", "triton"),
-             ("mixtral", "ep", "triton"), ("mixtral", "moeshard:first", "torch"), ("mixtral", "moeshard:unpacked", "torch")]
+             ("mixtral", "ep", "triton"), ("mixtral", "moeshard:first", "torch"), ("mixtral", "moeshard:unpacked", "torch"),
+             ("mixtral", "moeshard:loaded", "torch"), ("mixtral", "ep:loaded", "torch")]
     for family, strategy, backend in runs:
         name, _, variant = strategy.partition(":")
-        lm = distributed(family, name, family_folders[family], backend, attach_first=variant == "first")
+        lm = distributed(family, name, family_folders[family], backend, attach_first=variant == "first",
+                         checkpoint=str(Path(scratch) / "mixtral-checkpoint") if variant == "loaded" else None)
         if name == "auto":
             force_auto(lm, variant, world)
         got = forward(lm, ids, mixes, unpacked=variant == "unpacked")

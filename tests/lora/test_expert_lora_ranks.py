@@ -33,6 +33,7 @@ def ranks(tmp_path_factory):
             "e": save_adapter(model, root / family / "e", seed=5, r=4, targets=("q_proj",),
                               target_parameters=["mlp.experts.down_proj"]),
         }
+    BUILDS["mixtral"]().save_pretrained(root / "mixtral-checkpoint")  # for rank-local loading (engine.load)
     folders = {f: {n: str(p) for n, p in adapters.items()} for f, adapters in folders.items()}
     return run_ranks(expert_lora_session, 2, folders, str(root), limit_s=240)
 
