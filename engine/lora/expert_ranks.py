@@ -86,11 +86,14 @@ class RankSlots:
             table[rank, slot] = slot_of[name]
         self.table = table.to(self.dist.device)
 
+    def own_k(self) -> int:
+        """Adapters per token this rank's batch sends (0 when none of its adapters adapts experts)."""
+        return self._local()[0]
+
     def agreed(self) -> tuple[int, torch.Tensor | None]:
         """(k, table) for this pass. One rank agrees with itself without a gather, so it reads its own batch."""
         if self.dist.size == 1:
-            k, _ = self._local()
-            return k, None
+            return self.own_k(), None
         return self.k, self.table
 
     def release(self) -> None:
@@ -100,19 +103,20 @@ class RankSlots:
 
 
 class BlockExpertLoRA:
-    """`block.expert_lora`: the block's expert adapters for a distributed executor, per part of its experts."""
+    """`block.expert_lora`: the block's expert adapters for a distributed executor. `part(shard)` binds it to
+    the part of the experts (a ShardedExperts) the executor runs: each token's adapters to send with it
+    (`routing`), and the part's weights with the adapters of the rows that arrived (`attach`)."""
 
-    def __init__(self, experts: str, state):
-        self.experts, self.state = experts, state
+    def __init__(self, experts: str, state, shard=None):
+        self.experts, self.state, self.shard = experts, state, shard
 
-    def part(self, shard) -> PartLoRA:
-        return PartLoRA(self, shard)
+    def part(self, shard) -> BlockExpertLoRA:
+        return BlockExpertLoRA(self.experts, self.state, shard)
 
     def routing(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(slots [T, k] int32, weights [T, k] fp32) of this rank's `tokens` tokens in its own cache's slots,
         k as agreed (padded with -1), or None when no rank's batch has expert adapters in this pass."""
-        state = self.state
-        ranks = state.ranks
+        state, ranks = self.state, self.state.ranks
         if ranks is None:
             if state.slots is not None and self._stacks() is not None:
                 raise AdapterError(f"{self.experts!r}: expert LoRA under a distributed strategy needs the model "
@@ -123,43 +127,27 @@ class BlockExpertLoRA:
             return None
         slots = torch.full((tokens, k), -1, dtype=torch.int32, device=ranks.dist.device)
         weights = torch.zeros(tokens, k, dtype=torch.float32, device=ranks.dist.device)
-        if state.slots is not None and tokens:
+        if ranks.own_k() and tokens:  # a batch without expert adapters sends none (its k may exceed the agreed)
             own_slots, own_weights = state.token_routing(tokens)
             slots[:, :own_slots.shape[1]] = own_slots
             weights[:, :own_weights.shape[1]] = own_weights
         return slots, weights
 
-    def attach(self, weights, shard, slots: torch.Tensor, adapter_weights: torch.Tensor,
-               sources: torch.Tensor):
-        """`weights` (the ExpertWeights of `shard`, a ShardedExperts) with the LoRA of the rows that arrived:
-        their `slots` in the cache of their `sources` rank, translated to this rank's slots."""
+    def attach(self, weights, slots: torch.Tensor, adapter_weights: torch.Tensor, sources: torch.Tensor):
+        """`weights` (the part's ExpertWeights) with the LoRA of the rows that arrived: their `slots` in the
+        cache of their `sources` rank, translated to this rank's slots."""
         _, table = self.state.ranks.agreed()
         if table is not None:
             found = table[sources.long()[:, None], slots.clamp(min=0).long()]
             slots = torch.where(slots >= 0, found, -1)
         lora = ExpertLoRA(*self._stacks(), lambda tokens: (slots, adapter_weights), self.state.backend)
-        if shard.kind == "ffn":
-            lora = lora.slice(shard.start, shard.stop, shard.ffn_width)
-        else:
-            lora = lora.experts(shard.start, shard.stop)
+        shard = self.shard
+        lora = lora.slice(shard.start, shard.stop, shard.ffn_width) if shard.kind == "ffn" else \
+            lora.experts(shard.start, shard.stop)
         return replace(weights, lora=lora)
 
     def _stacks(self):
         return expert_stacks(self.state.cache, self.experts)
-
-
-class PartLoRA:
-    """What an executor holding `shard` (a ShardedExperts) asks: each token's adapters to send with it
-    (`routing`), and its part's weights with the adapters of the rows that arrived (`attach`)."""
-
-    def __init__(self, block: BlockExpertLoRA, shard):
-        self.block, self.shard = block, shard
-
-    def routing(self, tokens: int):
-        return self.block.routing(tokens)
-
-    def attach(self, weights, slots, adapter_weights, sources):
-        return self.block.attach(weights, self.shard, slots, adapter_weights, sources)
 
 
 def expert_stacks(cache, experts: str):

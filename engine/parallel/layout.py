@@ -96,7 +96,7 @@ def fill(shard: ShardedExperts, part: ExpertWeights) -> None:
 
 
 def part_lora(block: MoEBlock, shard: ShardedExperts):
-    """The expert LoRA of `block` for this rank's `shard` (an `engine.lora.expert_ranks.PartLoRA`, set when
+    """The expert LoRA of `block` for this rank's `shard` (an `engine.lora.expert_ranks.BlockExpertLoRA`, set when
     adapters with expert parameters are attached), or None."""
     lora = getattr(block, "expert_lora", None)
     return None if lora is None else lora.part(shard)

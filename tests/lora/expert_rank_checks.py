@@ -127,23 +127,34 @@ def generate(rank: int, folders: dict) -> bool:
     return bool(torch.equal(lm.generate(ids, adapter_weights=mixes, **options), single))
 
 
-def idle_rank(rank: int, folders: dict, reference: torch.Tensor) -> float:
-    """A second call on the same model where rank 1 runs the base model: rank 0's rows still get their expert
-    adapters (rank 1 computes its part of them), rank 1's rows none. → relative error against one process"""
+def idle_rank(rank: int, folders: dict, reference: torch.Tensor) -> list[float]:
+    """Calls after the first on the same model where rank 1 runs the base model, then only attention adapters
+    with more adapters per row than rank 0 mixes: rank 0's rows still get their expert adapters (rank 1
+    computes its part of them). → relative errors against one process"""
     ids = rank_ids(rank)
     lm = distributed("mixtral", "moeshard", folders, "torch")
     lm(input_ids=ids, adapter_weights=MIXES[rank])
     if rank == 0:
-        return relative_error(lm(input_ids=ids, adapter_weights=MIXES[0]).logits, reference)
+        return [relative_error(lm(input_ids=ids, adapter_weights=MIXES[0]).logits, reference),
+                relative_error(lm(input_ids=ids, adapter_weights=[{"a": 1.0}] * 4).logits,
+                               _single(folders, ids, [{"a": 1.0}] * 4))]
     with torch.no_grad():
         base = tiny_mixtral()(input_ids=ids).logits
-    return relative_error(lm(input_ids=ids).logits, base)
+    dense = [{"d": 0.5, "f": 0.5}] * 3
+    return [relative_error(lm(input_ids=ids).logits, base),
+            relative_error(lm(input_ids=ids, adapter_weights=dense).logits, _single(folders, ids, dense))]
+
+
+def _single(folders: dict, ids, mixes) -> torch.Tensor:
+    from engine.lora import attach_adapters
+
+    return attach_adapters(tiny_mixtral(), folders, backend="torch")(input_ids=ids, adapter_weights=mixes).logits
 
 
 def over_budget(rank: int, folders: dict):
     """A cache of two adapters per rank: each rank's batch fits, the union of the ranks' (a, b, c) does not. Every
     rank refuses the pass the same way; a later pass that fits runs. → (error message, relative error after)"""
-    from engine.lora import AdapterPool, CacheFullError, attach_adapters
+    from engine.lora import AdapterPool, CacheFullError
     from engine.lora.cache import AdapterCache
 
     per_adapter = AdapterCache.adapter_bytes(AdapterPool(folders), torch.float32)
@@ -156,5 +167,4 @@ def over_budget(rank: int, folders: dict):
     except CacheFullError as err:
         message = str(err)
     fits = [{"b": 1.0}] * ids.shape[0]
-    single = attach_adapters(tiny_mixtral(), folders, backend="torch")(input_ids=ids, adapter_weights=fits).logits
-    return message, relative_error(lm(input_ids=ids, adapter_weights=fits).logits, single)
+    return message, relative_error(lm(input_ids=ids, adapter_weights=fits).logits, _single(folders, ids, fits))
