@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
-    from engine.serving.lora_api import AdapterNames, lora_model
+    from engine.serving.lora_api import AdapterNames
     from engine.serving.runner import Runner, model_kind
     from engine.serving.tokenizer import load_tokenizer
 
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    # a live pool (--enable-lora) and a device budget for adapters (sub-batches) are the static batcher's
-    live_pool = lora_model(model) is not None and (config.enable_lora or config.lora_budget_bytes is not None)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not live_pool:
+    if config.scheduler == "continuous" and model_kind(model) == "decoder":
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:

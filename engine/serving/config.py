@@ -24,7 +24,7 @@ class ServeConfig:
     max_batch_size: int = 64  # sequences in one batch (continuous scheduler: running requests per rank)
     # Decoder generation: "continuous" (iteration-level batching over a paged KV cache on every rank,
     # engine.serving.scheduler) or "static" (one generate() call per batch, engine.serving.batcher: the baseline).
-    # Embeddings, encoder-decoder models and LoRA adapters use the static batcher.
+    # Embeddings and encoder-decoder models use the static batcher.
     scheduler: str = "continuous"
     kv_cache_bytes: int | None = None  # KV budget per rank in bytes; unset: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.5
