@@ -127,7 +127,7 @@ class ContinuousEngine:
     def _run(self) -> None:
         try:
             while not (self.stopping and not self.active and not self.incoming):
-                if not self.active and not self.incoming:
+                if not self.active and not self.incoming and not self.pool_ops:
                     try:
                         item = self.queue.get(timeout=self.heartbeat_s)
                     except queue.Empty:
