@@ -6,6 +6,11 @@ dummy one when it has nothing), and sends back each request's new tokens and its
 to the rank with the most free blocks. Tokens reach the client from whichever rank generates them, at the step
 they are made.
 
+With a LoRA pool, each request carries its adapter mixture (named, or routed once for "auto") and the packed
+forward applies it per token. A request joins a rank only when that rank's device adapter cache holds its
+adapters beside those of the rank's other requests; adapter loads and unloads run on every rank between two
+steps (engine.serving.lora_api says how they wait and what they refuse).
+
 The narrow interface (used by the HTTP app and by `generate_batch` offline):
 
     engine.submit(request)            # a batcher.Request of kind "generate"; raises Overloaded / RankFailure /
