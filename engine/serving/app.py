@@ -73,7 +73,9 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
     async def count(request: HTTPRequest, call_next):
         start = time.perf_counter()
         response = await call_next(request)
-        endpoint = request.url.path
+        # the route's template, not the raw path: a label per junk URL would grow the metrics without bound
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
             metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -203,7 +205,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                                 f"tokens and the prompt has {prompt_len}, which leaves {room}", param)
         return asked or min(default, room)
 
-    async def generate(body, shape, ids: list[int], text: str, adapter: str | None, limit: int):
+    async def generate(http: HTTPRequest, body, shape, ids: list[int], text: str, adapter: str | None, limit: int):
         """Runs `n` choices of one prompt and answers them in `shape`, whole or as server-sent events."""
         loop = asyncio.get_running_loop()
         n, stream, stops = body.n or 1, bool(body.stream), body.stops()
@@ -228,6 +230,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             return shape.logprobs(rows, stream.offsets[start:stop])
 
         if not stream:
+            if not await _finished_before_disconnect(http, requests):
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             choices, completion_tokens = [], 0
             for i, request in enumerate(requests):
                 generation = await result(request.future)
@@ -297,14 +301,14 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: HTTPRequest):
         adapter = check_generation(body)
         ids = check_input(tokenizer.encode(body.prompt), "prompt")
         limit = max_tokens(body, len(ids), min(16, config.max_new_tokens), "prompt")  # 16: OpenAI's default
-        return await generate(body, CompletionShape(_token_text(tokenizer)), ids, body.prompt, adapter, limit)
+        return await generate(http, body, CompletionShape(_token_text(tokenizer)), ids, body.prompt, adapter, limit)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         adapter = check_generation(body)
         messages = [m.for_template() for m in body.messages]
         try:
@@ -318,9 +322,31 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         limit = max_tokens(body, len(ids), config.max_new_tokens, "messages")
         # the last user turn, for an "auto" adapter's task router
         text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        return await generate(body, ChatShape(_token_text(tokenizer)), ids, text, adapter, limit)
+        return await generate(http, body, ChatShape(_token_text(tokenizer)), ids, text, adapter, limit)
 
     return app
+
+
+async def _finished_before_disconnect(http: HTTPRequest, requests: list[Request]) -> bool:
+    """Waits for every choice's result. A client that disconnects first cancels its requests, as a stream's does,
+    so they leave their batch at the next step instead of generating for nobody."""
+    results = asyncio.gather(*(r.future for r in requests))
+    results.add_done_callback(lambda f: f.cancelled() or f.exception())  # each choice's error is read on its own
+
+    async def disconnected():  # the body is read, so what the client sends next can only be its disconnect
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if results.done():
+        return True
+    for request in requests:
+        request.cancelled = True
+    return False
 
 
 class _Tagged:
