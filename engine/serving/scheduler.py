@@ -382,10 +382,9 @@ class _LocalRunner:
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int | None = None, *, kv_bytes: int | None = None,
                    kv_fraction: float = 0.5, block_size: int = 32, step_tokens: int = 256,
-                   max_running: int = 64, adapters: list[str | None] | None = None) -> list[list[int]]:
+                   max_running: int = 64) -> list[list[int]]:
     """Offline continuous batching on one process with the server's scheduler: every prompt's new tokens (EOS
-    excluded). Request i samples with seed `seed + i` when `temperature > 0`. `adapters` (a model with a LoRA
-    pool): per prompt, an adapter name or None (the base model)."""
+    excluded). Request i samples with seed `seed + i` when `temperature > 0`."""
     from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
 
     longest = max(len(p) for p in prompts) + max_new_tokens
@@ -401,8 +400,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, te
         for i, ids in enumerate(prompts):
             params = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=None if seed is None else seed + i)
-            request = Request("generate", list(ids), None, params=params,
-                              adapter=adapters[i] if adapters is not None else None)
+            request = Request("generate", list(ids), None, params=params)
             requests.append(request)
             engine.submit(request)
         engine._drain()

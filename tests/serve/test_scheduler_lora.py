@@ -100,10 +100,15 @@ def test_a_budget_of_two_serves_four_adapters_and_each_request_gets_its_tokens_a
     folders, one, full = pool
     lm = budgeted(folders, "abcd", one, slots=2)
     sizes = record_acquires(lm)
+    scheduler = scheduler_for(lm)
     adapters = ["a", "b", "c", "d", None, "b", "a"]
-    prompts = [list(range(10 + 3 * i, 24 + 4 * i)) for i in range(len(adapters))]
-    got = engine.generate_batch(lm, prompts, max_new_tokens=8, adapters=adapters)
-    assert got == [alone(full, p, a, 8) for p, a in zip(prompts, adapters)]
+    requests = [generate(a, range(10 + 3 * i, 24 + 4 * i), 8) for i, a in enumerate(adapters)]
+    for request in requests:
+        scheduler.submit(request)
+    while any(r.result is None for r in requests):
+        tick(scheduler)
+    scheduler.coordinator.runner.batch.close()
+    assert [r.result.tokens for r in requests] == [alone(full, r.token_ids, a, 8) for r, a in zip(requests, adapters)]
     assert max(sizes) == 2  # two adapters shared steps, never more than the budget holds
     assert lm.cache.evictions > 0  # the four took turns in the two slots
 
