@@ -132,8 +132,8 @@ def test_waiting_for_adapter_room_is_first_come_first_served(pool):
                 finished.setdefault(i, step)
     scheduler.coordinator.runner.batch.close()
     assert placed[0] == placed[3] == 1  # the base model's request does not wait for adapter room
-    assert placed[1] > finished[0] - 1  # b waits until a's slot is free ...
-    assert placed[2] > placed[1]  # ... and the second a, though its adapter was there, waits behind b
+    assert placed[1] == finished[0] + 1  # b joins at the step after the first a leaves the slot ...
+    assert placed[2] == finished[1] + 1  # ... and the second a, whose adapter was there first, waits behind b
     assert [r.result.tokens for r in requests] == [alone(full, r.token_ids, a, 6) for r, a in zip(requests, order)]
 
 
