@@ -183,6 +183,42 @@ def test_load_and_unload_between_steps_leave_running_requests_alone(pool):
     assert again.result["status"] == 404 and "adapter 'a' is not loaded" in again.result["error"]
 
 
+def test_auto_mixtures_within_the_budget_and_a_load_the_router_would_not_fit(pool):
+    """"auto" requests are routed once (k=2 of three adapters), wait for room like named ones, and a load that
+    would leave fewer slots than the router's k is refused."""
+    from engine import TaskRouter
+
+    folders, one, full = pool
+    tasks = {"a": ["Add 2 and 3.", "What is 7 times 8?"], "b": ["Hello there!", "Good morning to you."],
+             "c": ["Translate cat into French.", "Say dog in German."]}
+    router = TaskRouter.build(tasks, adapters={n: folders[n] for n in "abc"}, k=2)
+    lm = budgeted(folders, "abc", one, slots=2)
+    scheduler = scheduler_for(lm)
+    scheduler.router = router
+    sizes = record_acquires(lm)
+    tokenizer = ByteTokenizer(lm.config.vocab_size)
+    texts = ["Add 4 and 9.", "Hi, nice to meet you!", "Say bird in French.", "Add 1 and 1."]
+    requests = [generate("auto", tokenizer.encode(t), 5) for t in texts]
+    for request, text in zip(requests, texts):
+        request.text = text
+        scheduler.submit(request)
+    wide = pool_op("lora_load", "r8", folders["r8"])
+    scheduler.submit(wide)
+    while any(r.result is None for r in requests) or wide.result is None:
+        tick(scheduler)
+    scheduler.coordinator.runner.batch.close()
+    mixtures = [dict(d.adapters) for d in router.route(texts)]
+    assert len({frozenset(m) for m in mixtures}) > 1 and all(len(m) == 2 for m in mixtures)
+    assert max(sizes) == 2
+    for request, mixture in zip(requests, mixtures):
+        out = full.generate(input_ids=torch.tensor([request.token_ids]), max_new_tokens=5, do_sample=False,
+                            adapter_weights=[mixture])
+        want = out[0, len(request.token_ids):].tolist()
+        assert request.result.tokens == (want[: want.index(EOS)] if EOS in want else want)
+    assert wide.result["status"] == 400 and "the router mixes up to k=2" in wide.result["error"]
+    assert lm.pool.names == ["a", "b", "c"] and lm.cache.capacity == 2
+
+
 # ---- a real 2-rank server --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(server_factory, pool):
