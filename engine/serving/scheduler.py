@@ -143,8 +143,7 @@ class ContinuousEngine:
                 self._apply_pool_ops()
                 if self.active or self.incoming:
                     self.step()
-            for item in self.pool_ops:  # cannot happen (nothing uses an adapter now), but never leave one hanging
-                self._finish(item, {"error": "the server stopped", "status": 503})
+            self._apply_pool_ops()  # an unload that waited for the last requests: nothing uses its adapter now
             self.coordinator.stop()
         except RankFailure as err:
             self._fail(str(err))
