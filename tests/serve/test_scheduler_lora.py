@@ -101,14 +101,14 @@ def test_a_budget_of_two_serves_four_adapters_and_each_request_gets_its_tokens_a
     lm = budgeted(folders, "abcd", one, slots=2)
     sizes = record_acquires(lm)
     scheduler = scheduler_for(lm)
-    adapters = ["a", "b", "c", "d", None, "b", "a"]
-    requests = [generate(a, range(10 + 3 * i, 24 + 4 * i), 8) for i, a in enumerate(adapters)]
+    adapters = ["a", "b", "c", "d", None]
+    requests = [generate(a, range(10 + 3 * i, 24 + 4 * i), 6) for i, a in enumerate(adapters)]
     for request in requests:
         scheduler.submit(request)
     while any(r.result is None for r in requests):
         tick(scheduler)
     scheduler.coordinator.runner.batch.close()
-    assert [r.result.tokens for r in requests] == [alone(full, r.token_ids, a, 8) for r, a in zip(requests, adapters)]
+    assert [r.result.tokens for r in requests] == [alone(full, r.token_ids, a, 6) for r, a in zip(requests, adapters)]
     assert max(sizes) == 2  # two adapters shared steps, never more than the budget holds
     assert lm.cache.evictions > 0  # the four took turns in the two slots
 
@@ -118,7 +118,7 @@ def test_waiting_for_adapter_room_is_first_come_first_served(pool):
     lm = budgeted(folders, "ab", one, slots=1)
     scheduler = scheduler_for(lm)
     order = ["a", "b", "a", None]
-    requests = [generate(a, [5 + i, 6, 7, 8], 6) for i, a in enumerate(order)]
+    requests = [generate(a, [5 + i, 6, 7, 8], 4) for i, a in enumerate(order)]
     for request in requests:
         scheduler.submit(request)
     placed, finished, step = {}, {}, 0
@@ -134,14 +134,14 @@ def test_waiting_for_adapter_room_is_first_come_first_served(pool):
     assert placed[0] == placed[3] == 1  # the base model's request does not wait for adapter room
     assert placed[1] == finished[0] + 1  # b joins at the step after the first a leaves the slot ...
     assert placed[2] == finished[1] + 1  # ... and the second a, whose adapter was there first, waits behind b
-    assert [r.result.tokens for r in requests] == [alone(full, r.token_ids, a, 6) for r, a in zip(requests, order)]
+    assert [r.result.tokens for r in requests] == [alone(full, r.token_ids, a, 4) for r, a in zip(requests, order)]
 
 
 def test_load_and_unload_between_steps_leave_running_requests_alone(pool):
     folders, one, full = pool
     lm = budgeted(folders, "ab", one, slots=2)
     scheduler = scheduler_for(lm)
-    first, second = generate("a", list(range(30, 40)), 12), generate("b", list(range(50, 56)), 12)
+    first, second = generate("a", list(range(30, 40)), 8), generate("b", list(range(50, 56)), 8)
     scheduler.submit(first)
     scheduler.submit(second)
     tick(scheduler)
@@ -163,7 +163,7 @@ def test_load_and_unload_between_steps_leave_running_requests_alone(pool):
     scheduler.submit(unload)
     late = generate("a", [9, 9, 9], 4)  # names the adapter after its unload was asked for
     scheduler.submit(late)
-    third = generate("c", list(range(60, 66)), 6)
+    third = generate("c", list(range(60, 66)), 4)
     scheduler.submit(third)
     tick(scheduler)
     assert unload.result is None and "a" in lm.pool  # it waits for the request that uses it
@@ -174,9 +174,9 @@ def test_load_and_unload_between_steps_leave_running_requests_alone(pool):
     while second.result is None or third.result is None:
         tick(scheduler)
     scheduler.coordinator.runner.batch.close()
-    assert first.result.tokens == alone(full, first.token_ids, "a", 12)
-    assert second.result.tokens == alone(full, second.token_ids, "b", 12)
-    assert third.result.tokens == alone(full, third.token_ids, "c", 6)
+    assert first.result.tokens == alone(full, first.token_ids, "a", 8)
+    assert second.result.tokens == alone(full, second.token_ids, "b", 8)
+    assert third.result.tokens == alone(full, third.token_ids, "c", 4)
     again = pool_op("lora_unload", "a")
     scheduler.submit(again)
     tick(scheduler)
@@ -197,8 +197,8 @@ def test_auto_mixtures_within_the_budget_and_a_load_the_router_would_not_fit(poo
     scheduler.router = router
     sizes = record_acquires(lm)
     tokenizer = ByteTokenizer(lm.config.vocab_size)
-    texts = ["Add 4 and 9.", "Hi, nice to meet you!", "Say bird in French.", "Add 1 and 1."]
-    requests = [generate("auto", tokenizer.encode(t), 5) for t in texts]
+    texts = ["Add 4 and 9.", "Hi, nice to meet you!", "Say bird in French."]
+    requests = [generate("auto", tokenizer.encode(t), 4) for t in texts]
     for request, text in zip(requests, texts):
         request.text = text
         scheduler.submit(request)
@@ -211,7 +211,7 @@ def test_auto_mixtures_within_the_budget_and_a_load_the_router_would_not_fit(poo
     assert len({frozenset(m) for m in mixtures}) > 1 and all(len(m) == 2 for m in mixtures)
     assert max(sizes) == 2
     for request, mixture in zip(requests, mixtures):
-        out = full.generate(input_ids=torch.tensor([request.token_ids]), max_new_tokens=5, do_sample=False,
+        out = full.generate(input_ids=torch.tensor([request.token_ids]), max_new_tokens=4, do_sample=False,
                             adapter_weights=[mixture])
         want = out[0, len(request.token_ids):].tolist()
         assert request.result.tokens == (want[: want.index(EOS)] if EOS in want else want)
@@ -280,7 +280,8 @@ def test_a_live_pool_over_budget_on_two_ranks(server, pool):
         assert response.json()["choices"][0]["text"] == expected_text(full, prompt, adapter, 5)
 
     # a long stream on adapter a; meanwhile d is loaded and used, and a's unload waits for the stream
-    prompt, long_tokens = "Tell a story.", 48  # no EOS before 48 tokens with adapter a
+    prompt, long_tokens = "Tell a story.", 64  # no EOS before 64 tokens with adapter a
+    want_long, want_d = expected_text(full, prompt, "a", long_tokens), expected_text(full, "Hello there", "d", 5)
     events, started, done = [], threading.Event(), threading.Event()
 
     def stream():
@@ -299,7 +300,7 @@ def test_a_live_pool_over_budget_on_two_ranks(server, pool):
     loaded = server.client.post("/v1/load_lora_adapter", json={"lora_name": "d", "lora_path": str(folders["d"])})
     assert loaded.status_code == 200, loaded.text
     used = completion(server.client, "Hello there", "d")
-    assert used.status_code == 200 and used.json()["choices"][0]["text"] == expected_text(full, "Hello there", "d", 5)
+    assert used.status_code == 200 and used.json()["choices"][0]["text"] == want_d
 
     unloaded = {}
 
@@ -309,7 +310,7 @@ def test_a_live_pool_over_budget_on_two_ranks(server, pool):
             unloaded["gauges"] = gauges(client)  # as the last step left them
 
     unloader = threading.Thread(target=unload)
-    assert not done.is_set()  # the stream still runs when the unload is asked for
+    assert not done.is_set(), len(events)  # the stream still runs when the unload is asked for
     unloader.start()
     deadline = time.time() + 60
     while "a" in model_ids(server) and time.time() < deadline:  # asked for: no longer listed
@@ -323,7 +324,7 @@ def test_a_live_pool_over_budget_on_two_ranks(server, pool):
     assert unloaded["gauges"]["tessera_running_requests"] == 0, unloaded["gauges"]
     assert unloaded["gauges"]["tessera_kv_blocks_used"] == 0, unloaded["gauges"]
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-    assert events[-1] == "[DONE]" and text == expected_text(full, prompt, "a", long_tokens)
+    assert events[-1] == "[DONE]" and text == want_long
     gone = server.client.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
     assert gone.status_code == 404 and "adapter 'a' is not loaded" in gone.text
     assert "a" not in model_ids(server) and {"b", "c", "d"} <= set(model_ids(server))
