@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
-    from engine.serving.lora_api import AdapterNames
+    from engine.serving.lora_api import AdapterNames, lora_model
     from engine.serving.runner import Runner, model_kind
     from engine.serving.tokenizer import load_tokenizer
 
@@ -85,7 +85,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder":
+    # adapters on an encoder-decoder use the static batcher (its running batch applies no LoRA)
+    continuous = model_kind(model) == "decoder" or (model_kind(model) == "seq2seq" and lora_model(model) is None)
+    if config.scheduler == "continuous" and continuous:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
@@ -101,14 +103,15 @@ def main(argv=None) -> int:
 
 def rank_batch(model, config, tokenizer, world: int):
     """This rank's running batch for the continuous scheduler, over a paged KV cache of the configured budget."""
-    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+    from engine.serving.paged_batch import kv_blocks_for_budget
+    from engine.serving.scheduler import batch_class
 
     longest = -(-(config.max_input_tokens + config.max_new_tokens) // config.kv_block_size)
     blocks = kv_blocks_for_budget(model, config.kv_block_size, config.kv_cache_bytes, config.kv_cache_fraction,
                                   most_useful=config.max_batch_size * longest)
-    return RankBatch(model, num_blocks=blocks, block_size=config.kv_block_size, step_tokens=config.step_tokens,
-                     max_requests=config.max_batch_size, pad_token_id=tokenizer.pad_token_id,
-                     dummy_when_idle=world > 1)
+    batch = batch_class(model)  # decoders: RankBatch; encoder-decoders: EncDecBatch, a budget of cached tokens
+    return batch(model, num_blocks=blocks, block_size=config.kv_block_size, step_tokens=config.step_tokens,
+                 max_requests=config.max_batch_size, pad_token_id=tokenizer.pad_token_id, dummy_when_idle=world > 1)
 
 
 def attach_pool(model, config):

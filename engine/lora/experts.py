@@ -13,7 +13,7 @@ untouched.
 
 Under MoEShard a rank holds FFN columns [start, stop) of every expert: the gate and up rows of B follow the
 slice, and for down_proj the columns of A do (partial A h sums over ranks before B, which is linear), so
-`slice` keeps the sum over slices exact. `expert_lora_reference` is the token-by-token oracle.
+`slice` keeps the sum over slices exact. `expert_lora_reference` is the oracle.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.expert_gemm import apply_activation_reference
+from kernels.fused_moe import fused_experts_reference
 from kernels.lora_sgmv import lora_sgmv
 
 
@@ -107,41 +108,30 @@ def _per_expert(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Te
 
 
 def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertLoRA) -> torch.Tensor:
-    """Token by token, pair by pair, adapter by adapter, in fp32: the definition `ExpertLoRA.run` must meet."""
+    """The definition `ExpertLoRA.run` must meet, in fp32: every (token, expert) pair gets its own merged expert,
+    W_e + sum over the token's adapters of weight * scale * B_e A_e, run by the plain experts reference."""
+    num_tokens, top_k = topk_ids.shape
     num_experts, ffn = weights.num_experts, weights.ffn_width
-    out = torch.zeros(hidden.shape, dtype=torch.float32)
-    token_slots, token_weights = lora.routing(hidden.shape[0])
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    experts = topk_ids.clamp(0, num_experts - 1).reshape(-1).long()
+    token_slots, token_weights = lora.routing(num_tokens)
+    tokens = torch.arange(num_tokens).repeat_interleave(top_k)
 
-    def mix(pair, t, e, vec):  # sum over token t's adapters of w * s * B_e A_e vec
-        a, b, scales = pair
-        total = torch.zeros(b.shape[-2])
-        for k, slot in enumerate(token_slots[t].tolist()):
-            if slot >= 0:
-                weight = float(token_weights[t, k] * scales[slot])
-                total = total + weight * (b[slot, e].float() @ (a[slot, e].float() @ vec))
-        return total
+    def merged(w, pair):  # (pairs, out, in): each pair's expert with its token's adapters added
+        w = w.float()[experts]
+        if pair is not None:
+            a, b, scales = pair
+            for k in range(token_slots.shape[1]):
+                slot = token_slots[tokens, k].long()
+                scale = torch.where(slot >= 0, token_weights[tokens, k] * scales[slot.clamp(min=0)], 0.0)
+                w = w + scale[:, None, None] * (b[slot.clamp(min=0), experts].float()
+                                                @ a[slot.clamp(min=0), experts].float())
+        return w
 
-    for t in range(hidden.shape[0]):
-        x = hidden[t].float()
-        for j, e in enumerate(topk_ids[t].tolist()):
-            if not 0 <= e < num_experts:
-                continue
-            gate = weights.w1[e].float() @ x
-            up = None if weights.w3 is None else weights.w3[e].float() @ x
-            if weights.b1 is not None:
-                gate = gate + weights.b1[e].float()
-            if lora.gate_up is not None:
-                delta = mix(lora.gate_up, t, e, x)
-                gate = gate + delta[:ffn]
-                if up is not None:
-                    up = up + delta[ffn:]
-            h = apply_activation_reference(gate, weights.activation)
-            if up is not None:
-                h = h * up
-            y = weights.w2[e].float() @ h
-            if weights.b2 is not None:
-                y = y + weights.b2[e].float()
-            if lora.down is not None:
-                y = y + mix(lora.down, t, e, h)
-            out[t] += (1.0 if topk_weights is None else float(topk_weights[t, j])) * y
-    return out
+    w13 = weights.w1 if weights.w3 is None else torch.cat([weights.w1, weights.w3], dim=1)
+    w13 = merged(w13, lora.gate_up)
+    pair_ids = torch.where(valid.reshape(-1), torch.arange(num_tokens * top_k), -1).view(num_tokens, top_k)
+    b1, b2 = (None if b is None else b[experts] for b in (weights.b1, weights.b2))
+    return fused_experts_reference(hidden, pair_ids, topk_weights, w13[:, :ffn], merged(weights.w2, lora.down),
+                                   None if weights.w3 is None else w13[:, ffn:], weights.activation, torch.float32,
+                                   b1, b2)

@@ -35,7 +35,6 @@ class LoRAModel:
                  router=None, tokenizer=None):
         self.model, self.pool, self.cache, self.state = model, pool, cache, state
         self.router, self.tokenizer = router, tokenizer
-        self.last_decisions: list | None = None
         self._lock = threading.RLock()
         self._pool_version = pool.version
 
@@ -127,8 +126,7 @@ class LoRAModel:
             queries = self._decode(input_ids, attention_mask)
         if len(queries) != rows:
             raise RoutingError(f"{len(queries)} queries for a batch of {rows} rows")
-        self.last_decisions = self.router.route(list(queries), **route_kwargs)
-        return [d.adapters for d in self.last_decisions]
+        return [d.adapters for d in self.router.route(list(queries), **route_kwargs)]
 
     def _decode(self, input_ids, attention_mask) -> list[str]:
         if input_ids is None:

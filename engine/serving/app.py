@@ -7,7 +7,7 @@ over the limit or a prompt that does not fit the model's context, 500 naming the
 503 with Retry-After when the queue is full or a rank failed.
 
 The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
-(`engine.serving.scheduler.ContinuousEngine` for decoders, `engine.serving.batcher.BatchEngine` for the rest): it
+(`engine.serving.scheduler.ContinuousEngine` for generation, `engine.serving.batcher.BatchEngine` for the rest): it
 sets a request's future to a `Generation`, or, streaming, puts `(token id, logprob entry or None)` per token on
 `request.tokens`, then None or an exception.
 """

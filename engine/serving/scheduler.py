@@ -378,19 +378,31 @@ class _LocalRunner:
         return self.batch.run(op, rank=0)
 
 
+def batch_class(model):
+    """The running batch of one rank: over transformers' paged cache for decoders, over a slab of self- and
+    cross-attention caches for encoder-decoders (the paged cache has no cross-attention)."""
+    if model.config.is_encoder_decoder:
+        from engine.serving.encdec_batch import EncDecBatch
+
+        return EncDecBatch
+    from engine.serving.paged_batch import RankBatch
+
+    return RankBatch
+
+
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int | None = None, *, kv_bytes: int | None = None,
                    kv_fraction: float = 0.5, block_size: int = 32, step_tokens: int = 256,
                    max_running: int = 64) -> list[list[int]]:
     """Offline continuous batching on one process with the server's scheduler: every prompt's new tokens (EOS
     excluded). Request i samples with seed `seed + i` when `temperature > 0`."""
-    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+    from engine.serving.paged_batch import kv_blocks_for_budget
 
     longest = max(len(p) for p in prompts) + max_new_tokens
     blocks = kv_blocks_for_budget(model, block_size, kv_bytes, kv_fraction,
                                   most_useful=min(max_running, len(prompts)) * -(-longest // block_size))
-    batch = RankBatch(model, num_blocks=blocks, block_size=block_size, step_tokens=step_tokens,
-                      max_requests=max_running)
+    batch = batch_class(model)(model, num_blocks=blocks, block_size=block_size, step_tokens=step_tokens,
+                               max_requests=max_running)
     engine = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1), max_queue=len(prompts) + 1,
                               max_running_per_rank=max_running)
     try:

@@ -84,7 +84,7 @@ def test_router_from_task_folder_routes_through_the_api(llama, adapter_dirs, tmp
     assert lm.model.state_dict().keys() == llama.state_dict().keys()
     ids = torch.randint(3, 96, (2, 5))
     routed = lm(input_ids=ids, route="auto", queries=["q-mixed", "q-far"]).logits
-    decisions = lm.last_decisions
+    decisions = router.route(["q-mixed", "q-far"])
     assert decisions[1].fallback and set(decisions[0].adapters) == {"math", "code"}
     explicit = lm(input_ids=ids, adapter_weights=[d.adapters for d in decisions]).logits
     torch.testing.assert_close(routed, explicit, rtol=0, atol=0)
