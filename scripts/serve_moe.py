@@ -85,11 +85,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    # a live pool (--enable-lora) and a device budget for adapters (sub-batches) are the static batcher's, and so
-    # are adapters on an encoder-decoder
-    live_pool = lora_model(model) is not None and (config.enable_lora or config.lora_budget_bytes is not None)
+    # adapters on an encoder-decoder use the static batcher (its running batch applies no LoRA)
     continuous = model_kind(model) == "decoder" or (model_kind(model) == "seq2seq" and lora_model(model) is None)
-    if config.scheduler == "continuous" and continuous and not live_pool:
+    if config.scheduler == "continuous" and continuous:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:

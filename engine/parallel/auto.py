@@ -11,6 +11,7 @@ import torch
 
 from engine.parallel.cost_model import CostModel, LayerShape
 from engine.parallel.expert_parallel import ExpertOwners, ep_dropless_forward
+from engine.parallel.layout import part_lora
 from engine.parallel.moeshard import moeshard_forward
 from engine.parallel.pass_sync import PassSync
 from engine.parallel.runtime import Dist
@@ -64,6 +65,6 @@ class AutoExecutor:
             self.stats.choices[choice] = self.stats.choices.get(choice, 0) + 1
         if choice == "moeshard":
             return moeshard_forward(self.dist, hidden, topk_ids, topk_weights, rows, block.moeshard_part.weights(),
-                                    block.backend, self.stats)
+                                    block.backend, self.stats, part_lora(block, block.moeshard_part))
         return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows,
-                                   block.ep_part.weights(), block.backend, self.stats)
+                                   block.ep_part.weights(), block.backend, self.stats, part_lora(block, block.ep_part))

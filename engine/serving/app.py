@@ -106,6 +106,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             return await future
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
+        except APIError:  # the scheduler refused it (an adapter unloaded meanwhile, a mixture over the budget)
+            raise
         except Exception as err:  # the step that ran this request failed; the server goes on
             raise APIError(500, _failure(err), kind="server_error") from None
 
@@ -261,7 +263,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                     if done[i]:
                         continue
                     if isinstance(item, Exception):
-                        yield sse({"error": {"message": _failure(item), "type": "server_error", "code": 500}})
+                        yield sse(item.body() if isinstance(item, APIError) else
+                                  {"error": {"message": _failure(item), "type": "server_error", "code": 500}})
                         return
                     finish, delta = None, ""
                     if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)

@@ -24,8 +24,8 @@ class ServeConfig:
     max_batch_size: int = 64  # sequences in one batch (continuous scheduler: running requests per rank)
     # Generation: "continuous" (iteration-level batching on every rank, engine.serving.scheduler: over a paged KV
     # cache for decoders, engine.serving.encdec_batch for encoder-decoders) or "static" (one generate() call per
-    # batch, engine.serving.batcher: the baseline). Embeddings, a live LoRA pool or a LoRA budget, and adapters on
-    # an encoder-decoder use the static batcher.
+    # batch, engine.serving.batcher: the baseline). Embeddings and adapters on an encoder-decoder use the static
+    # batcher.
     scheduler: str = "continuous"
     kv_cache_bytes: int | None = None  # KV budget per rank in bytes; unset: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.5
