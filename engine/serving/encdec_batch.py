@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 
+from engine.serving.coordinator import StepCannotPair
 from engine.serving.paged_batch import RankBatch, RowSampling
 
 
@@ -169,8 +170,10 @@ class EncDecBatch:
                 hidden = encoded.last_hidden_state
                 cross = [(self._heads(attention, attention.k(hidden)), self._heads(attention, attention.v(hidden)))
                          for attention in self.cross_attention]
-        except Exception as err:  # e.g. a kernel launch failure: these requests fail, the rank goes on
+        except Exception as err:  # e.g. a kernel launch failure: these requests fail, and one rank goes on
             self.reserved -= sum(row.blocks for row in joining)
+            if self.dummy_when_idle:  # the other ranks may wait in this forward's collectives: all must stop
+                raise StepCannotPair(f"{type(err).__name__}: {err}") from err
             return [_error_event(row.id, f"{type(err).__name__}: {err}") for row in joining]
         if joining:
             self._join(joining, cross, mask)
@@ -238,9 +241,11 @@ class EncDecBatch:
             logits = out.logits[:, -1]
             self.self_kv = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
             self.self_mask = self_mask
-        except Exception as err:  # this step's requests fail, the rank goes on
+        except Exception as err:  # this step's requests fail, and one rank goes on
             failed = [_error_event(row.id, f"{type(err).__name__}: {err}") for row in self.rows]
             self._leave(list(range(count)))
+            if self.dummy_when_idle:
+                raise StepCannotPair(f"{type(err).__name__}: {err}") from err
             return failed
         tokens = torch.argmax(logits, dim=-1).tolist()
         events, done = [], []

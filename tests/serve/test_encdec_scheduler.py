@@ -198,3 +198,24 @@ def test_a_failing_decoder_step_fails_its_requests_and_the_batch_goes_on(model, 
     assert "illegal memory access" in failed[0]["error"] and batch.idle() and batch.stats()["blocks_free"] == 16
     tokens, _, _ = run(batch, {0: [("c", prompts[4], {"max_tokens": 4})]})
     assert tokens["c"] == reference(model, prompts[4], 4, eos=-1)
+
+
+def test_with_several_ranks_a_failing_step_stops_the_rank_instead_of_leaving_peers_in_a_collective(
+        model, prompts, monkeypatch):
+    """`dummy_when_idle` (several ranks in lockstep): the other ranks may wait in this forward's collectives,
+    so the rank must stop (the coordinator turns this into a server exit), not go on alone."""
+    from engine.serving.coordinator import StepCannotPair
+    forward, calls = model.forward, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", fail_second)
+    batch = EncDecBatch(model, num_blocks=16, block_size=8, eos_token_id=-1, dummy_when_idle=True)
+    batch.add("a", prompts[0], max_tokens=4)
+    batch.step()
+    with pytest.raises(StepCannotPair, match="illegal memory access"):
+        batch.step()
