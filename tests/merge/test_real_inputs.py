@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from merge_helpers import make_family, rewrite, spec
+from merge_helpers import argsort_trim, make_family, rewrite, spec
 from safetensors.torch import load_file
 
 from merge.artifact import export, task_state_dict
@@ -88,14 +88,12 @@ def test_a_mergekit_config_with_per_model_and_per_tensor_parameters(tmp_path):
     out = load_file(tmp_path / "out" / "model.safetensors")
     th0 = load_file(base / "model.safetensors")
     A, B = (load_file(models[k] / "model.safetensors") for k in "ab")
-    from merge.sparsify import topk_mask
-
     for n, t, wb, lam in [("model.layers.1.mlp.up_proj.weight", 1.0, 0.25, 1.0),
                           ("model.layers.0.self_attn.q_proj.weight", 0.0, 0.5, 0.5),
                           ("model.norm.weight", 0.0, 0.5, 1.0)]:
         da, db = A[n] - th0[n], B[n] - th0[n]
-        ta = da * topk_mask(da, 0.2 + 0.6 * t)
-        tb = db * topk_mask(db, 0.5)
+        ta = argsort_trim(da, 0.2 + 0.6 * t)
+        tb = argsort_trim(db, 0.5)
         w = torch.stack([ta * 1.0, tb * wb])
         sign = torch.where(w.sum(0) >= 0, 1.0, -1.0)
         agree = (w.sign() == sign).float()
