@@ -418,8 +418,12 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         writer = ShardWriter(tmp, max_shard, total_bytes=nbytes, desc="merge")
         for block, groups in zip(session.blocks, parts):
             merged = any(len(g) > 1 or method.singletons for g in groups)
-            base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
-            prepared = session.prepare_block(block, tvs, thresholds, base_t, in_place=True) if merged else None
+            base_t, tvs, prepared = None, None, None
+            if merged:
+                tvs = read_task_vectors(session.base, session.models, block, spec.device)[1]
+                # no preparation uses the base: reading it again afterwards leaves its room to the trims' sorts
+                prepared = session.prepare_block(block, tvs, thresholds, None, in_place=True)
+                base_t = session.base.read(block.tensors)
             plain = len(groups) == 1 and not (merged and method.modulated)
             entries = []
             for j, g in enumerate(groups):

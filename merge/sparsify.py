@@ -221,13 +221,14 @@ def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) ->
 
 
 def della_drop_(x: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
-    """MagPrune's drops on one task's tensor, in place, row by row (rows along dim 0, a 1-D tensor is one
-    row), drawn in element order as one `bernoulli` over the whole tensor's probabilities would be."""
+    """MagPrune's drops on one task's tensor, in place, a few rows at a time (rows along dim 0, a 1-D tensor
+    is one row), drawn in element order as one `bernoulli` over the whole tensor's probabilities would be."""
     if x.dim() > 2:  # ranks along dim 1, as mergekit takes them, for the whole tensor at once
         _check_della(density, epsilon)
         ranks = x.abs().float().argsort(dim=1).argsort(dim=1).float()
         return bernoulli_keep_(x, (density - epsilon) + ranks / max(x.shape[1] - 1, 1) * 2 * epsilon, generator)
     rows = x.view(1, -1) if x.dim() < 2 else x
-    for row in rows:
-        bernoulli_keep_(row, della_keep_probabilities(row, density, epsilon), generator)
+    step = max(1, CHUNK // max(rows.shape[1], 1))  # whole rows, about CHUNK entries at a time
+    for a, b in _chunks(rows.shape[0], step):
+        bernoulli_keep_(rows[a:b], della_keep_probabilities(rows[a:b], density, epsilon), generator)
     return x

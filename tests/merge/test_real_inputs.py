@@ -102,6 +102,35 @@ def test_a_mergekit_config_with_per_model_and_per_tensor_parameters(tmp_path):
         torch.testing.assert_close(out[n], ref, msg=n)
 
 
+def test_rng_mergekit_draws_mergekits_stream(tmp_path):
+    """`rng: mergekit` equals mergekit's dare_linear as mergekit draws it: torch's global generator seeded
+    once, every tensor in name order (its scheduler's), each model's drops in config order, one bernoulli
+    over the whole tensor, rescaled to its L1 norm. A per-model density below 1 for one model only: the
+    other model's tensors take no draws."""
+    base, models = make_family(tmp_path, "llama", tasks=("a", "b"))
+    cfg = {"merge_method": "dare_linear", "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(models["a"]), "parameters": {"weight": 1.0, "density": 0.4}},
+                      {"model": str(models["b"]), "parameters": {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}]}}]}
+    path = tmp_path / "mk.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run(load_spec(str(path), {"out": str(tmp_path / "out"), "size": 1, "rng": "mergekit", "params": {"seed": 7}}))
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    th0 = load_file(base / "model.safetensors")
+    A, B = (load_file(models[k] / "model.safetensors") for k in "ab")
+    torch.manual_seed(7)
+    for n in sorted(th0):
+        merged = torch.zeros_like(th0[n])
+        for m, w, d in ((A, 1.0, 0.4), (B, 0.5, 0.7 if "mlp" in n else 1.0)):
+            delta = m[n] - th0[n]
+            if d < 1.0:
+                kept = delta * torch.bernoulli(torch.full_like(delta, d))
+                delta = kept * (delta.abs().sum() / kept.abs().sum())
+            merged += w * delta
+        torch.testing.assert_close(out[n], th0[n] + merged, msg=n)
+    with pytest.raises(ValueError, match="rng: mergekit"):
+        run(load_spec(str(path), {"out": str(tmp_path / "out2"), "method": "ties", "rng": "mergekit"}))
+
+
 def test_hub_ids_come_from_the_local_cache_or_name_the_fix(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
