@@ -234,3 +234,15 @@ def drop_density(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.
 def weighted(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`t[k] * weights[k]` broadcast over the trailing dims."""
     return t * weights.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+
+
+def weighted_sum(t: torch.Tensor, weights: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Σ_k weights[k] · t[k], computed as `weighted(t, weights).sum(0)` is (each column's products summed over
+    k in order) but in column chunks into one output, with no `[K, ...]` temporary."""
+    flat = t.reshape(t.shape[0], -1)
+    w = weights.to(t.dtype).view(-1, 1)
+    out = torch.empty(flat.shape[1], dtype=t.dtype, device=t.device)
+    for start in range(0, flat.shape[1], chunk):
+        torch.sum(flat[:, start : start + chunk] * w, dim=0, out=out[start : start + chunk])
+    return out.view(t.shape[1:])
+

@@ -11,15 +11,23 @@ import torch
 from merge.methods import Context, MergeResult, register
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, colinear: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    a64, b64 = a.double(), b.double()
-    na, nb = a64.norm(), b64.norm()
-    dot = float((a64 / (na if na > eps else 1.0) * (b64 / (nb if nb > eps else 1.0))).sum())
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, colinear: float = 0.9995, eps: float = 1e-8,
+          chunk: int = 1 << 16) -> torch.Tensor:
+    """In float64, a chunk at a time (no tensor-sized float64 copies), into one output of a's dtype."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    na = math.sqrt(sum(float(fa[i : i + chunk].double().square().sum()) for i in range(0, fa.numel(), chunk)))
+    nb = math.sqrt(sum(float(fb[i : i + chunk].double().square().sum()) for i in range(0, fb.numel(), chunk)))
+    ua, ub = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = sum(float((fa[i : i + chunk].double() / ua * (fb[i : i + chunk].double() / ub)).sum()) for i in range(0, fa.numel(), chunk))
     if abs(dot) > colinear:
-        return ((1 - t) * a64 + t * b64).to(a.dtype)
-    omega = math.acos(dot)
-    s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s * a64 + math.sin(t * omega) / s * b64).to(a.dtype)
+        ca, cb = 1 - t, t
+    else:
+        omega = math.acos(dot)
+        ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    out = torch.empty_like(fa)
+    for i in range(0, fa.numel(), chunk):
+        out[i : i + chunk] = ca * fa[i : i + chunk].double() + cb * fb[i : i + chunk].double()
+    return out.view(a.shape)
 
 
 @register("slerp", defaults={"t": None})
@@ -32,5 +40,5 @@ def slerp_method(tvs, ctx: Context) -> MergeResult:
         if tv.shape[0] != 2:
             raise ValueError(f"slerp merges exactly two models, this group has {tv.shape[0]}")
         base = ctx.base[n].float()
-        out[n] = slerp(float(t), base + tv[0], base + tv[1]) - base
+        out[n] = slerp(float(t), base + tv[0], base + tv[1]).sub_(base)
     return MergeResult(out)
