@@ -147,7 +147,7 @@ def tessera_cmd(cfg_path: Path, out: Path, cfg: dict, size: str = "1") -> list[s
             *(["--rng", "mergekit", "--param", "seed=0"] if random else [])]
 
 
-def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int, only=None) -> dict:
+def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int, only=None, save=None) -> dict:
     """tessera's peak memory above its import baseline for every config (size 1) and the task-arithmetic
     size curve, against (M + 2) × the largest block in float32, M the config's number of models."""
     from foundation.io import Checkpoint
@@ -172,8 +172,11 @@ def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int, on
                      "bound_bytes": bound, "within": rss - baseline <= bound})
         print(f"memory {name:<30} size {size:>3}: {(rss - baseline) / 2**20:5.0f} MiB above the import baseline; "
               f"(M + 2) x largest block = {bound / 2**20:.0f} MiB", flush=True)
-    return {"hidden": hidden, "layers": layers, "vocab": vocab, "tasks": 3, "largest_block_float32_bytes": largest,
-            "import_baseline_rss_bytes": baseline, "runs": rows}
+        result = {"hidden": hidden, "layers": layers, "vocab": vocab, "tasks": 3, "largest_block_float32_bytes": largest,
+                  "import_baseline_rss_bytes": baseline, "runs": rows}
+        if save is not None:
+            save(result)  # after every run: a long check that is stopped keeps what it measured
+    return result
 
 
 def main() -> int:
@@ -193,10 +196,9 @@ def main() -> int:
         return 0
     if args.memory:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-            mem = memory_check(Path(tmp), env, 1024, 4, 8192, args.only)
         previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-        write_json(args.out, {**previous, "memory": mem})
+        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+            memory_check(Path(tmp), env, 1024, 4, 8192, args.only, lambda mem: write_json(args.out, {**previous, "memory": mem}))
         print(f"wrote {args.out}")
         return 0
     mergekit = args.venv / "bin" / "mergekit-yaml"
