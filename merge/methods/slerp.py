@@ -11,23 +11,30 @@ import torch
 from merge.methods import Context, MergeResult, register
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, colinear: float = 0.9995, eps: float = 1e-8,
-          chunk: int = 1 << 16) -> torch.Tensor:
-    """In float64, a chunk at a time (no tensor-sized float64 copies), into one output of a's dtype."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    na = math.sqrt(sum(float(fa[i : i + chunk].double().square().sum()) for i in range(0, fa.numel(), chunk)))
-    nb = math.sqrt(sum(float(fb[i : i + chunk].double().square().sum()) for i in range(0, fb.numel(), chunk)))
+def slerp(t: float, base: torch.Tensor, da: torch.Tensor, db: torch.Tensor, colinear: float = 0.9995,
+          eps: float = 1e-8, chunk: int = 1 << 16) -> torch.Tensor:
+    """slerp of θ_a = base + da and θ_b = base + db, minus base. In float64 a chunk at a time, so besides the
+    float32 output nothing tensor-sized is made."""
+    fl = [x.reshape(-1) for x in (base, da, db)]
+    spans = [(i, i + chunk) for i in range(0, fl[0].numel(), chunk)]
+
+    def ends(i, j):  # θ_a and θ_b of one chunk, rounded to float32 first as whole tensors would be
+        return (fl[0][i:j] + fl[1][i:j]).double(), (fl[0][i:j] + fl[2][i:j]).double()
+
+    na = math.sqrt(sum(float(ends(i, j)[0].square().sum()) for i, j in spans))
+    nb = math.sqrt(sum(float(ends(i, j)[1].square().sum()) for i, j in spans))
     ua, ub = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = sum(float((fa[i : i + chunk].double() / ua * (fb[i : i + chunk].double() / ub)).sum()) for i in range(0, fa.numel(), chunk))
+    dot = sum(float((a / ua * (b / ub)).sum()) for a, b in (ends(i, j) for i, j in spans))
     if abs(dot) > colinear:
         ca, cb = 1 - t, t
     else:
         omega = math.acos(dot)
         ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-    out = torch.empty_like(fa)
-    for i in range(0, fa.numel(), chunk):
-        out[i : i + chunk] = ca * fa[i : i + chunk].double() + cb * fb[i : i + chunk].double()
-    return out.view(a.shape)
+    out = torch.empty_like(fl[0], dtype=torch.float32)
+    for i, j in spans:
+        a, b = ends(i, j)
+        out[i:j] = (ca * a + cb * b).float() - fl[0][i:j]
+    return out.view(base.shape)
 
 
 @register("slerp", defaults={"t": None})
@@ -39,6 +46,5 @@ def slerp_method(tvs, ctx: Context) -> MergeResult:
     for n, tv in tvs.items():
         if tv.shape[0] != 2:
             raise ValueError(f"slerp merges exactly two models, this group has {tv.shape[0]}")
-        base = ctx.base[n].float()
-        out[n] = slerp(float(t), base + tv[0], base + tv[1]).sub_(base)
+        out[n] = slerp(float(t), ctx.base[n].float(), tv[0], tv[1])
     return MergeResult(out)
