@@ -163,15 +163,16 @@ def materialize_tiny(entry: ModelEntry) -> Path:
     family = family_for(entry.family)
     if family.tiny_config is None:
         raise ValueError(f"model {entry.name!r}: family {family.name!r} has no tiny config to build from")
-    # The key holds the whole resolved config, so a changed family default never reuses a stale model.
+    # The key holds everything of the family that shapes the model (the whole resolved config, the class, the
+    # blocks whose routers are seeded), so a changed family default never reuses a stale model.
     config = family.tiny_config(**entry.options.get("config", {})).to_dict()
-    key = json.dumps([entry.family, entry.model_class, entry.dtype, entry.options, config], sort_keys=True,
-                     default=str)
+    class_name = entry.model_class or family.auto_class
+    key = json.dumps([entry.family, class_name, family.block_classes, entry.dtype, entry.options, config],
+                     sort_keys=True, default=str)
     folder = cache_dir("models", f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
     def write(tmp: Path) -> None:
-        cls = transformers_class(entry.model_class or family.auto_class)
-        save_model(build_tiny(family, entry.options, cls, parse_dtype(entry.dtype)), tmp)
+        save_model(build_tiny(family, entry.options, transformers_class(class_name), parse_dtype(entry.dtype)), tmp)
 
     return build_once(folder, write)
 

@@ -55,5 +55,5 @@ def combine_topk(pair_out: torch.Tensor, expert_ids: torch.Tensor, num_experts: 
 def combine_topk_reference(pair_out, expert_ids, num_experts, out_dtype=None):
     num_tokens, top_k = expert_ids.shape
     valid = ((expert_ids >= 0) & (expert_ids < num_experts)).reshape(-1, 1)
-    rows = torch.where(valid, pair_out.float(), 0.0).view(num_tokens, top_k, -1)
+    rows = torch.where(valid, pair_out.float(), 0.0).view(num_tokens, top_k, pair_out.shape[-1])
     return rows.sum(1).to(out_dtype or pair_out.dtype)

@@ -245,13 +245,23 @@ def apply_activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor
     raise ValueError(f"unsupported expert activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
 
 
-def expert_up_reference(x, expert_ids, top_k, w1, w3, activation, b1=None):
-    """Per-pair reference of `expert_up`: rows of pairs outside `[0, E)` are zero."""
-    num_pairs, num_experts = expert_ids.numel(), w1.shape[0]
-    out = torch.zeros(num_pairs, w1.shape[1], dtype=torch.float32, device=x.device)
+def _pairs_by_expert(expert_ids: torch.Tensor, num_experts: int):
+    """(expert, its pairs' flat indices) for every expert with pairs; ids outside `[0, E)` belong to none.
+    One sort and one read of the counts (a synchronisation on CUDA, free on CPU)."""
     flat = expert_ids.reshape(-1)
-    for expert in range(num_experts):
-        pairs = torch.nonzero(flat == expert).flatten()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    order = torch.argsort(key, stable=True)
+    start = 0
+    for expert, count in enumerate(torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()):
+        if count:
+            yield expert, order[start : start + count]
+            start += count
+
+
+def expert_up_reference(x, expert_ids, top_k, w1, w3, activation, b1=None, out_dtype=None):
+    """Per-pair reference of `expert_up`, in fp32: rows of pairs outside `[0, E)` are zero."""
+    out = torch.zeros(expert_ids.numel(), w1.shape[1], dtype=torch.float32, device=x.device)
+    for expert, pairs in _pairs_by_expert(expert_ids, w1.shape[0]):
         rows = x[pairs // top_k].float()
         pre = rows @ w1[expert].float().T
         if b1 is not None:
@@ -260,19 +270,17 @@ def expert_up_reference(x, expert_ids, top_k, w1, w3, activation, b1=None):
         if w3 is not None:
             h = h * (rows @ w3[expert].float().T)
         out[pairs] = h
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
-def expert_down_reference(inter, expert_ids, w2, pair_weights, b2=None):
-    """Per-pair reference of `expert_down`."""
-    flat = expert_ids.reshape(-1)
-    out = torch.zeros(flat.numel(), w2.shape[1], dtype=torch.float32, device=inter.device)
-    for expert in range(w2.shape[0]):
-        pairs = torch.nonzero(flat == expert).flatten()
+def expert_down_reference(inter, expert_ids, w2, pair_weights, b2=None, out_dtype=None):
+    """Per-pair reference of `expert_down`, in fp32: rows of pairs outside `[0, E)` are zero."""
+    out = torch.zeros(expert_ids.numel(), w2.shape[1], dtype=torch.float32, device=inter.device)
+    for expert, pairs in _pairs_by_expert(expert_ids, w2.shape[0]):
         y = inter[pairs].float() @ w2[expert].float().T
         if b2 is not None:
             y = y + b2[expert].float()
         if pair_weights is not None:
             y = y * pair_weights.reshape(-1)[pairs].float()[:, None]
         out[pairs] = y
-    return out.to(inter.dtype)
+    return out.to(out_dtype or inter.dtype)

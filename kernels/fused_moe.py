@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.combine import combine_topk
-from kernels.expert_gemm import apply_activation_reference, expert_down, expert_up
+from kernels.combine import combine_topk, combine_topk_reference
+from kernels.expert_gemm import expert_down, expert_down_reference, expert_up, expert_up_reference
 from kernels.moe_align import align_launches, moe_align
 from kernels.moe_configs import moe_kernel_config
 
@@ -65,24 +65,13 @@ def _device_name(device: torch.device) -> str:
 def fused_experts_launches(num_tokens: int, top_k: int, num_experts: int) -> int:
     """Kernel launches of one `fused_experts` call with merged gate/up weights: align, up, down, combine."""
     return align_launches(num_tokens * top_k, num_experts) + 3
+
+
 def fused_experts_reference(hidden, topk_ids, topk_weights, w1, w2, w3=None, activation="silu", out_dtype=None,
                             b1=None, b2=None):
-    """Plain PyTorch, token by token through each expert, accumulated in fp32."""
-    num_experts = w1.shape[0]
-    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
-    for expert in range(num_experts):
-        tokens, choice = torch.nonzero(topk_ids == expert, as_tuple=True)
-        x = hidden[tokens].float()
-        pre = x @ w1[expert].float().T
-        if b1 is not None:
-            pre = pre + b1[expert].float()
-        h = apply_activation_reference(pre, activation)
-        if w3 is not None:
-            h = h * (x @ w3[expert].float().T)
-        y = h @ w2[expert].float().T
-        if b2 is not None:
-            y = y + b2[expert].float()
-        if topk_weights is not None:
-            y = y * topk_weights[tokens, choice].float()[:, None]
-        out.index_add_(0, tokens, y)
-    return out.to(out_dtype or hidden.dtype)
+    """The plain-PyTorch definition of the experts, which every backend (and the expert-LoRA path) must meet:
+    the same three steps as `fused_experts`, each step's reference, all in fp32."""
+    inter = expert_up_reference(hidden, topk_ids, topk_ids.shape[1], w1, w3, activation, b1, torch.float32)
+    pair_weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    pair_out = expert_down_reference(inter, topk_ids, w2, pair_weights, b2, torch.float32)
+    return combine_topk_reference(pair_out, topk_ids, w1.shape[0], out_dtype or hidden.dtype)

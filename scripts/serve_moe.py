@@ -85,9 +85,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    # a live pool (--enable-lora) and a device budget for adapters (sub-batches) are the static batcher's
-    live_pool = lora_model(model) is not None and (config.enable_lora or config.lora_budget_bytes is not None)
-    if config.scheduler == "continuous" and model_kind(model) == "decoder" and not live_pool:
+    # adapters on an encoder-decoder use the static batcher (its running batch applies no LoRA)
+    continuous = model_kind(model) == "decoder" or (model_kind(model) == "seq2seq" and lora_model(model) is None)
+    if config.scheduler == "continuous" and continuous:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
@@ -103,14 +103,15 @@ def main(argv=None) -> int:
 
 def rank_batch(model, config, tokenizer, world: int):
     """This rank's running batch for the continuous scheduler, over a paged KV cache of the configured budget."""
-    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+    from engine.serving.paged_batch import kv_blocks_for_budget
+    from engine.serving.scheduler import batch_class
 
     longest = -(-(config.max_input_tokens + config.max_new_tokens) // config.kv_block_size)
     blocks = kv_blocks_for_budget(model, config.kv_block_size, config.kv_cache_bytes, config.kv_cache_fraction,
                                   most_useful=config.max_batch_size * longest)
-    return RankBatch(model, num_blocks=blocks, block_size=config.kv_block_size, step_tokens=config.step_tokens,
-                     max_requests=config.max_batch_size, pad_token_id=tokenizer.pad_token_id,
-                     dummy_when_idle=world > 1)
+    batch = batch_class(model)  # decoders: RankBatch; encoder-decoders: EncDecBatch, a budget of cached tokens
+    return batch(model, num_blocks=blocks, block_size=config.kv_block_size, step_tokens=config.step_tokens,
+                 max_requests=config.max_batch_size, pad_token_id=tokenizer.pad_token_id, dummy_when_idle=world > 1)
 
 
 def attach_pool(model, config):

@@ -379,15 +379,30 @@ class AdapterPool:
                 module, _, param = key.rpartition(".")
                 experts = _submodule(model, module, spec.name)
                 weight = getattr(experts, param, None)
-                if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+                shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 3 else \
+                    _distributed_expert_shape(model, module, param)
+                if shape is None:
                     raise AdapterError(f"adapter {spec.name!r}: {module!r} has no stacked 3-D parameter {param!r}")
                 if getattr(experts, "is_transposed", False):
                     raise AdapterError(f"adapter {spec.name!r}: {module!r} stores its experts transposed, which "
                                        "expert LoRA does not support")
-                if tuple(weight.shape) != (lora.num_experts, lora.d_out, lora.d_in):
-                    raise AdapterError(f"adapter {spec.name!r}: {key!r} is {tuple(weight.shape)} in the model but "
+                if shape != (lora.num_experts, lora.d_out, lora.d_in):
+                    raise AdapterError(f"adapter {spec.name!r}: {key!r} is {shape} in the model but "
                                        f"the adapter was trained on {(lora.num_experts, lora.d_out, lora.d_in)} "
                                        "(wrong base model?)")
+
+
+def _distributed_expert_shape(model: torch.nn.Module, module: str, param: str) -> tuple[int, int, int] | None:
+    """The whole (E, out, in) shape of `param` of an experts module whose MoE block a distributed strategy
+    (`engine.parallel`) replaced by this rank's part, or None: the full tensors are gone, the part knows them."""
+    block = model.get_submodule(module.rpartition(".")[0]) if "." in module else model
+    part = getattr(block, "moeshard_part", None) or getattr(block, "ep_part", None)
+    if part is None:
+        return None
+    first = 2 * part.ffn_width if part.w13 is not None else part.ffn_width
+    hidden = part.w2.shape[1]
+    return {"gate_up_proj": (part.num_experts, first, hidden),
+            "down_proj": (part.num_experts, hidden, part.ffn_width)}.get(param)
 
 
 def _submodule(model: torch.nn.Module, module: str, adapter: str) -> torch.nn.Module:

@@ -98,7 +98,6 @@ class CachedEncoder:
         self._persisted: dict[str, torch.Tensor] | None = None  # task texts, mirrored on disk
         self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()  # queries, least recently used first
         self._lock = threading.Lock()
-        self.computed = 0  # texts that missed the cache, for tests and benchmarks
 
     def _key(self, text: str) -> str:
         return hashlib.sha256(f"{self.name}\0{text}".encode()).hexdigest()
@@ -123,7 +122,6 @@ class CachedEncoder:
             return {}
         first = {k: t for t, k in zip(texts, keys)}
         fresh = self.encoder.encode([first[k] for k in missing])
-        self.computed += len(missing)
         return {k: fresh[i].contiguous() for i, k in enumerate(missing)}
 
     def encode_persistent(self, texts: list[str]) -> torch.Tensor:

@@ -12,17 +12,21 @@ GEMMs are one matmul per expert with rows, like the `torch` backend), and withou
 untouched.
 
 Under MoEShard a rank holds FFN columns [start, stop) of every expert: the gate and up rows of B follow the
-slice, and for down_proj the columns of A do (partial A h sums over ranks before B, which is linear), so
-`slice` keeps the sum over slices exact. `expert_lora_reference` is the token-by-token oracle.
+slice (each half apart, as the base gate_up is cut), and for down_proj the columns of A do (partial A h sums
+over ranks before B, which is linear, and the layer's reduce-scatter adds them), so `slice` keeps the sum over
+slices exact. Under expert parallelism a rank holds whole experts [start, stop): `experts` keeps the full
+stacks and offsets the expert ids into them, so nothing is copied. How tokens of other ranks find their
+adapters is `engine.lora.expert_ranks`. `expert_lora_reference` is the token-by-token oracle.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kernels.expert_gemm import apply_activation_reference
+from kernels.fused_moe import fused_experts_reference
 from kernels.lora_sgmv import lora_sgmv
 
 
@@ -31,12 +35,14 @@ class ExpertLoRA:
     """The adapters of one experts module for the current batch.
 
     gate_up/down: (A [slots, E, R, in], B [slots, E, out, R], scales [slots]) or None; routing: tokens T ->
-    (slots [T, K], weights [T, K]) for the layer's input tokens (routing weights, not yet scaled)."""
+    (slots [T, K], weights [T, K]) for the layer's input tokens (routing weights, not yet scaled);
+    first_expert: the stacks' index of the weights' expert 0 (a rank holding experts [start, stop))."""
 
     gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     down: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     routing: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     backend: str = "auto"
+    first_expert: int = 0
 
     def slice(self, start: int, stop: int, ffn: int) -> ExpertLoRA:
         """This LoRA for FFN columns [start, stop) of every expert (see the module docstring)."""
@@ -48,14 +54,20 @@ class ExpertLoRA:
         if self.down is not None:
             a, b, s = self.down
             down = (a[..., start:stop], b, s)
-        return ExpertLoRA(gate_up, down, self.routing, self.backend)
+        return ExpertLoRA(gate_up, down, self.routing, self.backend, self.first_expert)
 
-    def _mix(self, pair, x, out, slots, weights, experts, num_experts) -> None:
+    def experts(self, start: int, stop: int) -> ExpertLoRA:
+        """This LoRA for experts [start, stop) (expert parallelism): the same stacks, expert ids offset."""
+        return replace(self, first_expert=self.first_expert + start)
+
+    def _mix(self, pair, x, out, slots, weights, experts) -> None:
         """out += the pairs' adapter mixture for their experts: one packed launch over all experts, with
         (adapter slot, expert) as the group, so each expert's A and B tiles of each adapter are read once per
         run of pairs that share them."""
         a, b, scales = pair
-        combined = torch.where(slots >= 0, slots.long() * num_experts + experts[:, None], -1).to(torch.int32)
+        stacked = a.shape[1]  # experts in the stacks: all of them, also where the weights hold a range
+        group = slots.long() * stacked + (experts[:, None] + self.first_expert)
+        combined = torch.where(slots >= 0, group, -1).to(torch.int32)
         scaled = weights * scales[slots.clamp(min=0).long()]
         lora_sgmv(x, out, a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), combined, scaled,
                   backend=self.backend)
@@ -79,7 +91,7 @@ class ExpertLoRA:
         if weights.b1 is not None:
             pre[:, :ffn] += weights.b1[experts]
         if self.gate_up is not None:
-            self._mix(self.gate_up, x, pre, slots, slot_weights, experts, num_experts)
+            self._mix(self.gate_up, x, pre, slots, slot_weights, experts)
         if weights.w3 is None:
             h = apply_activation_reference(pre, weights.activation)
         else:
@@ -88,7 +100,7 @@ class ExpertLoRA:
         if weights.b2 is not None:
             y += weights.b2[experts]
         if self.down is not None:
-            self._mix(self.down, h.contiguous(), y, slots, slot_weights, experts, num_experts)
+            self._mix(self.down, h.contiguous(), y, slots, slot_weights, experts)
         if topk_weights is not None:
             y = y * topk_weights.reshape(-1)[order, None]
         out = torch.zeros(num_tokens, weights.hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)
@@ -107,41 +119,31 @@ def _per_expert(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Te
 
 
 def expert_lora_reference(hidden, topk_ids, topk_weights, weights, lora: ExpertLoRA) -> torch.Tensor:
-    """Token by token, pair by pair, adapter by adapter, in fp32: the definition `ExpertLoRA.run` must meet."""
+    """The definition `ExpertLoRA.run` must meet, in fp32: every (token, expert) pair gets its own merged expert,
+    W_e + sum over the token's adapters of weight * scale * B_e A_e, run by the plain experts reference."""
+    num_tokens, top_k = topk_ids.shape
     num_experts, ffn = weights.num_experts, weights.ffn_width
-    out = torch.zeros(hidden.shape, dtype=torch.float32)
-    token_slots, token_weights = lora.routing(hidden.shape[0])
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    experts = topk_ids.clamp(0, num_experts - 1).reshape(-1).long()
+    token_slots, token_weights = lora.routing(num_tokens)
+    tokens = torch.arange(num_tokens).repeat_interleave(top_k)
 
-    def mix(pair, t, e, vec):  # sum over token t's adapters of w * s * B_e A_e vec
-        a, b, scales = pair
-        total = torch.zeros(b.shape[-2])
-        for k, slot in enumerate(token_slots[t].tolist()):
-            if slot >= 0:
-                weight = float(token_weights[t, k] * scales[slot])
-                total = total + weight * (b[slot, e].float() @ (a[slot, e].float() @ vec))
-        return total
+    def merged(w, pair):  # (pairs, out, in): each pair's expert with its token's adapters added
+        w = w.float()[experts]
+        if pair is not None:
+            a, b, scales = pair
+            stacked = experts + lora.first_expert  # the stacks hold every expert, the weights maybe a range
+            for k in range(token_slots.shape[1]):
+                slot = token_slots[tokens, k].long()
+                scale = torch.where(slot >= 0, token_weights[tokens, k] * scales[slot.clamp(min=0)], 0.0)
+                w = w + scale[:, None, None] * (b[slot.clamp(min=0), stacked].float()
+                                                @ a[slot.clamp(min=0), stacked].float())
+        return w
 
-    for t in range(hidden.shape[0]):
-        x = hidden[t].float()
-        for j, e in enumerate(topk_ids[t].tolist()):
-            if not 0 <= e < num_experts:
-                continue
-            gate = weights.w1[e].float() @ x
-            up = None if weights.w3 is None else weights.w3[e].float() @ x
-            if weights.b1 is not None:
-                gate = gate + weights.b1[e].float()
-            if lora.gate_up is not None:
-                delta = mix(lora.gate_up, t, e, x)
-                gate = gate + delta[:ffn]
-                if up is not None:
-                    up = up + delta[ffn:]
-            h = apply_activation_reference(gate, weights.activation)
-            if up is not None:
-                h = h * up
-            y = weights.w2[e].float() @ h
-            if weights.b2 is not None:
-                y = y + weights.b2[e].float()
-            if lora.down is not None:
-                y = y + mix(lora.down, t, e, h)
-            out[t] += (1.0 if topk_weights is None else float(topk_weights[t, j])) * y
-    return out
+    w13 = weights.w1 if weights.w3 is None else torch.cat([weights.w1, weights.w3], dim=1)
+    w13 = merged(w13, lora.gate_up)
+    pair_ids = torch.where(valid.reshape(-1), torch.arange(num_tokens * top_k), -1).view(num_tokens, top_k)
+    b1, b2 = (None if b is None else b[experts] for b in (weights.b1, weights.b2))
+    return fused_experts_reference(hidden, pair_ids, topk_weights, w13[:, :ffn], merged(weights.w2, lora.down),
+                                   None if weights.w3 is None else w13[:, ffn:], weights.activation, torch.float32,
+                                   b1, b2)

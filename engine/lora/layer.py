@@ -27,14 +27,20 @@ class MixtureState:
         self.rows_seen: int | None = None  # batch rows of the MoE block running now (set by a forward hook)
         self.seq_lens: torch.Tensor | None = None  # packed batches: tokens of each row, back to back
         self._packed: tuple | None = None  # packed batches: (token slots, weights, grouping), shared by layers
+        self.adapters: dict[str, int] = {}  # the batch's adapters -> their slots
+        self.ranks = None  # engine.lora.expert_ranks.RankSlots on a distributed model
 
-    def set(self, slots: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor | None = None) -> None:
+    def set(self, slots: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor | None = None,
+            adapters: dict[str, int] | None = None) -> None:
         self.slots, self.weights, self.seq_lens, self._expanded, self._scaled = slots, weights, seq_lens, {}, {}
         self._packed = None
+        self.adapters = dict(adapters or {})
 
     def clear(self) -> None:
         self.slots = self.weights = self.seq_lens = self._packed = None
-        self._expanded, self._scaled = {}, {}
+        self._expanded, self._scaled, self.adapters = {}, {}, {}
+        if self.ranks is not None:
+            self.ranks.release()
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """Token slots, token weights and their adapter grouping for a packed batch, built once per pass."""

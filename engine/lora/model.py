@@ -24,6 +24,7 @@ from torch import nn
 from engine.lora.adapters import AdapterPool, AdapterSpec
 from engine.lora.cache import AdapterCache
 from engine.lora.errors import AdapterError, RoutingError
+from engine.lora.expert_ranks import BlockExpertLoRA, RankSlots, expert_stacks
 from engine.lora.experts import ExpertLoRA
 from engine.lora.layer import MixtureLoRALinear, MixtureState
 
@@ -35,7 +36,6 @@ class LoRAModel:
                  router=None, tokenizer=None):
         self.model, self.pool, self.cache, self.state = model, pool, cache, state
         self.router, self.tokenizer = router, tokenizer
-        self.last_decisions: list | None = None
         self._lock = threading.RLock()
         self._pool_version = pool.version
 
@@ -87,7 +87,8 @@ class LoRAModel:
                 **kwargs):
         """`seq_lens`: a packed batch ([1, T] inputs holding rows of these lengths back to back; the model's
         own inputs, e.g. position_ids, must keep the rows apart): adapter_weights has one entry per row."""
-        return self._run(self.model.forward, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens)
+        # Through __call__, so the model's hooks run (a distributed model's one agreement per pass).
+        return self._run(self.model, args, kwargs, adapter_weights, route, queries, route_kwargs, seq_lens)
 
     def generate(self, *args, adapter_weights=None, route=None, queries=None, route_kwargs=None, **kwargs):
         return self._run(self.model.generate, args, kwargs, adapter_weights, route, queries, route_kwargs, None)
@@ -106,6 +107,7 @@ class LoRAModel:
                                    f"a [1, T] batch, got {seq_lens.tolist()} for {tuple(ref.shape)}")
             rows = seq_lens.numel()
         with self._lock, torch.no_grad():
+            _follow_strategy(self.model, self.state)
             if route is not None:
                 adapter_weights = self._route(route, queries, input_ids, kwargs.get("attention_mask"),
                                               rows, route_kwargs or {})
@@ -127,8 +129,7 @@ class LoRAModel:
             queries = self._decode(input_ids, attention_mask)
         if len(queries) != rows:
             raise RoutingError(f"{len(queries)} queries for a batch of {rows} rows")
-        self.last_decisions = self.router.route(list(queries), **route_kwargs)
-        return [d.adapters for d in self.last_decisions]
+        return [d.adapters for d in self.router.route(list(queries), **route_kwargs)]
 
     def _decode(self, input_ids, attention_mask) -> list[str]:
         if input_ids is None:
@@ -183,7 +184,8 @@ class LoRAModel:
                 slots[b, j] = slot_of[name]
                 weights[b, j] = w
         device = self.cache.device
-        self.state.set(slots.to(device), weights.to(device), None if seq_lens is None else seq_lens.to(device))
+        self.state.set(slots.to(device), weights.to(device), None if seq_lens is None else seq_lens.to(device),
+                       slot_of)
         return names
 
 
@@ -220,7 +222,18 @@ def attach_adapters(model: nn.Module, adapters, router=None, *, tokenizer=None, 
     cache = AdapterCache(pool, param.device, param.dtype, cache_bytes)
     state = MixtureState(cache, backend)
     wrap_modules(model, pool, state)
+    _follow_strategy(model, state)
     return LoRAModel(model, pool, cache, state, router, tokenizer)
+
+
+def _follow_strategy(model: nn.Module, state: MixtureState) -> None:
+    """On a distributed model (`engine.parallel`), join the pass agreement on expert adapter slots, once. Every
+    rank gets here at the same point (attaching, or its first call after the strategy was applied), so the
+    ranks' agreements stay the same size."""
+    parallel = getattr(model, "tessera_parallel", None)
+    if parallel is not None and state.ranks is None:
+        state.ranks = RankSlots(state, parallel.dist)
+        parallel.sync.add_listener(state.ranks)
 
 
 def _ensure_moe_blocks(model: nn.Module) -> None:
@@ -249,46 +262,28 @@ def wrap_modules(model: nn.Module, pool: AdapterPool, state: MixtureState) -> No
             raise AdapterError(f"{experts!r} is not inside a tessera MoE block, so its expert LoRA cannot run")
         if not isinstance(block.__dict__.get("expert_weights"), _ExpertHook):
             block.expert_weights = _ExpertHook(block.expert_weights, experts, state)
-            block.register_forward_pre_hook(_before_block(state, experts))
+            block.expert_lora = BlockExpertLoRA(experts, state)  # what distributed executors ask for
+            block.register_forward_pre_hook(_before_block(state))
 
 
-def _before_block(state: MixtureState, experts: str):
-    """Note the batch's rows for the block's token routing, and refuse expert LoRA under a distributed
-    executor: MoEShard and expert parallelism run other ranks' tokens, whose adapter slots this rank's cache
-    does not know, so the adapters would be silently skipped."""
-    from engine.moe.layer import local_executor
+def _before_block(state: MixtureState):
+    """Note the batch's rows for the block's token routing."""
 
     def hook(module, args):
         state.rows_seen = args[0].shape[0] if args and args[0].dim() == 3 else None
-        if state.slots is not None and module.executor is not local_executor and \
-                any(k.startswith(experts + ".") for k in state.cache.expert_parameters()):
-            raise AdapterError(f"{experts!r}: expert LoRA does not run under a distributed strategy yet (other "
-                               "ranks' tokens carry adapter slots this rank's cache does not know); serve "
-                               "expert adapters on one process")
     return hook
 
 
 class _ExpertHook:
-    """A block's `expert_weights` with the batch's expert LoRA attached while a batch with adapters runs."""
+    """A block's `expert_weights` with the batch's expert LoRA attached while a batch with adapters runs (the
+    one-process executor; distributed executors use `block.expert_lora`)."""
 
     def __init__(self, base, experts: str, state: MixtureState):
         self.base, self.experts, self.state = base, experts, state
 
     def __call__(self):
         weights = self.base()
-        state = self.state
-        if state.slots is None:
+        stacks = None if self.state.slots is None else expert_stacks(self.state.cache, self.experts)
+        if stacks is None:
             return weights
-        cache = state.cache
-
-        def stacks(param):
-            key = f"{self.experts}.{param}"
-            if key not in cache.expert_parameters():
-                return None
-            a, b = cache.stacks(key)
-            return a, b, cache.scales(key)
-
-        gate_up, down = stacks("gate_up_proj"), stacks("down_proj")
-        if gate_up is None and down is None:
-            return weights
-        return replace(weights, lora=ExpertLoRA(gate_up, down, state.token_routing, state.backend))
+        return replace(weights, lora=ExpertLoRA(*stacks, self.state.token_routing, self.state.backend))

@@ -24,8 +24,10 @@ from engine.lora.affinity import AffinityMatrix
 from engine.lora.encoder import Encoder, default_encoder
 from engine.lora.errors import RoutingError
 from engine.lora.tasks import Task, as_tasks, load_task_folder, normalise_adapters
+from foundation.atomic import atomic_folder
 
 FORMAT_VERSION = 1
+_SAVED_FILES = ("router.json", "representations.safetensors")
 
 
 @dataclass
@@ -180,8 +182,14 @@ class TaskRouter:
 
     # ---- persistence ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
+        """Write router.json and representations.safetensors as one folder that appears (or replaces an earlier
+        save) only when complete. A folder holding anything else is refused: saving never deletes other files."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_dir():
+            other = sorted(p.name for p in folder.iterdir() if p.name not in _SAVED_FILES)
+            if other:
+                raise RoutingError(f"{folder} holds files that are not a router's ({', '.join(other[:5])}): "
+                                   "save the router into its own folder")
         meta = {
             "format_version": FORMAT_VERSION,
             "encoder": self.encoder.name,
@@ -193,8 +201,9 @@ class TaskRouter:
             "defaults": {"k": self.k, "temperature": self.temperature, "min_confidence": self.min_confidence,
                          "max_examples": self.max_examples},
         }
-        (folder / "router.json").write_text(json.dumps(meta, indent=1))
-        save_file({"representations": self.representations.contiguous()}, str(folder / "representations.safetensors"))
+        with atomic_folder(folder, overwrite=True) as tmp:
+            (tmp / "router.json").write_text(json.dumps(meta, indent=1))
+            save_file({"representations": self.representations.contiguous()}, str(tmp / "representations.safetensors"))
 
     @classmethod
     def load(cls, folder: str | Path, encoder: Encoder | None = None) -> TaskRouter:

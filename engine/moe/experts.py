@@ -8,9 +8,9 @@ another rank) and contribute zero. All backends give the same answer; they diffe
   five for large batches; the MoE block adds one for its fused router), no host synchronisation. CUDA, or CPU
   through Triton's interpreter (slow, for tests).
 - `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM, no host synchronisation) on
-  Hopper GPUs in bf16, else one matmul per expert that has rows: that fallback reads the per-expert counts on
-  the host (a synchronisation on CUDA, free on CPU). The fast CPU path.
-- `reference`: token-by-token plain PyTorch, the oracle for tests.
+  Hopper GPUs in bf16, else the reference below (one fp32 matmul per expert that has rows; it reads the
+  per-expert counts on the host: a synchronisation on CUDA, free on CPU). The fast CPU path.
+- `reference`: `kernels.fused_moe.fused_experts_reference`, the one plain-PyTorch definition of the experts.
 """
 from __future__ import annotations
 
@@ -137,8 +137,10 @@ def _grouped_mm_works(x: torch.Tensor) -> bool:
 
 
 def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_dtype):
-    num_tokens, top_k = topk_ids.shape
-    num_experts = weights.num_experts
+    if not _grouped_mm_works(hidden):
+        return fused_experts_reference(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
+                                       weights.activation, out_dtype, weights.b1, weights.b2)
+    top_k, num_experts = topk_ids.shape[1], weights.num_experts
     flat = topk_ids.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
     # Out-of-range ids sort to the end and fall outside every expert's run, so they are never computed.
@@ -146,34 +148,10 @@ def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_d
     order = torch.argsort(slot, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     counts = counts.index_add_(0, slot, torch.ones_like(slot))[:num_experts]  # bincount would sync on CUDA
-    tokens = order // top_k
     pair_weights = None if topk_weights is None else topk_weights.reshape(-1)[order]
-    if _grouped_mm_works(hidden):
-        sorted_experts = flat[order].clamp(0, num_experts - 1)
-        return _grouped_mm_experts(hidden, order, sorted_experts, valid[order], counts, pair_weights, weights,
-                                   out_dtype, top_k)
-    w1, w2, w3, w13 = weights.w1, weights.w2, weights.w3, weights.w13
-    out = torch.zeros(num_tokens, weights.hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)
-    start = 0
-    for expert, count in enumerate(counts.tolist()):
-        if not count:
-            continue
-        rows = tokens[start : start + count]
-        x = hidden[rows]
-        if w13 is not None:  # one GEMM for gate and up together, as they are stored
-            gate, up = (x @ w13[expert].T).chunk(2, dim=-1)
-            h = apply_activation_reference(gate, weights.activation) * up
-        else:
-            pre = x @ w1[expert].T if weights.b1 is None else torch.addmm(weights.b1[expert], x, w1[expert].T)
-            h = apply_activation_reference(pre, weights.activation)
-            if w3 is not None:
-                h = h * (x @ w3[expert].T)
-        y = h @ w2[expert].T if weights.b2 is None else torch.addmm(weights.b2[expert], h, w2[expert].T)
-        if pair_weights is not None:
-            y = y * pair_weights[start : start + count, None]
-        out.index_add_(0, rows, y.to(out.dtype))
-        start += count
-    return out
+    sorted_experts = flat[order].clamp(0, num_experts - 1)
+    return _grouped_mm_experts(hidden, order, sorted_experts, valid[order], counts, pair_weights, weights,
+                               out_dtype, top_k)
 
 
 def _grouped_mm_experts(hidden, order, sorted_experts, valid_sorted, counts, pair_weights, weights, out_dtype,

@@ -69,7 +69,6 @@ class MoEBlock(nn.Module):
         # Set by patch_moe: the model's RouterHealth and this block's index in it. A block used on its own
         # checks its logits itself.
         self.health: tuple[RouterHealth, int] | None = None
-        self.last_topk_ids: torch.Tensor | None = None
         # Per-expert routed pair counts (last slot: dropped pairs), accumulated on the device when a server or
         # benchmark asks for load statistics (`track_routing`); read on the host only when someone asks
         # (`engine.moe.patch.routing_counts`, e.g. a /metrics scrape).
@@ -92,7 +91,6 @@ class MoEBlock(nn.Module):
                 topk_ids, topk_weights = self._fused_route(x)
             else:
                 topk_ids, topk_weights = self._torch_route(x, (batch, seq_len))
-            self.last_topk_ids = topk_ids
             out = self.executor(self, x, topk_ids, topk_weights)
         except Exception as err:
             where = f"MoE block ({self.extra_repr()}) on {x.shape[0]} tokens"

@@ -2,8 +2,7 @@
 parallelism (whole experts per rank, dropless or with DeepSpeed's capacity factor) and a cost-model `auto`.
 One code path for NCCL on GPUs and gloo on CPU processes; launched by torchrun. See docs/parallel.md."""
 from engine.parallel.generation import generate_lockstep
-from engine.parallel.loading import load_parallel
 from engine.parallel.runtime import Dist, init_distributed
 from engine.parallel.strategy import STRATEGIES, apply_strategy
 
-__all__ = ["STRATEGIES", "Dist", "apply_strategy", "generate_lockstep", "init_distributed", "load_parallel"]
+__all__ = ["STRATEGIES", "Dist", "apply_strategy", "generate_lockstep", "init_distributed"]

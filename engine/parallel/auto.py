@@ -11,6 +11,7 @@ import torch
 
 from engine.parallel.cost_model import CostModel, LayerShape
 from engine.parallel.expert_parallel import ExpertOwners, ep_dropless_forward
+from engine.parallel.layout import part_lora
 from engine.parallel.moeshard import moeshard_forward
 from engine.parallel.pass_sync import PassSync
 from engine.parallel.runtime import Dist
@@ -33,9 +34,8 @@ class AutoExecutor:
         self.dist, self.sync, self.stream, self.shape, self.model, self.stats = dist, sync, stream, shape, model, stats
         self.owners = ExpertOwners(shape.num_experts, dist.size, dist.device)
         self._counts = torch.zeros(shape.num_experts, dtype=torch.int64, device=dist.device)
+        self._rows = 0  # rows of the call that counted `_counts`
         self._last: tuple[list[int], int] | None = None  # (global pairs per expert, rows) of the previous call
-        self._rows_at_last_call = 0
-        self.last_choice: str | None = None
         sync.add_listener(self)
 
     # pass_sync listener: our device-side expert counts ride along in the pass's one gather.
@@ -44,7 +44,7 @@ class AutoExecutor:
 
     def receive(self, gathered: torch.Tensor) -> None:
         total = gathered.sum(0).tolist()
-        self._last = (total, self._rows_at_last_call) if sum(total) > 0 else None
+        self._last = (total, self._rows) if sum(total) > 0 else None
 
     def _load(self, rows: int) -> tuple[float, float]:
         """(all routed pairs, pairs on EP's busiest rank) expected for this call."""
@@ -60,13 +60,11 @@ class AutoExecutor:
         rows = self.sync.tokens(self.stream, hidden.shape[0])
         prediction = self.model.predict(self.shape, rows, *self._load(rows))
         choice = prediction.choice
-        self.last_choice = choice
-        self._counts = expert_counts(topk_ids, self.shape.num_experts)
-        self._rows_at_last_call = rows
+        self._counts, self._rows = expert_counts(topk_ids, self.shape.num_experts), rows
         if self.stats is not None:
             self.stats.choices[choice] = self.stats.choices.get(choice, 0) + 1
         if choice == "moeshard":
             return moeshard_forward(self.dist, hidden, topk_ids, topk_weights, rows, block.moeshard_part.weights(),
-                                    block.backend, self.stats)
+                                    block.backend, self.stats, part_lora(block, block.moeshard_part))
         return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows,
-                                   block.ep_part.weights(), block.backend, self.stats)
+                                   block.ep_part.weights(), block.backend, self.stats, part_lora(block, block.ep_part))

@@ -24,6 +24,7 @@ import math
 import torch
 
 from engine.moe.experts import ExpertWeights, run_experts
+from engine.parallel.layout import part_lora
 from engine.parallel.pass_sync import PassSync
 from engine.parallel.rows import pack_rows, unpack_rows
 from engine.parallel.runtime import Dist, split_range
@@ -83,7 +84,8 @@ def capacity_slots(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> t
 
 def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk_weights, rows: int,
                         part: ExpertWeights, backend: str, capacity_factor: float, min_capacity: int,
-                        stats: ExchangeStats | None = None) -> torch.Tensor:
+                        stats: ExchangeStats | None = None, lora=None) -> torch.Tensor:
+    """`lora` (`layout.part_lora`): expert adapters, whose per-token slots and weights travel with the pairs."""
     num_tokens, hidden_size = hidden.shape
     num_experts = owners.num_experts
     capacity = deepspeed_capacity(rows, num_experts, topk_ids.shape[1], capacity_factor, min_capacity)
@@ -91,10 +93,20 @@ def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     token = torch.arange(num_tokens, device=hidden.device)[:, None].expand_as(slot)
     # Dispatch buffer (E·capacity, H), expert-major, so each owner's slots are one contiguous chunk; dropped
     # pairs go to one extra row that is never sent (no boolean mask: its size would be read back to the host).
+    destination = torch.where(kept, slot, num_experts * capacity).reshape(-1)
     buffer = hidden.new_zeros(num_experts * capacity + 1, hidden_size)
-    buffer[torch.where(kept, slot, num_experts * capacity).reshape(-1)] = hidden[token.reshape(-1)]
+    buffer[destination] = hidden[token.reshape(-1)]
     splits = [(hi - lo) * capacity for lo, hi in owners.ranges]
-    received = dist.all_to_all(buffer[: num_experts * capacity], splits, [splits[dist.rank]] * dist.size)
+    recv = [splits[dist.rank]] * dist.size
+    adapters = None if lora is None else lora.routing(num_tokens)
+    if adapters is None:
+        received = dist.all_to_all(buffer[: num_experts * capacity], splits, recv)
+    else:  # each slot row carries its token's adapters, in the same all-to-all
+        sent = [_pair_rows(t, destination, token.reshape(-1), num_experts * capacity) for t in adapters]
+        packed = pack_rows(buffer[: num_experts * capacity], *sent)
+        received, *arrived = unpack_rows(dist.all_to_all(packed, splits, recv),
+                                         [(hidden_size, hidden.dtype), *((t.shape[1], t.dtype) for t in sent)])
+        part = lora.attach(part, *arrived, _sources(recv[0], dist.size, hidden.device))
     local = part.num_experts
     local_ids = torch.arange(dist.size * local * capacity, device=hidden.device) // capacity % local
     with maybe_timing(stats, hidden.device):
@@ -121,11 +133,13 @@ def dropless_bounds(owners: ExpertOwners, rows: int, top_k: int) -> list[int]:
 
 
 def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk_weights, rows: int,
-                        part: ExpertWeights, backend: str, stats: ExchangeStats | None = None) -> torch.Tensor:
+                        part: ExpertWeights, backend: str, stats: ExchangeStats | None = None,
+                        lora=None) -> torch.Tensor:
     """Dropless EP without a host synchronisation: each destination gets a fixed-size chunk of
     `dropless_bounds` rows (padding carries expert id E, which every backend skips), so the all-to-all sizes
     come from the agreed `rows`, not from this layer's routing. The price is bandwidth: padding travels too
-    (up to min(k, E_r)·G/k times the routed rows), which the cost model of `auto` measures."""
+    (up to min(k, E_r)·G/k times the routed rows), which the cost model of `auto` measures. `lora`
+    (`layout.part_lora`): expert adapters, whose per-token slots and weights travel with the pairs."""
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts = owners.num_experts
@@ -138,14 +152,20 @@ def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     one_hot = one_hot_on_device(dest, dist.size + 1)
     location = (torch.cumsum(one_hot, dim=0) - 1).gather(1, dest[:, None]).squeeze(1)
     slot = torch.where(dest < dist.size, starts[dest.clamp(max=dist.size - 1)] + location, total)  # total: dump row
+    pair_token = torch.arange(num_tokens * top_k, device=hidden.device) // top_k
     send_x = hidden.new_zeros(total + 1, hidden_size)
-    send_x[slot] = hidden[torch.arange(num_tokens * top_k, device=hidden.device) // top_k]
+    send_x[slot] = hidden[pair_token]
     send_ids = torch.full((total + 1,), num_experts, dtype=torch.int64, device=hidden.device)
     send_ids[slot] = flat - owners.start[dest.clamp(max=dist.size - 1)]
-    packed = pack_rows(send_x[:total], send_ids[:total, None])
+    adapters = None if lora is None else lora.routing(num_tokens)
+    sent = [] if adapters is None else [_pair_rows(t, slot, pair_token, total) for t in adapters]
+    packed = pack_rows(send_x[:total], send_ids[:total, None], *sent)
     recv = [bounds[dist.rank]] * dist.size
     arrived = dist.all_to_all(packed, bounds, recv)
-    x, ids = unpack_rows(arrived, [(hidden_size, hidden.dtype), (1, torch.int64)])
+    x, ids, *adapters_arrived = unpack_rows(arrived, [(hidden_size, hidden.dtype), (1, torch.int64),
+                                                      *((t.shape[1], t.dtype) for t in sent)])
+    if adapters_arrived:
+        part = lora.attach(part, *adapters_arrived, _sources(recv[0], dist.size, hidden.device))
     with maybe_timing(stats, hidden.device):
         expert_out = run_experts(x, ids.contiguous(), None, part, backend)
     returned = dist.all_to_all(expert_out, recv, bounds)
@@ -161,6 +181,20 @@ def ep_dropless_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     return weighted.sum(1).to(hidden.dtype)
 
 
+def _pair_rows(per_token: torch.Tensor, destination: torch.Tensor, pair_token: torch.Tensor,
+               rows: int) -> torch.Tensor:
+    """A per-token tensor (its expert adapters' slots or weights) laid out as the send buffer: row
+    `destination[p]` gets pair p's token's row; rows no pair fills are empty (slot -1, weight 0)."""
+    out = per_token.new_full((rows + 1, per_token.shape[1]), -1 if per_token.dtype == torch.int32 else 0)
+    out[destination] = per_token[pair_token]
+    return out[:rows]
+
+
+def _sources(chunk: int, world: int, device) -> torch.Tensor:
+    """The source rank of each received row: the all-to-all brings `chunk` rows from every rank, in rank order."""
+    return torch.arange(world * chunk, device=device) // max(chunk, 1)
+
+
 class ExpertParallelExecutor:
     """The executor a block runs under `ep` / `ep-capacity`; its experts live at `block.ep_part`."""
 
@@ -172,10 +206,11 @@ class ExpertParallelExecutor:
         self.name = "ep" if capacity_factor is None else "ep-capacity"
 
     def __call__(self, block, hidden, topk_ids, topk_weights):
-        part = block.ep_part.weights()
+        shard = block.ep_part
+        part, lora = shard.weights(), part_lora(block, shard)
         rows = self.sync.tokens(self.stream, hidden.shape[0])
         if self.capacity_factor is None:
             return ep_dropless_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows, part,
-                                       block.backend, self.stats)
+                                       block.backend, self.stats, lora)
         return ep_capacity_forward(self.dist, self.owners, hidden, topk_ids, topk_weights, rows, part,
-                                   block.backend, self.capacity_factor, self.min_capacity, self.stats)
+                                   block.backend, self.capacity_factor, self.min_capacity, self.stats, lora)

@@ -95,6 +95,13 @@ def fill(shard: ShardedExperts, part: ExpertWeights) -> None:
                 getattr(shard, name).copy_(getattr(part, name))
 
 
+def part_lora(block: MoEBlock, shard: ShardedExperts):
+    """The expert LoRA of `block` for this rank's `shard` (an `engine.lora.expert_ranks.BlockExpertLoRA`, set when
+    adapters with expert parameters are attached), or None."""
+    lora = getattr(block, "expert_lora", None)
+    return None if lora is None else lora.part(shard)
+
+
 def drop_full_experts(block: MoEBlock) -> None:
     """Free the block's full expert tensors once its parts are built (memory per rank: experts / G). They are
     found as the parameters the block's `expert_weights()` views are cut from, whatever the family's layout."""

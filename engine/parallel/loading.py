@@ -14,7 +14,6 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from engine.families import patch_moe
 from engine.moe.experts import ExpertWeights, check_backend, default_backend
 from engine.moe.patch import set_backend
 from engine.parallel.checkpoint import CheckpointReader
@@ -137,18 +136,6 @@ def build_on_meta(model_class, config) -> nn.Module:
 
     with init_empty_weights():
         return (getattr(model_class, "from_config", None) or model_class._from_config)(config)  # Auto* or concrete
-
-
-def load_parallel(source: str, family, *, strategy: str, model_class, capacity: str | None = None,
-                  **options) -> nn.Module:
-    """This rank's part of the model in `source` (config.json + safetensors), under an initialised process
-    group: `build_on_meta`, `patch_moe`, then `load_rank_part` (which takes `options`)."""
-    from transformers import AutoConfig
-
-    model = build_on_meta(model_class, AutoConfig.from_pretrained(source))
-    # Patch on the meta device with a backend that exists there; the real one is set once weights are loaded.
-    patch_moe(model, backend="torch", capacity=capacity, family=family)
-    return load_rank_part(model, source, family, strategy=strategy, **options)
 
 
 def load_rank_part(model: nn.Module, source, family, *, strategy: str, backend: str | None = None, dtype=None,

@@ -1,5 +1,6 @@
-"""Counters a distributed MoE layer keeps when asked (benchmarks, tests): bytes this rank put on the wire,
-expert rows it computed, tokens dropped, time inside expert kernels. Byte counts are host integers known before
+"""Counters a distributed model keeps when asked (benchmarks, tests): host synchronisations of its passes,
+bytes this rank put on the wire, expert rows it computed, tokens dropped, `auto`'s choices, time inside expert
+kernels. Byte counts are host integers known before
 each collective; row and drop counts stay on the device until read, so counting adds no synchronisation."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class ExchangeStats:
         self.reset()
 
     def reset(self) -> None:
+        self.host_syncs = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
@@ -50,8 +52,8 @@ class ExchangeStats:
         self.compute_s += elapsed.seconds
 
     def summary(self) -> dict:
-        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,
-                "rows_computed": self.rows_computed, "tokens_dropped": self.tokens_dropped,
+        return {"host_syncs": self.host_syncs, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "calls": self.calls, "rows_computed": self.rows_computed, "tokens_dropped": self.tokens_dropped,
                 "compute_s": self.compute_s, "choices": dict(self.choices)}
 
 

@@ -83,14 +83,15 @@ def install_executors(model: nn.Module, strategy: str, dist: Dist, *, capacity_f
                       calibration_tokens: tuple[int, int] = (1024, 16384)) -> ParallelState:
     """Hook the pass synchronisation and give every MoE block its strategy's executor. Models without a
     Hugging Face config (e.g. a bare layer stack) count tokens from their first input `(..., H)`."""
-    sync = PassSync(dist)
+    counters = ExchangeStats() if stats else None
+    sync = PassSync(dist, counters)
     blocks = moe_blocks(model)
     streams = {stream_of(name, model) for name, _ in blocks}
     if hasattr(model, "config"):
         attach_hf(sync, model, streams)
     else:
         sync.attach(model, _first_tensor_rows)
-    state = ParallelState(strategy, dist, sync, ExchangeStats() if stats else None)
+    state = ParallelState(strategy, dist, sync, counters)
     if strategy == "auto":
         shapes = {}
         for _, block in blocks:

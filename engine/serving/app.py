@@ -7,7 +7,7 @@ over the limit or a prompt that does not fit the model's context, 500 naming the
 503 with Retry-After when the queue is full or a rank failed.
 
 The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
-(`engine.serving.scheduler.ContinuousEngine` for decoders, `engine.serving.batcher.BatchEngine` for the rest): it
+(`engine.serving.scheduler.ContinuousEngine` for generation, `engine.serving.batcher.BatchEngine` for the rest): it
 sets a request's future to a `Generation`, or, streaming, puts `(token id, logprob entry or None)` per token on
 `request.tokens`, then None or an exception.
 """
@@ -73,7 +73,9 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
     async def count(request: HTTPRequest, call_next):
         start = time.perf_counter()
         response = await call_next(request)
-        endpoint = request.url.path
+        # the route's template, not the raw path: a label per junk URL would grow the metrics without bound
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
             metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -104,6 +106,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             return await future
         except RankFailure as err:
             raise APIError(503, str(err), kind="server_error") from None
+        except APIError:  # the scheduler refused it (an adapter unloaded meanwhile, a mixture over the budget)
+            raise
         except Exception as err:  # the step that ran this request failed; the server goes on
             raise APIError(500, _failure(err), kind="server_error") from None
 
@@ -201,7 +205,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                                 f"tokens and the prompt has {prompt_len}, which leaves {room}", param)
         return asked or min(default, room)
 
-    async def generate(body, shape, ids: list[int], text: str, adapter: str | None, limit: int):
+    async def generate(http: HTTPRequest, body, shape, ids: list[int], text: str, adapter: str | None, limit: int):
         """Runs `n` choices of one prompt and answers them in `shape`, whole or as server-sent events."""
         loop = asyncio.get_running_loop()
         n, stream, stops = body.n or 1, bool(body.stream), body.stops()
@@ -226,6 +230,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             return shape.logprobs(rows, stream.offsets[start:stop])
 
         if not stream:
+            if not await _finished_before_disconnect(http, requests):
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             choices, completion_tokens = [], 0
             for i, request in enumerate(requests):
                 generation = await result(request.future)
@@ -257,7 +263,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                     if done[i]:
                         continue
                     if isinstance(item, Exception):
-                        yield sse({"error": {"message": _failure(item), "type": "server_error", "code": 500}})
+                        yield sse(item.body() if isinstance(item, APIError) else
+                                  {"error": {"message": _failure(item), "type": "server_error", "code": 500}})
                         return
                     finish, delta = None, ""
                     if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
@@ -294,14 +301,14 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: HTTPRequest):
         adapter = check_generation(body)
         ids = check_input(tokenizer.encode(body.prompt), "prompt")
         limit = max_tokens(body, len(ids), min(16, config.max_new_tokens), "prompt")  # 16: OpenAI's default
-        return await generate(body, CompletionShape(_token_text(tokenizer)), ids, body.prompt, adapter, limit)
+        return await generate(http, body, CompletionShape(_token_text(tokenizer)), ids, body.prompt, adapter, limit)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         adapter = check_generation(body)
         messages = [m.for_template() for m in body.messages]
         try:
@@ -315,9 +322,31 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         limit = max_tokens(body, len(ids), config.max_new_tokens, "messages")
         # the last user turn, for an "auto" adapter's task router
         text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        return await generate(body, ChatShape(_token_text(tokenizer)), ids, text, adapter, limit)
+        return await generate(http, body, ChatShape(_token_text(tokenizer)), ids, text, adapter, limit)
 
     return app
+
+
+async def _finished_before_disconnect(http: HTTPRequest, requests: list[Request]) -> bool:
+    """Waits for every choice's result. A client that disconnects first cancels its requests, as a stream's does,
+    so they leave their batch at the next step instead of generating for nobody."""
+    results = asyncio.gather(*(r.future for r in requests))
+    results.add_done_callback(lambda f: f.cancelled() or f.exception())  # each choice's error is read on its own
+
+    async def disconnected():  # the body is read, so what the client sends next can only be its disconnect
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if results.done():
+        return True
+    for request in requests:
+        request.cancelled = True
+    return False
 
 
 class _Tagged:

@@ -22,9 +22,10 @@ class ServeConfig:
     port: int = 8000
     max_batch_tokens: int = 8192  # prompt tokens in one batch, over all ranks
     max_batch_size: int = 64  # sequences in one batch (continuous scheduler: running requests per rank)
-    # Decoder generation: "continuous" (iteration-level batching over a paged KV cache on every rank,
-    # engine.serving.scheduler) or "static" (one generate() call per batch, engine.serving.batcher: the baseline).
-    # Embeddings, encoder-decoder models and LoRA adapters use the static batcher.
+    # Generation: "continuous" (iteration-level batching on every rank, engine.serving.scheduler: over a paged KV
+    # cache for decoders, engine.serving.encdec_batch for encoder-decoders) or "static" (one generate() call per
+    # batch, engine.serving.batcher: the baseline). Embeddings and adapters on an encoder-decoder use the static
+    # batcher.
     scheduler: str = "continuous"
     kv_cache_bytes: int | None = None  # KV budget per rank in bytes; unset: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.5

@@ -1,17 +1,27 @@
-"""LoRA adapters of a live server: vLLM's load/unload endpoints, the adapter names /v1/models lists, and
-batches split into sub-batches whose adapters fit the device budget.
+"""LoRA adapters of a live server: vLLM's load/unload endpoints, the adapter names /v1/models lists, and a
+device budget (`lora_budget_bytes`) smaller than the pool.
 
 `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` and `POST /v1/unload_lora_adapter {"lora_name"}` take
-vLLM's names. A change to the pool is one item of the batcher's queue: it runs on every rank between two batches,
-so it waits for the running batch and the pool never changes under one. Refused changes leave the pool as it was:
-an adapter for another base model, a corrupt or pickled file, a rank of 0, NaN weights or a name already loaded
-(400, naming the adapter and the problem); an unknown name (404); an adapter that requests still waiting in the
-queue name (409: unloading it would fail them). "Tasks" of the router that used an unloaded adapter give its
-share to the base model (engine.lora.LoRAModel.unload_adapter).
+vLLM's names. A change to the pool is one item of the scheduler's queue: it runs on every rank between two steps
+(the continuous scheduler) or two batches (the static one), so the pool never changes under a forward pass.
+Refused changes leave the pool as it was: an adapter for another base model, a corrupt or pickled file, a rank of
+0, NaN weights or a name already loaded (400, naming the adapter and the problem); an unknown name (404). "Tasks"
+of the router that used an unloaded adapter give its share to the base model
+(engine.lora.LoRAModel.unload_adapter).
 
-A batch needing more distinct adapters than the device cache holds (`lora_budget_bytes`) runs as several
-sub-batches, each within the budget; only a single request whose own mixture is larger than the cache, or that
-names an adapter unloaded while it waited, gets an error.
+Unloading an adapter that requests use:
+- continuous scheduler: the unload waits until the running and waiting requests that use the adapter have
+  finished; from the moment it is asked for, /v1/models no longer lists the adapter and new requests naming it
+  are refused (400 at the door, 404 if one slipped into the queue behind the unload). Running requests are never
+  disturbed. A load whose adapter needs larger slots (a higher rank, more modules), so that the budget holds fewer
+  adapters than the running requests of one rank (or the router's k) use at once, is undone and refused (409).
+- static batcher: it waits for the running batch; requests still waiting in the queue for it make it a 409.
+
+Over the budget: the continuous scheduler places a request on a rank only when the distinct adapters of that
+rank's requests, its own included, fit the device cache; others wait (as vLLM's max_loras makes them), first
+come first served. The static batcher splits a batch into sub-batches that each fit. Either way only a single
+request whose own mixture is larger than the cache, or that names an adapter unloaded while it waited, gets an
+error.
 """
 from __future__ import annotations
 
@@ -47,12 +57,14 @@ class AdapterNames:
 
     def __init__(self, model):
         self.model = lora_model(model)
+        self.draining: set[str] = set()  # unloads asked for and not yet done: no new request may name these
 
     def names(self) -> list[str]:
-        return [] if self.model is None else self.model.pool.names
+        return [] if self.model is None else [n for n in self.model.pool.names if n not in self.draining]
 
     def __contains__(self, name: object) -> bool:
-        return self.model is not None and isinstance(name, str) and name in self.model.pool
+        return self.model is not None and isinstance(name, str) and name in self.model.pool and \
+            name not in self.draining
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -91,17 +103,52 @@ def waiting_for(engine, name: str) -> int:
 
 
 def run_pool_op(engine, op: dict) -> dict:
-    """Apply `op` on every rank between batches; a load that one rank refused is undone on the others."""
+    """The static batcher: apply `op` on every rank between batches; refuse an unload that queued requests need."""
     if op["type"] == "lora_unload":
         waiting = waiting_for(engine, op["name"])
         if waiting:
             return {"error": f"adapter {op['name']!r} is in use by {waiting} waiting request(s); unload it once "
                              "they finish", "status": 409}
-    results = engine.coordinator.execute(op)
+    return apply_everywhere(engine.coordinator, op)
+
+
+def apply_everywhere(coordinator, op: dict) -> dict:
+    """Apply `op` on every rank; a load that one rank refused is undone on the others."""
+    results = coordinator.execute(op)
     errors = [r for r in results if r.get("error")]
     if errors and op["type"] == "lora_load" and len(errors) < len(results):
-        engine.coordinator.execute({"type": "lora_unload", "name": op["name"]})
+        coordinator.execute({"type": "lora_unload", "name": op["name"]})
     return errors[0] if errors else {}
+
+
+def load_between_steps(coordinator, model, op: dict, running: int, router_k: int = 0) -> dict:
+    """The continuous scheduler: load on every rank, and undo the load when the slots its adapter needs leave
+    the device cache fewer than the `running` adapters one rank's requests use now (409: retry later) or than
+    the router's `router_k` (400). Between steps nothing is pinned, so the cache may re-lay its slots freely."""
+    result = apply_everywhere(coordinator, op)
+    lm = lora_model(model)
+    capacity, router_k = lm.cache.capacity, min(router_k, len(lm.pool))
+    if result or capacity >= max(running, router_k):
+        return result
+    apply_everywhere(coordinator, {"type": "lora_unload", "name": op["name"]})
+    status, need = (400, f"the router mixes up to k={router_k}") if router_k > capacity else \
+        (409, f"running requests use {running} at once on one rank; retry when they finish")
+    return {"error": f"adapter {op['name']!r}: with its larger slots the device budget for adapters "
+                     f"(lora_budget_bytes) holds {capacity} adapter(s), but {need}", "status": status}
+
+
+def unknown_or_too_large(mixture: dict, model) -> Exception | None:
+    """Why a request's mixture cannot run at all (an adapter gone from the pool, more adapters than the device
+    cache holds at once), or None."""
+    lm = lora_model(model)
+    capacity = lm.cache.capacity if lm is not None else 0
+    gone = [n for n in mixture if lm is None or n not in lm.pool]
+    if gone:
+        return request_error(404, f"adapter {gone[0]!r} was unloaded while the request waited", "adapter")
+    if len(mixture) > capacity:
+        return request_error(400, f"the request mixes {len(mixture)} adapters {sorted(mixture)} but the device "
+                                  f"budget holds {capacity} at once (raise lora_budget_bytes)", "adapter")
+    return None
 
 
 def request_error(status: int, message: str, param: str | None = None):
@@ -120,15 +167,9 @@ def sub_batches(batch: list, mixtures: list[dict], model):
     parts: list[tuple[list, set]] = []
     rejected = []
     for request, mix in zip(batch, mixtures):
-        gone = [n for n in mix if lm is None or n not in lm.pool]
-        if gone:
-            rejected.append((request, request_error(404, f"adapter {gone[0]!r} was unloaded while the request "
-                                                         "waited", "adapter")))
-            continue
-        if len(mix) > capacity:
-            rejected.append((request, request_error(
-                400, f"the request mixes {len(mix)} adapters {sorted(mix)} but the device budget holds "
-                     f"{capacity} at once (raise lora_budget_bytes)", "adapter")))
+        error = unknown_or_too_large(mix, model)
+        if error is not None:
+            rejected.append((request, error))
             continue
         for rows, names in parts:
             if len(names | set(mix)) <= capacity:
@@ -151,7 +192,7 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
 
     app.state.adapter_names = names.names  # what completions accept and /v1/models lists, read live
     async def change(op: dict) -> None:
-        if names.model is None or not hasattr(engine, "held"):  # only the static batcher runs pool changes
+        if names.model is None:
             raise APIError(400, "this server does not change its adapters at run time: start it with "
                                 "--enable-lora", "lora_name")
         loop = asyncio.get_running_loop()
@@ -174,6 +215,9 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
         if name in ("auto", model_name):
             raise APIError(400, f"lora_name: {name!r} is reserved (it means the router or the base model)",
                            "lora_name")
+        if name in names.draining:
+            raise APIError(409, f"adapter {name!r} is being unloaded; load it again once that is done", "lora_name",
+                           kind="conflict_error")
         if name in names:
             raise APIError(400, f"adapter {name!r} is already loaded; unload it first to replace it", "lora_name")
         if not Path(body.lora_path).is_dir():
@@ -184,8 +228,15 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRARequest):
+        if body.lora_name in names.draining:
+            raise APIError(409, f"adapter {body.lora_name!r} is already being unloaded", "lora_name",
+                           kind="conflict_error")
         if body.lora_name not in names:
             raise APIError(404, f"adapter {body.lora_name!r} is not loaded (loaded: {sorted(names) or 'none'})",
                            "lora_name", kind="not_found_error")
-        await change({"type": "lora_unload", "name": body.lora_name})
+        names.draining.add(body.lora_name)  # from now on no new request names it, and /v1/models omits it
+        try:
+            await change({"type": "lora_unload", "name": body.lora_name})
+        finally:
+            names.draining.discard(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

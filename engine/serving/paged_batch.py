@@ -38,7 +38,10 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of keys and values that one block of `block_size` tokens takes over all layers."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * block_size * torch.empty((), dtype=dtype).element_size()
+    layers = config.num_hidden_layers
+    if getattr(config, "is_encoder_decoder", False):  # T5-style: a token's self- or cross-attention K/V per decoder
+        layers, head_dim = config.num_decoder_layers, config.d_kv  # layer (engine.serving.encdec_batch)
+    return 2 * layers * heads * head_dim * block_size * torch.empty((), dtype=dtype).element_size()
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -80,6 +83,38 @@ class RowSampling:
     adapters: dict = field(default_factory=dict)  # LoRA mixture name -> weight ({}: the base model)
     entries: list = field(default_factory=list)  # per generated token: (logprob, [(id, logprob), ...])
     delivered: int = 0  # tokens already reported
+
+    @classmethod
+    def of_request(cls, device, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logprobs: int | None = None,
+                   adapters: dict | None = None) -> "RowSampling":
+        """A request's settings, with a generator of its own (seeded, or from the OS) when it samples."""
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device)
+            generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        return cls(temperature, top_p, generator, presence_penalty, frequency_penalty, logprobs, dict(adapters or {}))
+
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    def choose(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """This row's next token from its `logits` (one row over the vocabulary) given the tokens it generated so
+        far (only read when penalised); records the token's log-probability entry (of the model's own
+        distribution, before penalties and temperature) when the request asked for them."""
+        raw = logits
+        if self.penalised():
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=raw.device),
+                                    minlength=raw.shape[0]).to(raw.dtype) if generated else torch.zeros_like(raw)
+            raw = raw - counts * self.frequency_penalty - (counts > 0).to(raw.dtype) * self.presence_penalty
+        token = sample_row(raw, self.temperature, self.top_p, self.generator) if self.temperature > 0 \
+            else torch.argmax(raw)
+        if self.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = logprobs.topk(self.logprobs) if self.logprobs else None
+            alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            self.entries.append((logprobs[token].item(), alternatives))
+        return token
 
 
 class RankBatch:
@@ -124,12 +159,8 @@ class RankBatch:
     def add(self, request_id: str, token_ids: list[int], max_tokens: int, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
             frequency_penalty: float = 0.0, logprobs: int | None = None, adapters: dict | None = None) -> None:
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        self.sampling[request_id] = RowSampling(temperature, top_p, generator, presence_penalty, frequency_penalty,
-                                                logprobs, dict(adapters or {}))
+        self.sampling[request_id] = RowSampling.of_request(self.device, temperature, top_p, seed, presence_penalty,
+                                                           frequency_penalty, logprobs, adapters)
         self.manager.add_request(list(token_ids), request_id=request_id, max_new_tokens=max_tokens, streaming=True)
 
     def cancel(self, request_id: str) -> None:
@@ -231,8 +262,7 @@ class RankBatch:
 
     def _sample(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         """Replaces the runner's sampler: row i of `scores` belongs to the i-th scheduled request that predicts a
-        token this step; each uses its own penalties, temperature, top-p and generator, and records its
-        log-probabilities (of the model's own distribution, before penalties and temperature) if asked."""
+        token this step; each picks it with its own `RowSampling` (greedy rows keep the batched argmax)."""
         logits = scores[0]
         scheduled = [f.state for f in self.processor.inputs_and_outputs.requests_in_batch if f.has_new_token]
         tokens = torch.argmax(logits, dim=-1)
@@ -240,20 +270,9 @@ class RankBatch:
             row = self.sampling.get(state.request_id)
             if row is None:
                 continue
-            raw = logits[i]
-            if row.presence_penalty or row.frequency_penalty:
-                generated = state.to_generation_output().generated_tokens
-                counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=raw.device),
-                                        minlength=raw.shape[0]).to(raw.dtype) if generated else torch.zeros_like(raw)
-                raw = raw - counts * row.frequency_penalty - (counts > 0).to(raw.dtype) * row.presence_penalty
-                tokens[i] = torch.argmax(raw)
-            if row.temperature > 0:
-                tokens[i] = sample_row(raw, row.temperature, row.top_p, row.generator)
-            if row.logprobs is not None:
-                logprobs = torch.log_softmax(logits[i].float(), dim=-1)
-                top = logprobs.topk(row.logprobs) if row.logprobs else None
-                alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-                row.entries.append((logprobs[tokens[i]].item(), alternatives))
+            if row.penalised() or row.temperature > 0 or row.logprobs is not None:
+                generated = state.to_generation_output().generated_tokens if row.penalised() else []
+                tokens[i] = row.choose(logits[i], generated)
         output_ids[0, : tokens.shape[0]].copy_(tokens.to(output_ids.dtype))
 
 

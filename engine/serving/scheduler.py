@@ -6,6 +6,11 @@ dummy one when it has nothing), and sends back each request's new tokens and its
 to the rank with the most free blocks. Tokens reach the client from whichever rank generates them, at the step
 they are made.
 
+With a LoRA pool, each request carries its adapter mixture (named, or routed once for "auto") and the packed
+forward applies it per token. A request joins a rank only when that rank's device adapter cache holds its
+adapters beside those of the rank's other requests; adapter loads and unloads run on every rank between two
+steps (engine.serving.lora_api says how they wait and what they refuse).
+
 The narrow interface (used by the HTTP app and by `generate_batch` offline):
 
     engine.submit(request)            # a batcher.Request of kind "generate"; raises Overloaded / RankFailure /
@@ -29,6 +34,8 @@ from typing import AsyncIterator
 
 from engine.serving.batcher import Overloaded, Request, fail_and_exit
 from engine.serving.coordinator import Coordinator, RankFailure
+from engine.serving.lora_api import (apply_everywhere, load_between_steps, lora_model, request_error,
+                                     unknown_or_too_large)
 from engine.serving.sampling import Generation
 
 _STOP = object()
@@ -55,6 +62,10 @@ class ContinuousEngine:
         self.kv: list[dict] = []  # per rank, after the last step: blocks_total, blocks_free, running, waiting
         self.healthy, self.failure = True, None
         self.stopping = False
+        # a LoRA pool: loads and unloads wait here for their turn between two steps; request id -> its mixture
+        self.lora = lora_model(coordinator.runner.model)
+        self.pool_ops: collections.deque = collections.deque()
+        self.mixtures: dict[str, dict] = {}
         self._thread = threading.Thread(target=self._run, name="tessera-scheduler", daemon=True)
 
     # --- the interface -------------------------------------------------------------------------------------------
@@ -66,6 +77,8 @@ class ContinuousEngine:
     def submit(self, request: Request) -> None:
         if not self.healthy:
             raise RankFailure(self.failure or "a worker rank failed")
+        if request.kind == "lora":  # a change to the adapter pool (engine.serving.lora_api)
+            return self._enqueue(request)
         if request.kind != "generate":
             raise ValueError(f"the continuous scheduler generates; {request.kind!r} requests go to the static one")
         need = self.blocks_needed(request)
@@ -75,6 +88,9 @@ class ContinuousEngine:
                                   f"({request.params['max_tokens']}) need {need} KV blocks of "
                                   f"{self.kv[0]['block_size']} tokens; a rank holds {capacity}")
         request.id = request.id or uuid.uuid4().hex
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         try:
             self.queue.put_nowait(request)
         except queue.Full:
@@ -116,7 +132,7 @@ class ContinuousEngine:
     def _run(self) -> None:
         try:
             while not (self.stopping and not self.active and not self.incoming):
-                if not self.active and not self.incoming:
+                if not self.active and not self.incoming and not self.pool_ops:
                     try:
                         item = self.queue.get(timeout=self.heartbeat_s)
                     except queue.Empty:
@@ -124,8 +140,10 @@ class ContinuousEngine:
                         continue
                     self._take(item)
                 self._drain()
+                self._apply_pool_ops()
                 if self.active or self.incoming:
                     self.step()
+            self._apply_pool_ops()  # an unload that waited for the last requests: nothing uses its adapter now
             self.coordinator.stop()
         except RankFailure as err:
             self._fail(str(err))
@@ -135,6 +153,10 @@ class ContinuousEngine:
     def _take(self, item) -> None:
         if item is _STOP:
             self.stopping = True
+        elif item.kind == "lora":
+            self.pool_ops.append(item)
+        elif item.adapter is not None and item.adapter in self._unloading():
+            self._finish(item, request_error(404, f"adapter {item.adapter!r} is being unloaded", "adapter"))
         elif not item.cancelled:
             self.incoming.append(item)
 
@@ -170,6 +192,7 @@ class ContinuousEngine:
         running = [0] * self.world
         for request, rank in self.active.values():
             running[rank] += 1
+        in_use, held = self._adapters_in_use(), []
         while self.incoming:
             request = self.incoming[0]
             if request.cancelled:
@@ -179,7 +202,14 @@ class ContinuousEngine:
             open_ranks = [r for r in range(self.world) if running[r] < self.max_running_per_rank]
             if not open_ranks:
                 break  # every rank has enough to do: the rest waits here, still placeable anywhere
-            rank = max(open_ranks, key=lambda r: (free[r], -running[r]))
+            ranks = self._ranks_with_adapter_room(request, open_ranks, in_use, held)
+            if isinstance(ranks, Exception):
+                self._finish(self.incoming.popleft(), ranks)
+                continue
+            if not ranks:
+                held.append(self.incoming.popleft())
+                continue
+            rank = max(ranks, key=lambda r: (free[r], -running[r]))
             self.incoming.popleft()
             free[rank] -= self.blocks_needed(request)
             running[rank] += 1
@@ -189,7 +219,9 @@ class ContinuousEngine:
                                   temperature=p.get("temperature", 0.0), top_p=p.get("top_p", 1.0),
                                   seed=p.get("seed"), presence_penalty=p.get("presence_penalty", 0.0),
                                   frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs"),
-                                  adapters=self._mixture(request)))
+                                  adapters=self._request_mixture(request)))
+            in_use[rank].update(self._request_mixture(request))
+        self.incoming.extendleft(reversed(held))  # they keep their place at the front
         self._gauge_waiting()
         return add
 
@@ -200,6 +232,70 @@ class ContinuousEngine:
         if request.adapter == "auto":
             return dict(self.router.route([request.text])[0].adapters)
         return {request.adapter: 1.0}
+
+    # --- a LoRA pool: the device budget and run-time loads and unloads -----------------------------------------
+
+    def _request_mixture(self, request: Request) -> dict:
+        """The request's adapter mixture, worked out (routed) once; an adapter being unloaded takes no new share."""
+        if request.id not in self.mixtures:
+            unloading = self._unloading()
+            self.mixtures[request.id] = {n: w for n, w in self._mixture(request).items()
+                                         if n not in unloading or n == request.adapter}
+        return self.mixtures[request.id]
+
+    def _adapters_in_use(self) -> list[set]:
+        """Per rank, the adapters its running requests use (and forget the mixtures of requests gone)."""
+        live = self.active.keys() | {request.id for request in self.incoming}
+        self.mixtures = {rid: mix for rid, mix in self.mixtures.items() if rid in live}
+        in_use = [set() for _ in range(self.world)]
+        for request_id, (_, rank) in self.active.items():
+            in_use[rank].update(self.mixtures.get(request_id, ()))
+        return in_use
+
+    def _ranks_with_adapter_room(self, request: Request, open_ranks: list[int], in_use: list[set], held: list):
+        """The open ranks whose device adapter cache holds this request's adapters beside those of the requests
+        already there, as vLLM's max_loras does per step; or the error that it can never run. Once a request waits
+        for room, every later request that needs an adapter waits behind it, so adapters take turns first come
+        first served and none starves; base-model requests go on. When the budget does not hold the whole pool,
+        ranks that already hold the request's adapters come first, which leaves room elsewhere for others."""
+        mixture = self._request_mixture(request)
+        if not mixture:
+            return open_ranks
+        if held:
+            return []
+        error = unknown_or_too_large(mixture, self.lora)
+        if error is not None:
+            return error
+        capacity = self.lora.cache.capacity
+        ranks = [r for r in open_ranks if len(in_use[r] | mixture.keys()) <= capacity]
+        if ranks and capacity < len(self.lora.pool):
+            fewest = min(len(mixture.keys() - in_use[r]) for r in ranks)
+            ranks = [r for r in ranks if len(mixture.keys() - in_use[r]) == fewest]
+        return ranks
+
+    def _unloading(self) -> set[str]:
+        return {item.params["name"] for item in self.pool_ops if item.params["type"] == "lora_unload"}
+
+    def _apply_pool_ops(self) -> None:
+        """Adapter loads and unloads in the order they came, on every rank, between two steps. An unload waits
+        (and the changes behind it with it) until no running or waiting request uses its adapter."""
+        while self.pool_ops:
+            item = self.pool_ops[0]
+            op = item.params
+            if op["type"] == "lora_unload" and self._uses(op["name"]):
+                return
+            self.pool_ops.popleft()
+            if op["type"] == "lora_load" and self.lora is not None:
+                running = max(len(names) for names in self._adapters_in_use())
+                result = load_between_steps(self.coordinator, self.lora, op, running, getattr(self.router, "k", 0))
+            else:
+                result = apply_everywhere(self.coordinator, op)
+            self._finish(item, result)
+
+    def _uses(self, name: str) -> bool:
+        ids = [*self.active, *(request.id for request in self.incoming)]
+        return any(request.adapter == name for request in self.incoming) or \
+            any(name in self.mixtures.get(request_id, ()) for request_id in ids)
 
     def _deliver(self, event: dict, now: float) -> None:
         entry = self.active.get(event["id"])
@@ -259,8 +355,8 @@ class ContinuousEngine:
         self.healthy, self.failure = False, message
         if self.metrics is not None:
             self.metrics.healthy.set(0)
-        fail_and_exit(message, [request for request, _ in self.active.values()] + list(self.incoming), self.queue,
-                      self._finish)
+        fail_and_exit(message, [request for request, _ in self.active.values()] + list(self.incoming) +
+                      list(self.pool_ops), self.queue, self._finish)
 
 
 def _post(request: Request, fn, *args) -> None:
@@ -276,10 +372,22 @@ class _LocalRunner:
     """The one rank of an offline run: steps the RankBatch directly."""
 
     def __init__(self, batch):
-        self.batch = batch
+        self.batch, self.model = batch, batch.model
 
     def run(self, op: dict, *_streaming) -> dict:
         return self.batch.run(op, rank=0)
+
+
+def batch_class(model):
+    """The running batch of one rank: over transformers' paged cache for decoders, over a slab of self- and
+    cross-attention caches for encoder-decoders (the paged cache has no cross-attention)."""
+    if model.config.is_encoder_decoder:
+        from engine.serving.encdec_batch import EncDecBatch
+
+        return EncDecBatch
+    from engine.serving.paged_batch import RankBatch
+
+    return RankBatch
 
 
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -288,13 +396,13 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, te
                    max_running: int = 64) -> list[list[int]]:
     """Offline continuous batching on one process with the server's scheduler: every prompt's new tokens (EOS
     excluded). Request i samples with seed `seed + i` when `temperature > 0`."""
-    from engine.serving.paged_batch import RankBatch, kv_blocks_for_budget
+    from engine.serving.paged_batch import kv_blocks_for_budget
 
     longest = max(len(p) for p in prompts) + max_new_tokens
     blocks = kv_blocks_for_budget(model, block_size, kv_bytes, kv_fraction,
                                   most_useful=min(max_running, len(prompts)) * -(-longest // block_size))
-    batch = RankBatch(model, num_blocks=blocks, block_size=block_size, step_tokens=step_tokens,
-                      max_requests=max_running)
+    batch = batch_class(model)(model, num_blocks=blocks, block_size=block_size, step_tokens=step_tokens,
+                               max_requests=max_running)
     engine = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1), max_queue=len(prompts) + 1,
                               max_running_per_rank=max_running)
     try:

@@ -1,5 +1,6 @@
 """The bundled all-MiniLM-L6-v2: parity with sentence-transformers, disk cache, and route='auto' from text."""
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -34,8 +35,8 @@ def test_matches_sentence_transformers_and_caches_on_disk(encoder):
         texts, convert_to_tensor=True, normalize_embeddings=True)
     torch.testing.assert_close(ours, reference.cpu(), rtol=1e-4, atol=1e-5)
     fresh = CachedEncoder(MiniLMEncoder(), encoder.cache_dir)
-    torch.testing.assert_close(fresh.encode_persistent(texts), ours, rtol=0, atol=0)
-    assert fresh.computed == 0 and encoder.computed == 2
+    with mock.patch.object(fresh.encoder, "encode", side_effect=AssertionError("computed again, not read from disk")):
+        torch.testing.assert_close(fresh.encode_persistent(texts), ours, rtol=0, atol=0)
 
 
 def test_route_auto_decodes_rows_and_picks_the_right_task(encoder, tmp_path):
@@ -49,8 +50,11 @@ def test_route_auto_decodes_rows_and_picks_the_right_task(encoder, tmp_path):
     queries = ["how many minutes do you roast potatoes", "what is the integral of x squared",
                "python list comprehension with a condition"]
     batch = tokenizer(queries, padding=True, return_tensors="pt")
-    lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], route="auto")
-    decided = lm.last_decisions
+    routed = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], route="auto").logits
+    decided = router.route(queries)
     assert [d.tasks[0] for d in decided] == ["cooking", "math", "python"]
-    assert [d.query for d in decided] == queries  # the uncased tokenizer round-trips these lower-case queries
     assert all(max(d.adapters, key=d.adapters.get) == d.tasks[0] for d in decided)
+    # the rows were decoded back to these queries (the uncased tokenizer round-trips them) and routed so
+    explicit = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  adapter_weights=[d.adapters for d in decided]).logits
+    torch.testing.assert_close(routed, explicit, rtol=0, atol=0)

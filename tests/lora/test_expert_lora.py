@@ -1,6 +1,7 @@
 """LoRA on stacked MoE expert parameters (PEFT target_parameters): every row of a mixed batch equals PEFT with
 that row's adapters active (rescaled by the row's weights), on Mixtral and Qwen3-MoE; the expert path equals
-its token-by-token reference, and MoEShard's FFN slices of it sum to the whole."""
+its token-by-token reference, and MoEShard's FFN slices and expert parallelism's expert ranges of it sum to
+the whole (the distributed runs themselves: test_expert_lora_ranks.py)."""
 import copy
 
 import pytest
@@ -65,20 +66,16 @@ def test_expert_path_matches_reference_and_slices_sum_to_the_whole(backend):
                                rtol=1e-5, atol=1e-5)
     parts = sum(run_experts(x, topk_ids, topk_weights, weights.slice(a, b), "torch") for a, b in [(0, 5), (5, 12)])
     torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+    # Expert parallelism: whole experts [start, stop) per rank, ids local to the rank, the stacks shared.
+    owned = 0
+    for start, stop in [(0, 1), (1, 4)]:
+        part = ExpertWeights(base.w1[start:stop], base.w2[start:stop], base.w3[start:stop], "silu",
+                             lora=lora.experts(start, stop))
+        local = torch.where((topk_ids >= start) & (topk_ids < stop), topk_ids - start, stop - start)
+        got = run_experts(x, local, topk_weights, part, "torch")
+        torch.testing.assert_close(got, expert_lora_reference(x, local, topk_weights, part, part.lora),
+                                   rtol=1e-5, atol=1e-5)
+        owned = owned + got
+    torch.testing.assert_close(owned, full, rtol=1e-5, atol=1e-5)
     no_lora = run_experts(x, topk_ids, topk_weights, base, "reference")
     assert not torch.allclose(no_lora, full)
-
-
-def test_distributed_executor_refuses_expert_lora(tmp_path):
-    """Under MoEShard or expert parallelism the block's executor is not the local one: expert adapters would be
-    skipped there, so a batch that needs them is refused; batches without adapters still run."""
-    model = tiny_mixtral()
-    folders = {"a": save_adapter(model, tmp_path / "a", seed=1, targets=("q_proj",), target_parameters=EXPERTS)}
-    lm = attach_adapters(copy.deepcopy(model), folders, backend="torch")
-    block = lm.model.model.layers[0].mlp
-    local = block.executor
-    block.executor = lambda blk, hidden, ids, weights: local(blk, hidden, ids, weights)
-    ids = torch.randint(3, 96, (1, 4))
-    lm(input_ids=ids)
-    with pytest.raises(Exception, match="expert LoRA does not run under a distributed strategy"):
-        lm(input_ids=ids, adapter_weights=[{"a": 1.0}])

@@ -61,6 +61,31 @@ def test_save_load_round_trip_and_json_audit(tmp_path):
         TaskRouter.load(tmp_path / "r", encoder=other)
 
 
+def test_save_is_atomic_and_never_deletes_other_files(tmp_path, monkeypatch):
+    import engine.lora.router as router_module
+
+    first, second = _router(k=2), _router(k=3, temperature=0.7)
+    first.save(tmp_path / "r")
+    second.save(tmp_path / "r")  # a later save replaces the earlier one whole
+    assert TaskRouter.load(tmp_path / "r", encoder=LookupEncoder(TABLE)).k == 3
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(router_module, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        first.save(tmp_path / "r")
+    kept = TaskRouter.load(tmp_path / "r", encoder=LookupEncoder(TABLE))  # the complete earlier save remains
+    assert (kept.k, kept.temperature) == (3, 0.7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary sibling is left behind
+    monkeypatch.undo()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(RoutingError, match="notes.txt"):
+        first.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 def test_bad_arguments():
     router = _router()
     with pytest.raises(RoutingError, match="temperature"):
@@ -84,7 +109,7 @@ def test_router_from_task_folder_routes_through_the_api(llama, adapter_dirs, tmp
     assert lm.model.state_dict().keys() == llama.state_dict().keys()
     ids = torch.randint(3, 96, (2, 5))
     routed = lm(input_ids=ids, route="auto", queries=["q-mixed", "q-far"]).logits
-    decisions = lm.last_decisions
+    decisions = router.route(["q-mixed", "q-far"])
     assert decisions[1].fallback and set(decisions[0].adapters) == {"math", "code"}
     explicit = lm(input_ids=ids, adapter_weights=[d.adapters for d in decisions]).logits
     torch.testing.assert_close(routed, explicit, rtol=0, atol=0)

@@ -79,11 +79,11 @@ def test_combine_sums_choices_and_ignores_out_of_range_pairs():
     torch.testing.assert_close(got[1], pair_out[2])
 
 
-@pytest.mark.parametrize("case", ["random", "one_token", "one_expert", "empty_experts"])
+@pytest.mark.parametrize("case", ["random", "one_token", "no_tokens", "one_expert", "empty_experts"])
 def test_fused_experts_edge_cases(case):
     num_tokens, top_k, hidden, ffn, num_experts = 29, 2, 32, 24, 6
-    if case == "one_token":
-        num_tokens = 1
+    if case in ("one_token", "no_tokens"):  # no tokens: a rank whose batch is empty still joins the layer
+        num_tokens = int(case == "one_token")
     x = torch.randn(num_tokens, hidden, device=DEVICE)
     ids = torch.randint(0, num_experts, (num_tokens, top_k), device=DEVICE)
     if case == "one_expert":

@@ -167,6 +167,9 @@ def test_tiny_cache_key_follows_the_family_defaults(monkeypatch):
     after = materialize_tiny(get_model_entry("tiny-key"))
     assert after != before
     assert transformers.AutoConfig.from_pretrained(after).intermediate_size == 16
+    monkeypatch.setattr(family, "auto_class", "AutoModel")
+    bare = materialize_tiny(get_model_entry("tiny-key"))
+    assert bare != after and transformers.AutoConfig.from_pretrained(bare).architectures == ["OlmoeModel"]
 
 
 def test_tests_write_only_to_a_temporary_cache():

