@@ -30,6 +30,7 @@ def cmd_merge(args) -> int:
         "base": args.base, "method": args.method, "size": args.size, "blocks": args.blocks, "out": args.out,
         "similarity": args.similarity, "device": args.device, "dtype": args.dtype, "plan": args.plan,
         "overwrite": args.overwrite or None, "max_shard_size": args.max_shard_size, "tokenizer_source": args.tokenizer_source,
+        "rng": args.rng,
         "models": dict(args.model) if args.model else None, "params": dict(args.param) if args.param else None,
     }
     spec = load_spec(args.config, overrides)
@@ -96,6 +97,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype (default: the base's)")
     p.add_argument("--plan", help="replay a plan.json written by an earlier merge")
     p.add_argument("--tokenizer-source", help="vocabularies that differ: base, union, or a model's task name (mergekit's)")
+    p.add_argument("--rng", choices=["tessera", "mergekit"],
+                   help="random drops (dare_*, della*): tessera's per-task generators, or mergekit's stream for `--param seed=N` "
+                        "(equals mergekit-yaml --random-seed N)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print blocks, reachable sizes, memory and time; read no weights")

@@ -45,6 +45,9 @@ class MergeSpec:
     base_hash: str | None = None
     max_relative_distance: float = 1.0
     tokenizer_source: str | None = None
+    # Random drops: "tessera" (a generator per task and tensor, the same whatever the grouping) or
+    # "mergekit" (the stream mergekit draws from torch's generator seeded with `seed`, for an exact match).
+    rng: str = "tessera"
 
 
 KEYS = {f.name for f in fields(MergeSpec)} - {"weights", "model_params"}

@@ -137,6 +137,13 @@ class Session:
         if self.global_scope and "density" not in self.params:
             raise ValueError(f"scope: global trims by magnitude; {self.method.name} does not (use ties or magnitude_prune)")
         self._settings: dict[str, list[Setting]] = {}
+        if spec.rng not in ("tessera", "mergekit"):
+            raise ValueError(f"rng must be 'tessera' or 'mergekit', got {spec.rng!r}")
+        if spec.rng == "mergekit" and (self.method.name not in methods.MERGEKIT_RANDOM or self.params.get("dare") is not None):
+            raise ValueError(f"rng: mergekit reproduces mergekit's drops of {', '.join(methods.MERGEKIT_RANDOM)}; "
+                             f"{self.method.name}" + (" with tessera's `dare:`" if self.params.get("dare") is not None else "")
+                             + " has no mergekit counterpart")
+        self._mergekit_states: dict | None = None
 
     @staticmethod
     def _evaluate(values: dict, name: str, t: float) -> dict:
@@ -160,6 +167,24 @@ class Session:
             groups[key].names.append(n)
         self._settings[block.name] = list(groups.values())
         return self._settings[block.name]
+
+    def mergekit_states(self) -> dict:
+        """Where mergekit's generator stands at each (tensor, task)'s drops (`methods.mergekit_states`),
+        computed once from the headers and the per-tensor settings."""
+        if self._mergekit_states is None:
+            draws = []
+            setting_of = {n: s for b in self.blocks for s in self.settings(b) for n in s.names}
+            for n in sorted(setting_of):
+                if not self.base.dtype[n].is_floating_point:
+                    continue  # mergekit copies non-float buffers
+                s = setting_of[n]
+                for k, task in enumerate(self.tasks):
+                    own = s.task_params.get("density", [None] * self.M)[k]
+                    d = float(s.params["density"] if own is None else own)
+                    if d < 1.0 and (d > 0.0 or self.method.name.startswith("dare")):
+                        draws.append((n, task, math.prod(self.base.shape[n])))
+            self._mergekit_states = methods.mergekit_states(int(self.params["seed"]), draws)
+        return self._mergekit_states
 
     @property
     def M(self) -> int:
@@ -208,7 +233,8 @@ class Session:
             params=setting.params,
             weights=setting.weights[idx].to(dev),
             thresholds=None if thresholds is None else thresholds[idx].to(dev),
-            rng=methods.seeded_rng(int(setting.params["seed"]), block.name, names),
+            rng=(methods.mergekit_rng(self.mergekit_states(), names) if self.spec.rng == "mergekit"
+                 else methods.seeded_rng(int(setting.params["seed"]), block.name, names)),
             task_params={k: [v[i] for i in idx] for k, v in setting.task_params.items()} or None,
             base=None if base_t is None else {n: base_t[n].to(device=dev, dtype=torch.float32) for n in setting.names},
         )
@@ -235,7 +261,7 @@ class Session:
     def _prepare_rows_in_place(self, block, floats: dict, thresholds, setting: Setting, base_t) -> bool:
         for k in range(self.M):
             rows = methods.prepare(self.method, {n: t[k : k + 1] for n, t in floats.items()},
-                                   self.context(block, (k,), thresholds, setting, base_t))
+                                   self.context(block, (k,), thresholds, setting, base_t), in_place=True)
             if k == 0 and not (rows.keys() == floats.keys() and all(
                     rows[n].shape == t[:1].shape and rows[n].dtype == t.dtype for n, t in floats.items())):
                 return False  # nothing written yet
@@ -392,8 +418,12 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         writer = ShardWriter(tmp, max_shard, total_bytes=nbytes, desc="merge")
         for block, groups in zip(session.blocks, parts):
             merged = any(len(g) > 1 or method.singletons for g in groups)
-            base_t, tvs = read_task_vectors(session.base, session.models, block, spec.device) if merged else (None, None)
-            prepared = session.prepare_block(block, tvs, thresholds, base_t, in_place=True) if merged else None
+            base_t, tvs, prepared = None, None, None
+            if merged:
+                tvs = read_task_vectors(session.base, session.models, block, spec.device)[1]
+                # no preparation uses the base: reading it again afterwards leaves its room to the trims' sorts
+                prepared = session.prepare_block(block, tvs, thresholds, None, in_place=True)
+                base_t = session.base.read(block.tensors)
             plain = len(groups) == 1 and not (merged and method.modulated)
             entries = []
             for j, g in enumerate(groups):
@@ -418,7 +448,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                             if res.scales is not None:
                                 writer.add(f"{n}{suffix}::scale", res.scales[n].float())
                         else:
-                            writer.add(n + suffix, (base_t[n].to(res.vector[n]) + res.vector[n]).to(dtype))
+                            writer.add(n + suffix, _plus_base(res.vector[n], base_t[n], prepared).to(dtype))
                 entries.append(entry)
             if merged and method.modulated:
                 for n, t in base_t.items():
@@ -452,6 +482,14 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         (tmp / PLAN).write_text(json.dumps(plan, indent=1))
         (tmp / "README.md").write_text(model_card(manifest, spec))  # the base's card describes another model
     return manifest
+
+
+def _plus_base(vector: torch.Tensor, base: torch.Tensor, prepared: dict) -> torch.Tensor:
+    """θ_0 + v, into v's own buffer when nothing else uses it (no extra tensor-sized copy)."""
+    others = {t.untyped_storage().data_ptr() for t in prepared.values()} | {base.untyped_storage().data_ptr()}
+    if vector.untyped_storage().data_ptr() in others:
+        return base.to(vector) + vector
+    return vector.add_(base.to(vector))  # = base + vector (addition commutes exactly)
 
 
 def write_task_specific(session: Session, writer: ShardWriter) -> dict:

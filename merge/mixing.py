@@ -22,23 +22,32 @@ def majority_mask(w: torch.Tensor, rule: str) -> torch.Tensor:
     return w.sign() == torch.where(votes >= 0, 1.0, -1.0)
 
 
-def mix(t: torch.Tensor, weights: torch.Tensor, *, sign_rule: str | None, normalize: bool, lam: float) -> torch.Tensor:
+def mix(t: torch.Tensor, weights: torch.Tensor, *, sign_rule: str | None, normalize: bool, lam: float,
+        chunk: int = 1 << 16) -> torch.Tensor:
     """λ · Σ_k w_k m_k τ_k [/ Σ_k w_k m_k], with m_k the sign-agreement mask (all ones without `sign_rule`).
 
-    A zero divisor becomes 1, as in mergekit (an entry no task touched stays at the base)."""
-    w = weighted(t, weights)
-    if sign_rule is None:
-        merged = w.sum(0)
-        divisor = weights.to(t.dtype).sum().expand_as(merged)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    else:
-        agree = majority_mask(w, sign_rule)
-        merged = (w * agree).sum(0)
-        divisor = weighted(agree.to(t.dtype), weights).sum(0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    if normalize:
-        merged = merged / divisor
-    return lam * merged
+    A zero divisor becomes 1, as in mergekit (an entry no task touched stays at the base). Computed in
+    column chunks into one output, so no `[K, ...]` temporary is made; each column sums over k in order,
+    as one whole-tensor sum over dim 0 does."""
+    K = t.shape[0]
+    flat = t.reshape(K, -1)
+    out = torch.empty(flat.shape[1], dtype=t.dtype, device=t.device)
+    w = weights.to(t.dtype).view(-1, 1)
+    total = weights.to(t.dtype).sum()
+    total = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start : start + chunk] * w
+        if sign_rule is None:
+            merged, divisor = part.sum(0), total
+        else:
+            agree = majority_mask(part, sign_rule)
+            merged = (part * agree).sum(0)
+            divisor = (agree.to(t.dtype) * w).sum(0)
+            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        if normalize:
+            merged = merged / divisor
+        torch.mul(merged, lam, out=out[start : start + chunk])
+    return out.view(t.shape[1:])
 
 
 def mix_all(sparse: dict[str, torch.Tensor], ctx, sign_rule: str | None):

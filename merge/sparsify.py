@@ -1,68 +1,123 @@
-"""Sparsification shared by several algorithms: magnitude trimming (per tensor, per block or global) and
-DARE's random drop with rescale. `scope` follows the two conventions in use: mergekit trims each tensor
-(`tensor`), the TIES paper trims each task vector as a whole (`global`); `block` trims within a block."""
+"""Sparsification shared by several algorithms: magnitude trimming (per tensor, per block or global), Model
+Breadcrumbs' outlier cut, DARE's and DELLA's random drops with rescale. `scope` follows the two conventions
+in use: mergekit trims each tensor (`tensor`), the TIES paper trims each task vector as a whole (`global`);
+`block` trims within a block.
+
+Everything here works in place on one task's tensor and in column chunks, so a block's task vectors are
+the only block-sized buffers a merge holds. Which entries tie at a cut matters for matching mergekit
+exactly: it ranks magnitudes with torch's CPU `argsort`, which is `std::sort` (an unstable introsort):
+equal magnitudes come out in an order that depends on the whole tensor, not on their indices, so no rule
+on indices reproduces it. When magnitudes tie at the cut, the same sort is run here, in place on the
+tensor (see `keep_sorted_range_`)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SCOPES = ("tensor", "block", "global")
+CHUNK = 1 << 18
 
 
-def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `int(density * numel)` largest magnitudes of one task's tensor (PEFT's and mergekit's rule)."""
+def _chunks(n: int, size: int = CHUNK):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def keep_sorted_range_(x: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Zero `x` (1-D, in place) except the entries at positions [start, stop) of torch's sort of |x|.
+
+    On CPU float32 the sort runs in place on `x` itself, with the int64 positions as the only extra
+    buffer: |x| is sorted, the kept range's (position, magnitude) pairs are packed into those int64s,
+    then `x` is zeroed and refilled from them, and the signs, kept aside as bits, are put back. Peak
+    extra memory: 2 × x (the positions) + x / 32 (the signs), where sorting a copy takes 3 ×."""
+    n = x.numel()
+    if start >= stop:
+        return x.zero_()
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or n >= 1 << 31:
+        order = torch.sort(x.abs().float(), descending=descending).indices
+        keep = torch.zeros(n, dtype=torch.bool, device=x.device)
+        keep[order[start:stop]] = True
+        return x.mul_(keep)
+    values = x.numpy()
+    signs = np.empty((n + 7) // 8, dtype=np.uint8)
+    for a, b in _chunks(n, CHUNK):  # CHUNK is a multiple of 8: chunks start on a byte
+        signs[a // 8 : (b + 7) // 8] = np.packbits(np.signbit(values[a:b]))
+    x.abs_()
+    positions = torch.empty(n, dtype=torch.int64)
+    torch.sort(x, descending=descending, out=(x, positions))  # the same permutation as argsort(|x|)
+    bits = x.view(torch.int32)
+    for a, b in _chunks(stop - start):
+        part = positions[start + a : start + b]
+        part.bitwise_or_(bits[start + a : start + b].long() << 32)  # |x| < 2^31 as bits, positions < 2^31
+    x.zero_()
+    for a, b in _chunks(stop - start):
+        part = positions[start + a : start + b]
+        x[part & 0xFFFFFFFF] = (part >> 32).int().view(torch.float32)
+    del positions
+    for a, b in _chunks(n, CHUNK):
+        negative = torch.from_numpy(np.unpackbits(signs[a // 8 : (b + 7) // 8], count=b - a).view(np.bool_))
+        x[a:b].mul_(1.0 - 2.0 * negative)
+    return x
+
+
+def magnitude_trim_(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero, in place, all but the `int(density * numel)` largest magnitudes of one task's tensor (PEFT's and
+    mergekit's rule), keeping among equal magnitudes at the cut the ones mergekit's argsort keeps."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
+    flat = x.view(-1)
+    n = flat.numel()
+    k = int(density * n)
     if density >= 1.0:
-        return torch.ones_like(x, dtype=torch.bool)
-    flat = x.abs().reshape(-1)
-    k = int(density * flat.numel())
+        return x
     if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    # Selecting the k-th largest value is about twice as fast as sorting; only ties at that value need the
-    # sort to keep exactly k entries, and a descending argsort breaks them as mergekit does.
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        # numpy selects in place in the copy `abs` made: no further copy and no index tensor (kthvalue
-        # holds about three copies of the tensor, which breaks the merge's memory bound).
-        values = flat.numpy()
-        values.partition(flat.numel() - k)
-        kth = torch.tensor(values[flat.numel() - k])
-        del values
-        flat = x.abs().reshape(-1)
+        return x.zero_()
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        # the k-th largest by numpy's in-place selection in one copy (kthvalue would hold about three)
+        scratch = np.abs(flat.numpy())
+        scratch.partition(n - k)
+        kth = float(scratch[n - k])
+        del scratch
     else:
-        kth = torch.kthvalue(flat, flat.numel() - k + 1).values
-    mask = flat >= kth
-    if int(mask.sum()) != k:
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.argsort(flat.float(), descending=True)[:k]] = True
-    return mask.view(x.shape)
+        kth = float(torch.kthvalue(flat.abs().float(), n - k + 1).values)
+    at_least = sum(int((flat[a:b].abs() >= kth).sum()) for a, b in _chunks(n))
+    if at_least != k:  # magnitudes tie at the cut: which of them survive is the sort's choice
+        return keep_sorted_range_(flat, 0, k, descending=True).view(x.shape)
+    for a, b in _chunks(n):
+        part = flat[a:b]
+        part.mul_(part.abs() >= kth)
+    return x
+
 
 
 def trim(tvs: dict[str, torch.Tensor], density: float, scope: str, thresholds: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Zero all but the top-`density` magnitudes of every task, within the chosen scope."""
+    """Zero all but the top-`density` magnitudes of every task, within the chosen scope (in place for
+    `tensor` and `global`)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "tensor":
-        out = {n: torch.empty_like(t) for n, t in tvs.items()}  # filled row by row: no list of rows to stack
-        for n, t in tvs.items():
+        for t in tvs.values():
             for k in range(t.shape[0]):
-                torch.mul(t[k], topk_mask(t[k], density), out=out[n][k])
-        return out
+                magnitude_trim_(t[k], density)
+        return tvs
     if scope == "global":
         if thresholds is None:
             raise RuntimeError("scope: global needs per-task thresholds from the statistics pass")
-        out = {}
-        for n, t in tvs.items():
-            thr = thresholds.to(t).view(-1, *([1] * (t.dim() - 1)))
-            out[n] = t * (t.abs() >= thr)
-        return out
+        for t in tvs.values():
+            for k in range(t.shape[0]):
+                flat, thr = t[k].view(-1), float(thresholds[k])
+                for a, b in _chunks(flat.numel()):
+                    flat[a:b].mul_(flat[a:b].abs() >= thr)
+        return tvs
     names = list(tvs)
     K = tvs[names[0]].shape[0]
     flat = torch.cat([tvs[n].reshape(K, -1) for n in names], dim=1)
-    mask = torch.stack([topk_mask(flat[k], density) for k in range(K)])
+    for k in range(K):
+        magnitude_trim_(flat[k], density)
     out, start = {}, 0
     for n in names:
         size = tvs[n][0].numel()
-        out[n] = tvs[n] * mask[:, start : start + size].view(tvs[n].shape)
+        out[n] = flat[:, start : start + size].reshape(tvs[n].shape)
         start += size
     return out
 
@@ -90,40 +145,90 @@ def threshold_from_histogram(hist: torch.Tensor, density: float) -> torch.Tensor
     return (bucket.to(torch.int32) << 16).view(torch.float32)
 
 
-def drop_and_rescale(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density` and divide the kept ones by `density`."""
+def l1(x: torch.Tensor) -> float:
+    """Σ |x| without a tensor-sized temporary."""
+    flat = x.reshape(-1)
+    return float(sum(flat[a:b].abs().sum(dtype=torch.float64) for a, b in _chunks(flat.numel())))
+
+
+def bernoulli_keep_(x: torch.Tensor, p: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`x ⊙ bernoulli(p)` in place, drawn in chunks on the CPU `generator` in element order: the same
+    draws as one `torch.bernoulli` over the whole tensor (one 32-bit draw per entry, in order), which is
+    also what mergekit's drops take from torch's global generator. `p` is a float or a tensor like `x`."""
+    flat = x.view(-1)
+    probs = None if isinstance(p, (int, float)) else p.reshape(-1)
+    for a, b in _chunks(flat.numel()):
+        chunk_p = torch.full((b - a,), float(p)) if probs is None else probs[a:b].cpu()
+        flat[a:b].mul_(torch.bernoulli(chunk_p, generator=generator).to(x.device))
+    return x
+
+
+def rescaled_(x: torch.Tensor, sparsify, rescale, density: float) -> torch.Tensor:
+    """`sparsify(x)` (in place), then the kept entries rescaled in place: `True`/`"l1"` back to the L1 norm
+    `x` had (mergekit's `rescale`), `"density"` divided by the keep probability (the DARE paper's and
+    PEFT's), `False`: as they are."""
+    if not (rescale in (None, "density", "l1") or isinstance(rescale, bool)):
+        raise ValueError(f"rescale must be true (L1, mergekit's), 'density' (1/density, DARE's) or false, got {rescale!r}")
+    before = l1(x) if rescale is True or rescale == "l1" else 0.0
+    kept = sparsify(x)
+    if rescale == "density":
+        return kept.div_(density)
+    if rescale is True or rescale == "l1":
+        after = l1(kept)
+        if before >= 1e-7 and after >= 1e-7:
+            kept.mul_(torch.tensor(before / after, dtype=torch.float64).to(kept.dtype))
+    return kept
+
+
+def drop_and_rescale_(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` and divide the kept ones by `density` (in place)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"DARE density must be in (0, 1], got {density}")
     if density == 1.0:
         return x
-    # drawn on the CPU generator (same stream on any device), then moved next to x
-    keep = torch.bernoulli(torch.full(x.shape, density), generator=generator).to(x.device)
-    return x * keep / density
+    return bernoulli_keep_(x, density, generator).div_(density)
 
 
-def outliers_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop the top `gamma` fraction of magnitudes (outliers)
-    and then the smallest, keeping `int(density * numel)` entries. When the two cuts overlap, fewer outliers
-    are dropped so the count is met."""
+def outliers_trim_(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky, 2024), in place: drop the top `gamma` fraction of magnitudes
+    (outliers) and then the smallest, keeping `int(density * numel)` entries; when the two cuts overlap,
+    fewer outliers are dropped so the count is met. The ranks are an ascending sort of |x|, mergekit's."""
     n = x.numel()
     keep = int(density * n)
     top = int(gamma * n)
-    bottom = n - keep - top
-    if bottom < 0:
-        top, bottom = top + bottom, 0
-    order = x.abs().reshape(-1).float().argsort()
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-    mask[order[bottom : n - top]] = True
-    return mask.view(x.shape)
+    bottom = max(0, n - keep - top)
+    keep_sorted_range_(x.view(-1), bottom, bottom + keep, descending=False)
+    return x
+
+
+def _check_della(density: float, epsilon: float) -> None:
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
 
 
 def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's MagPrune (Deep et al., 2024) as mergekit parameterises it: within each row, entries ranked by
-    magnitude get keep probabilities spread linearly from `density − epsilon` (smallest) to
-    `density + epsilon` (largest)."""
-    if not (0.0 < density - epsilon and density + epsilon < 1.0):
-        raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+    """DELLA's MagPrune (Deep et al., 2024) as mergekit parameterises it: within each row (dim 0; a 1-D
+    tensor is one row), entries ranked by magnitude get keep probabilities spread linearly from
+    `density − epsilon` (smallest) to `density + epsilon` (largest). The ranks come from an ascending sort
+    of |row| (mergekit's argsort) and its inverse permutation."""
+    _check_della(density, epsilon)
     rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
-    ranks = rows.abs().float().argsort(dim=1).argsort(dim=1).float()
+    order = torch.argsort(rows.abs().float(), dim=1)
+    count = torch.arange(rows.shape[1], dtype=torch.float32, device=x.device).expand_as(order)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=x.device).scatter_(1, order, count)
     width = max(rows.shape[1] - 1, 1)
     return ((density - epsilon) + ranks / width * 2 * epsilon).view(x.shape)
+
+
+def della_drop_(x: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """MagPrune's drops on one task's tensor, in place, a few rows at a time (rows along dim 0, a 1-D tensor
+    is one row), drawn in element order as one `bernoulli` over the whole tensor's probabilities would be."""
+    if x.dim() > 2:  # ranks along dim 1, as mergekit takes them, for the whole tensor at once
+        _check_della(density, epsilon)
+        ranks = x.abs().float().argsort(dim=1).argsort(dim=1).float()
+        return bernoulli_keep_(x, (density - epsilon) + ranks / max(x.shape[1] - 1, 1) * 2 * epsilon, generator)
+    rows = x.view(1, -1) if x.dim() < 2 else x
+    step = max(1, CHUNK // max(rows.shape[1], 1))  # whole rows, about CHUNK entries at a time
+    for a, b in _chunks(rows.shape[0], step):
+        bernoulli_keep_(rows[a:b], della_keep_probabilities(rows[a:b], density, epsilon), generator)
+    return x

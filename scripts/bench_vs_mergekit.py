@@ -9,8 +9,12 @@ environment; torch is installed first at the project's version, CPU build, so me
 Both tools read the same mergekit YAML (tessera reads mergekit's format). Each run is a fresh process
 timed from the outside; peak memory is the child's maximum resident set. The output tensors are compared
 as max |tessera − mergekit| / max |mergekit| over every tensor. Methods with random drops (dare_*,
-della*) draw from different generators in the two tools, so they are compared exactly at density 1 (no
-drops) and, at density < 1, only by the relative difference of the merged task vectors' norms.
+della*) run with `--rng mergekit`: tessera then draws from the stream mergekit draws from (torch's
+generator seeded with `--random-seed`, tensors in mergekit's order), so at density < 1 they are compared
+exactly too.
+
+`--memory` measures tessera's peak memory for every config on a larger model against the bound
+(M + 2) × the largest block in float32.
 """
 from __future__ import annotations
 
@@ -97,10 +101,11 @@ def configs(p: dict[str, Path]) -> dict[str, dict]:
                     "dtype": "float32"},
         "passthrough": {"merge_method": "passthrough", "models": [{"model": a, "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}],
                         "dtype": "float32"},
-        # random drops: different generators, compared by the merged task vector's norm only
+        # random drops: tessera draws mergekit's stream (`--rng mergekit`)
         "dare_ties (density 0.5)": gta("dare_ties", {"density": 0.5}),
         "dare_linear (density 0.5)": gta("dare_linear", {"density": 0.5}),
         "della (density 0.5)": gta("della", {"density": 0.5, "epsilon": 0.1}),
+        "della_linear (density 0.5)": gta("della_linear", {"density": [0.3, 0.7], "epsilon": 0.1}),
     }
 
 
@@ -122,43 +127,56 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def compare(ours: dict, theirs: dict, base: dict, norms_only: bool) -> float:
+def compare(ours: dict, theirs: dict) -> float:
     if set(ours) != set(theirs):
         raise RuntimeError(f"tensor names differ: only tessera {sorted(set(ours) - set(theirs))[:3]}, "
                            f"only mergekit {sorted(set(theirs) - set(ours))[:3]}")
     worst = 0.0
     for n, ref in theirs.items():
         a, r = ours[n].double(), ref.double()
-        if norms_only:
-            da, dr = (a - base[n].double()).norm(), (r - base[n].double()).norm()
-            worst = max(worst, float((da - dr).abs() / dr.clamp(min=1e-30)))
-        else:
-            worst = max(worst, float((a - r).abs().max() / r.abs().max().clamp(min=1e-30)))
+        worst = max(worst, float((a - r).abs().max() / r.abs().max().clamp(min=1e-30)))
     return worst
 
 
-def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int) -> dict:
-    """tessera's peak memory above its import baseline, against (M + 2) × the largest block in float32."""
+RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+def tessera_cmd(cfg_path: Path, out: Path, cfg: dict, size: str = "1") -> list[str]:
+    random = cfg["merge_method"] in RANDOM
+    return [sys.executable, "-m", "merge.cli", "merge", str(cfg_path), "--out", str(out), "--size", size, "--json",
+            *(["--rng", "mergekit", "--param", "seed=0"] if random else [])]
+
+
+def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int, only=None, save=None) -> dict:
+    """tessera's peak memory above its import baseline for every config (size 1) and the task-arithmetic
+    size curve, against (M + 2) × the largest block in float32, M the config's number of models."""
     from foundation.io import Checkpoint
     from merge.blocks import assign
+    from merge.config import load_spec
 
     paths = make_checkpoints(root, hidden, layers, vocab, tasks=3)
     ck = Checkpoint(paths["base"])
     largest = max(sum(math.prod(ck.shape[n]) * 4 for n in b.tensors) for b in assign(ck.names))
     _, baseline, _ = timed([sys.executable, "-c", "import torch, merge.cli, merge.flexmerge, merge.stats, merge.artifact"], env)
     rows = []
-    for method, size in (("ties", "1"), ("task_arithmetic", "all")):
-        cfg = {"base": str(paths["base"]), "models": {f"ft{i}": str(paths[f"ft{i}"]) for i in range(3)},
-               "method": method, "params": {"density": 0.5} if method == "ties" else {}}
-        cfg_path = root / f"mem-{method}.yaml"
+    runs = [(name, cfg, "1") for name, cfg in configs(paths).items()] + [("task_arithmetic (size curve)", configs(paths)["task_arithmetic"], "all")]
+    for i, (name, cfg, size) in enumerate(runs):
+        if only and name not in only:
+            continue
+        cfg_path = root / f"mem-{i}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        _, rss, _ = timed([sys.executable, "-m", "merge.cli", "merge", str(cfg_path), "--out", str(root / f"mem-{method}"),
-                           "--size", size], env)
-        rows.append({"method": method, "size": size, "peak_rss_bytes": rss, "above_import_bytes": rss - baseline})
-        print(f"memory {method} size {size}: {(rss - baseline) / 2**20:.0f} MiB above the import baseline; "
-              f"(M + 2) x largest block = {5 * largest / 2**20:.0f} MiB", flush=True)
-    return {"hidden": hidden, "layers": layers, "vocab": vocab, "tasks": 3, "largest_block_float32_bytes": largest,
-            "bound_bytes": 5 * largest, "import_baseline_rss_bytes": baseline, "runs": rows}
+        M = len(load_spec(str(cfg_path)).models)
+        _, rss, _ = timed(tessera_cmd(cfg_path, root / f"mem-{i}", cfg, size), env)
+        bound = (M + 2) * largest
+        rows.append({"method": name, "size": size, "models": M, "peak_rss_bytes": rss, "above_import_bytes": rss - baseline,
+                     "bound_bytes": bound, "within": rss - baseline <= bound})
+        print(f"memory {name:<30} size {size:>3}: {(rss - baseline) / 2**20:5.0f} MiB above the import baseline; "
+              f"(M + 2) x largest block = {bound / 2**20:.0f} MiB", flush=True)
+        result = {"hidden": hidden, "layers": layers, "vocab": vocab, "tasks": 3, "largest_block_float32_bytes": largest,
+                  "import_baseline_rss_bytes": baseline, "runs": rows}
+        if save is not None:
+            save(result)  # after every run: a long check that is stopped keeps what it measured
+    return result
 
 
 def main() -> int:
@@ -178,10 +196,9 @@ def main() -> int:
         return 0
     if args.memory:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-            mem = memory_check(Path(tmp), env, 1024, 4, 8192)
         previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-        write_json(args.out, {**previous, "memory": mem})
+        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+            memory_check(Path(tmp), env, 1024, 4, 8192, args.only, lambda mem: write_json(args.out, {**previous, "memory": mem}))
         print(f"wrote {args.out}")
         return 0
     mergekit = args.venv / "bin" / "mergekit-yaml"
@@ -202,17 +219,15 @@ def main() -> int:
             cfg_path.write_text(yaml.safe_dump(cfg))
             mk_out, ts_out = tmp / f"mk{len(rows)}", tmp / f"ts{len(rows)}"
             mk_wall, mk_rss, _ = timed([str(mergekit), str(cfg_path), str(mk_out), "--random-seed", "0", "--quiet"], env)
-            ts_wall, ts_rss, _ = timed([sys.executable, "-m", "merge.cli", "merge", str(cfg_path), "--out", str(ts_out),
-                                        "--size", "1", "--json"], env)
-            random = "(density 0.5)" in name
-            diff = compare(read_all(ts_out), read_all(mk_out), read_all(paths["ft0"] if cfg.get("base_model") is None
-                                                                        or cfg["merge_method"] == "slerp" else paths["base"]), random)
-            rows.append({"method": name, "compared": "task-vector norms" if random else "tensors",
+            ts_wall, ts_rss, _ = timed(tessera_cmd(cfg_path, ts_out, cfg), env)
+            diff = compare(read_all(ts_out), read_all(mk_out))
+            rows.append({"method": name, "rng": "mergekit" if cfg["merge_method"] in RANDOM else None,
                          "max_relative_difference": diff, "tessera_seconds": round(ts_wall, 2), "mergekit_seconds": round(mk_wall, 2),
-                         "tessera_peak_rss_bytes": ts_rss, "mergekit_peak_rss_bytes": mk_rss})
-            r = rows[-1]
-            print(f"{name:<28} {r['compared']:<18} {diff:10.2e}  {ts_wall:6.2f} s {mk_wall:6.2f} s  "
-                  f"{ts_rss / 2**20:7.0f} MiB {mk_rss / 2**20:7.0f} MiB", flush=True)
+                         "tessera_peak_rss_bytes": ts_rss, "mergekit_peak_rss_bytes": mk_rss,
+                         "time_ratio": round(ts_wall / mk_wall, 3), "memory_ratio": round(ts_rss / mk_rss, 3),
+                         "load_average_1min": round(os.getloadavg()[0], 2)})
+            print(f"{name:<28} {diff:10.2e}  {ts_wall:6.2f} s {mk_wall:6.2f} s ({ts_wall / mk_wall:4.2f}x)  "
+                  f"{ts_rss / 2**20:5.0f} MiB {mk_rss / 2**20:5.0f} MiB ({ts_rss / mk_rss:4.2f}x)", flush=True)
     result = {"what": "tessera merge vs mergekit-yaml, size 1, same mergekit YAML, fresh process each",
               "checkpoints": {"family": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                               "parameters_per_model": numel, "dtype": "float32", "fine_tuned": 3},

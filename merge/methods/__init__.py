@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from merge.sparsify import drop_and_rescale, trim
+from merge.sparsify import bernoulli_keep_, drop_and_rescale_, rescaled_, trim
 
 
 @dataclass
@@ -145,12 +145,46 @@ def seeded_rng(seed: int, block: str, task_names: list[str]) -> Callable[[int, s
     return rng
 
 
-def prepare(method: Method, tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+# The methods whose drops mergekit draws from torch's global generator, one 32-bit draw per entry.
+MERGEKIT_RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+def mergekit_states(seed: int, draws: list[tuple[str, str, int]]) -> dict[tuple[str, str], torch.Tensor]:
+    """The state of torch's CPU generator, seeded with `seed` (mergekit's `--random-seed`), at the start of
+    each (tensor, task)'s drops, where `draws` lists (tensor, task, entries) in the order mergekit draws:
+    tensors by name (its scheduler orders tasks by tensor name), each tensor's models in config order.
+
+    Each entry takes one 32-bit draw, whatever its probability, so the stream is advanced past a tensor by
+    drawing that many numbers (in chunks). This costs one pass of draws over the model, as mergekit's own."""
+    g = torch.Generator().manual_seed(seed)
+    states, half = {}, torch.full((1 << 20,), 0.5)
+    for name, task, numel in draws:
+        states[(name, task)] = g.get_state()
+        for start in range(0, numel, half.numel()):
+            torch.bernoulli(half[: min(half.numel(), numel - start)], generator=g)
+    return states
+
+
+def mergekit_rng(states: dict[tuple[str, str], torch.Tensor], task_names: list[str]) -> Callable[[int, str], torch.Generator]:
+    """Generators placed where mergekit's global generator is when it drops task k's entries of `name`."""
+
+    def rng(k: int, name: str) -> torch.Generator:
+        g = torch.Generator()
+        g.set_state(states[(name, task_names[k])])
+        return g
+
+    return rng
+
+
+def prepare(method: Method, tvs: dict[str, torch.Tensor], ctx: Context, in_place: bool = False) -> dict[str, torch.Tensor]:
     """The per-task, group-independent part: float32, DARE drop-and-rescale when `dare` is set, then the
     method's own `prepare`. Row k of the result depends only on task k, so preparing all tasks of a block
-    once and selecting a group's rows equals preparing the group."""
-    tvs = {n: t.float() for n, t in tvs.items()}
+    once and selecting a group's rows equals preparing the group. The preparations work in place; unless
+    `in_place`, they get a copy and `tvs` is left as it was."""
     density = ctx.params.get("dare")
+    if method.prepare is None and density is None:
+        return {n: t.float() for n, t in tvs.items()}
+    tvs = {n: t.float() if t.dtype != torch.float32 else t if in_place else t.clone() for n, t in tvs.items()}
     if density is not None:
         tvs = drop_tasks(tvs, float(density), ctx)
     return method.prepare(tvs, ctx) if method.prepare is not None else tvs
@@ -162,10 +196,13 @@ def apply(method: Method, tvs: dict[str, torch.Tensor], ctx: Context) -> MergeRe
 
 
 def drop_tasks(tvs: dict[str, torch.Tensor], density: float, ctx: Context) -> dict[str, torch.Tensor]:
-    """DARE on every task's tensors, each with its own (task, tensor) generator."""
+    """DARE on every task's tensors, in place, each with its own (task, tensor) generator."""
     if ctx.rng is None:
         raise RuntimeError("DARE needs a random generator in the merge context")
-    return {n: torch.stack([drop_and_rescale(t[k], density, ctx.rng(k, n)) for k in range(t.shape[0])]) for n, t in tvs.items()}
+    for n, t in tvs.items():
+        for k in range(t.shape[0]):
+            drop_and_rescale_(t[k], density, ctx.rng(k, n))
+    return tvs
 
 
 def densities(tvs: dict[str, torch.Tensor], ctx: Context) -> list[float]:
@@ -183,38 +220,29 @@ def trim_tasks(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Te
 
 
 def drop_density(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
-    """DARE with the method's own (per-model) `density` and mergekit's `rescale` (dare_linear, dare_ties)."""
+    """DARE with the method's own (per-model) `density` and mergekit's `rescale` (dare_linear, dare_ties),
+    in place."""
     d = densities(tvs, ctx)
     rescale = ctx.params.get("rescale", "density")
-    out = {}
     for n, t in tvs.items():
-        rows = []
         for k in range(t.shape[0]):
-            if d[k] >= 1.0:
-                rows.append(t[k])
-                continue
-            keep = torch.bernoulli(torch.full(t[k].shape, d[k]), generator=ctx.rng(k, n)).to(t.device)
-            rows.append(rescaled(t[k], keep, rescale, d[k]))
-        out[n] = torch.stack(rows)
-    return out
-
-
-def rescaled(x: torch.Tensor, keep: torch.Tensor, rescale, density: float) -> torch.Tensor:
-    """`x ⊙ keep`, rescaled: `True`/`"l1"` matches the L1 norm of `x` (mergekit's `rescale`), `"density"`
-    divides by the keep probability (the DARE paper's and PEFT's), `False` leaves it."""
-    kept = x * keep
-    if rescale is False or rescale is None:
-        return kept
-    if rescale == "density":
-        return kept / density
-    if rescale is True or rescale == "l1":
-        before, after = x.abs().sum(), kept.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return kept
-        return kept * (before / after)
-    raise ValueError(f"rescale must be true (L1, mergekit's), 'density' (1/density, DARE's) or false, got {rescale!r}")
+            if d[k] < 1.0:
+                rescaled_(t[k], lambda x: bernoulli_keep_(x, d[k], ctx.rng(k, n)), rescale, d[k])
+    return tvs
 
 
 def weighted(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`t[k] * weights[k]` broadcast over the trailing dims."""
     return t * weights.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+
+
+def weighted_sum(t: torch.Tensor, weights: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Σ_k weights[k] · t[k], computed as `weighted(t, weights).sum(0)` is (each column's products summed over
+    k in order) but in column chunks into one output, with no `[K, ...]` temporary."""
+    flat = t.reshape(t.shape[0], -1)
+    w = weights.to(t.dtype).view(-1, 1)
+    out = torch.empty(flat.shape[1], dtype=t.dtype, device=t.device)
+    for start in range(0, flat.shape[1], chunk):
+        torch.sum(flat[:, start : start + chunk] * w, dim=0, out=out[start : start + chunk])
+    return out.view(t.shape[1:])
+

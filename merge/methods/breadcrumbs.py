@@ -7,22 +7,18 @@ One difference: for a tensor with fewer than 1/gamma entries mergekit's slice ke
 count `int(density · numel)` is kept whatever the size."""
 from __future__ import annotations
 
-import torch
-
-from merge.methods import Context, register, rescaled
+from merge.methods import Context, register
 from merge.mixing import mix_all
-from merge.sparsify import outliers_mask
+from merge.sparsify import outliers_trim_, rescaled_
 
 
 def crumbs(tvs, ctx: Context):
-    out = {}
     for n, t in tvs.items():
-        rows = []
         for k in range(t.shape[0]):
             d, g = float(ctx.value("density", k)), float(ctx.value("gamma", k))
-            rows.append(t[k] if d >= 1.0 else rescaled(t[k], outliers_mask(t[k], d, g), ctx.params["rescale"], d))
-        out[n] = torch.stack(rows)
-    return out
+            if d < 1.0:
+                rescaled_(t[k], lambda x: outliers_trim_(x, d, g), ctx.params["rescale"], d)
+    return tvs
 
 
 _DEFAULTS = {"density": 1.0, "gamma": 0.01, "lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}

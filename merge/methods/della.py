@@ -7,27 +7,19 @@ mergekit's defaults: `density` 1.0 (nothing dropped), `epsilon` 0.15, `rescale` 
 keep the tensor's L1 norm), `normalize` true for `della`, false for `della_linear`, `lambda` 1.0."""
 from __future__ import annotations
 
-import torch
-
-from merge.methods import Context, register, rescaled
+from merge.methods import Context, register
 from merge.mixing import mix_all
-from merge.sparsify import della_keep_probabilities
+from merge.sparsify import della_drop_, rescaled_
 
 
 def magprune(tvs, ctx: Context):
-    out = {}
     for n, t in tvs.items():
-        rows = []
         for k in range(t.shape[0]):
             d = float(ctx.value("density", k))
-            if d >= 1.0:
-                rows.append(t[k])
-                continue
-            probs = della_keep_probabilities(t[k], d, float(ctx.value("epsilon", k)))
-            keep = torch.bernoulli(probs.cpu(), generator=ctx.rng(k, n)).to(t.device)
-            rows.append(rescaled(t[k], keep, ctx.params["rescale"], d))
-        out[n] = torch.stack(rows)
-    return out
+            if d < 1.0:
+                e, g = float(ctx.value("epsilon", k)), ctx.rng(k, n)
+                rescaled_(t[k], lambda x: della_drop_(x, d, e, g), ctx.params["rescale"], d)
+    return tvs
 
 
 _DEFAULTS = {"density": 1.0, "epsilon": 0.15, "lambda": 1.0, "rescale": True, "int8_mask": False}

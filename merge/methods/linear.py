@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods import Context, MergeResult, register, weighted
+from merge.methods import Context, MergeResult, register, weighted_sum
 
 
 def coefficients(ctx: Context) -> torch.Tensor | None:
@@ -22,9 +22,9 @@ def coefficients(ctx: Context) -> torch.Tensor | None:
 def _average(tvs, ctx: Context) -> MergeResult:
     c = coefficients(ctx)
     if c is not None:
-        return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})
+        return MergeResult({n: weighted_sum(t, c) for n, t in tvs.items()})
     extra = float(ctx.weights.sum()) - 1.0  # Σ w θ_k = θ_0 + Σ w τ_k + (Σ w − 1) θ_0
-    return MergeResult({n: weighted(t, ctx.weights).sum(0) + extra * ctx.base[n].float() for n, t in tvs.items()})
+    return MergeResult({n: weighted_sum(t, ctx.weights) + extra * ctx.base[n].float() for n, t in tvs.items()})
 
 
 register("linear", defaults={"normalize": True}, coefficients=coefficients)(_average)

@@ -9,17 +9,32 @@ import torch
 from merge.methods import Context, MergeResult, register
 
 
-def stock(t: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+def stock(t: torch.Tensor, filter_wise: bool, chunk: int = 1 << 16) -> torch.Tensor:
     K = t.shape[0]
     if K < 2:
         raise ValueError("model_stock needs at least two fine-tuned models")
-    rows = t.reshape(K, -1, t.shape[-1]) if filter_wise and t.dim() > 1 else t.reshape(K, 1, -1)
-    norms = rows.norm(dim=-1)
-    cos = [((rows[i] * rows[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-           for i in range(K) for j in range(i + 1, K)]
-    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    if filter_wise and t.dim() > 1:
+        rows = t.reshape(K, -1, t.shape[-1])
+        norms = rows.norm(dim=-1)
+        cos = [((rows[i] * rows[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+               for i in range(K) for j in range(i + 1, K)]
+        c = torch.stack(cos).mean(0).unsqueeze(-1)
+        return (K * c / (1 + (K - 1) * c) * rows.mean(0)).reshape(t.shape[1:])
+    # one angle per tensor: the Gram matrix in float64 over column chunks, then the scaled mean a chunk at a
+    # time, so only the output is tensor-sized
+    flat = t.reshape(K, -1)
+    gram = torch.zeros((K, K), dtype=torch.float64, device=t.device)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start : start + chunk].double()
+        gram += part @ part.T
+    norms = gram.diagonal().sqrt()
+    cos = [min(max(float(gram[i, j] / max(float(norms[i] * norms[j]), 1e-6)), -1.0), 1.0) for i in range(K) for j in range(i + 1, K)]
+    c = sum(cos) / len(cos)
     ratio = K * c / (1 + (K - 1) * c)
-    return (ratio * rows.mean(0)).reshape(t.shape[1:])
+    out = torch.empty(flat.shape[1], dtype=t.dtype, device=t.device)
+    for start in range(0, flat.shape[1], chunk):
+        torch.mul(flat[:, start : start + chunk].mean(0), ratio, out=out[start : start + chunk])
+    return out.view(t.shape[1:])
 
 
 @register("model_stock", defaults={"filter_wise": False})

@@ -5,6 +5,8 @@ takes one angle per tensor; false one per row (`nuslerp_row_wise: true`: per col
 Groups of exactly two models."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from merge.methods import Context, MergeResult, register
@@ -27,6 +29,31 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = -1, flatten: 
     return out.reshape(shape)
 
 
+def nuslerp_flat(t: float, da: torch.Tensor, db: torch.Tensor, base: torch.Tensor | None = None, eps: float = 1e-8,
+                 chunk: int = 1 << 16) -> torch.Tensor:
+    """`nuslerp(..., flatten=True)` of a = base + da and b = base + db (base omitted: 0), minus base, a chunk
+    at a time: one angle per tensor, so only the float32 output is tensor-sized."""
+    fl = [x.reshape(-1) for x in (da, db)]
+    fb = None if base is None else base.reshape(-1)
+    spans = [(i, i + chunk) for i in range(0, fl[0].numel(), chunk)]
+
+    def ends(i, j):
+        return tuple(x[i:j] if fb is None else fb[i:j] + x[i:j] for x in fl)
+
+    na = math.sqrt(sum(float(a.double().square().sum()) for a, _ in (ends(i, j) for i, j in spans)))
+    nb = math.sqrt(sum(float(b.double().square().sum()) for _, b in (ends(i, j) for i, j in spans)))
+    dot = sum(float((a.double() * b.double()).sum()) for a, b in (ends(i, j) for i, j in spans))
+    cos = dot / (max(na, 1e-7) * max(nb, 1e-7))
+    theta = torch.tensor(math.acos(min(max(cos, -1.0), 1.0)), dtype=torch.float32)
+    s = torch.sin(theta)
+    out = torch.empty_like(fl[0])
+    for i, j in spans:
+        a, b = ends(i, j)
+        part = (1 - t) * a + t * b if abs(float(s)) < eps else (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / s
+        out[i:j] = part if fb is None else part - fb[i:j]
+    return out.view(da.shape)
+
+
 @register("nuslerp", defaults={"nuslerp_flatten": True, "nuslerp_row_wise": False, "nuslerp_on_weights": False})
 def nuslerp_method(tvs, ctx: Context) -> MergeResult:
     p = ctx.params
@@ -37,7 +64,9 @@ def nuslerp_method(tvs, ctx: Context) -> MergeResult:
     dim = 0 if p["nuslerp_row_wise"] else -1
     out = {}
     for n, tv in tvs.items():
-        if p["nuslerp_on_weights"]:
+        if p["nuslerp_flatten"]:
+            out[n] = nuslerp_flat(t, tv[0], tv[1], ctx.base[n].float() if p["nuslerp_on_weights"] else None)
+        elif p["nuslerp_on_weights"]:
             base = ctx.base[n].float()
             out[n] = nuslerp(t, base + tv[0], base + tv[1], dim, bool(p["nuslerp_flatten"])) - base
         else:

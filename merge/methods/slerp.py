@@ -11,15 +11,30 @@ import torch
 from merge.methods import Context, MergeResult, register
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, colinear: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    a64, b64 = a.double(), b.double()
-    na, nb = a64.norm(), b64.norm()
-    dot = float((a64 / (na if na > eps else 1.0) * (b64 / (nb if nb > eps else 1.0))).sum())
+def slerp(t: float, base: torch.Tensor, da: torch.Tensor, db: torch.Tensor, colinear: float = 0.9995,
+          eps: float = 1e-8, chunk: int = 1 << 16) -> torch.Tensor:
+    """slerp of θ_a = base + da and θ_b = base + db, minus base. In float64 a chunk at a time, so besides the
+    float32 output nothing tensor-sized is made."""
+    fl = [x.reshape(-1) for x in (base, da, db)]
+    spans = [(i, i + chunk) for i in range(0, fl[0].numel(), chunk)]
+
+    def ends(i, j):  # θ_a and θ_b of one chunk, rounded to float32 first as whole tensors would be
+        return (fl[0][i:j] + fl[1][i:j]).double(), (fl[0][i:j] + fl[2][i:j]).double()
+
+    na = math.sqrt(sum(float(ends(i, j)[0].square().sum()) for i, j in spans))
+    nb = math.sqrt(sum(float(ends(i, j)[1].square().sum()) for i, j in spans))
+    ua, ub = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = sum(float((a / ua * (b / ub)).sum()) for a, b in (ends(i, j) for i, j in spans))
     if abs(dot) > colinear:
-        return ((1 - t) * a64 + t * b64).to(a.dtype)
-    omega = math.acos(dot)
-    s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s * a64 + math.sin(t * omega) / s * b64).to(a.dtype)
+        ca, cb = 1 - t, t
+    else:
+        omega = math.acos(dot)
+        ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    out = torch.empty_like(fl[0], dtype=torch.float32)
+    for i, j in spans:
+        a, b = ends(i, j)
+        out[i:j] = (ca * a + cb * b).float() - fl[0][i:j]
+    return out.view(base.shape)
 
 
 @register("slerp", defaults={"t": None})
@@ -31,6 +46,5 @@ def slerp_method(tvs, ctx: Context) -> MergeResult:
     for n, tv in tvs.items():
         if tv.shape[0] != 2:
             raise ValueError(f"slerp merges exactly two models, this group has {tv.shape[0]}")
-        base = ctx.base[n].float()
-        out[n] = slerp(float(t), base + tv[0], base + tv[1]) - base
+        out[n] = slerp(float(t), ctx.base[n].float(), tv[0], tv[1])
     return MergeResult(out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods import Context, MergeResult, register, weighted
+from merge.methods import Context, MergeResult, register, weighted_sum
 
 
 def coefficients(ctx: Context) -> torch.Tensor:
@@ -21,4 +21,4 @@ def coefficients(ctx: Context) -> torch.Tensor:
 @register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False, "int8_mask": False}, coefficients=coefficients)
 def task_arithmetic(tvs, ctx: Context) -> MergeResult:
     c = coefficients(ctx)
-    return MergeResult({n: weighted(t, c).sum(0) for n, t in tvs.items()})
+    return MergeResult({n: weighted_sum(t, c) for n, t in tvs.items()})

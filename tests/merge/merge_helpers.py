@@ -80,3 +80,11 @@ def shared_rng(seed):
     """One generator for every (task, tensor), drawn in order — the way PEFT draws from the global RNG."""
     g = torch.Generator().manual_seed(seed)
     return lambda k, name: g
+
+
+def argsort_trim(x: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's magnitude trim, written as it does it: keep the first `int(density · numel)` entries of a
+    descending argsort of |x| (float32)."""
+    keep = torch.zeros(x.numel())
+    keep[torch.argsort(x.abs().reshape(-1).float(), descending=True)[: int(density * x.numel())]] = 1
+    return x * keep.view(x.shape)

@@ -9,7 +9,7 @@ import torch
 from peft.utils import merge_utils as peft
 
 from merge import methods
-from merge_helpers import run, shared_rng
+from merge_helpers import argsort_trim, run, shared_rng
 from merge.methods import Context, MergeResult, apply
 from merge.sparsify import magnitude_histogram, threshold_from_histogram, trim
 
@@ -301,14 +301,50 @@ def test_linear_coefficients_agree_with_the_method(tvs, name, params):
     torch.testing.assert_close(method.fn(tvs, ctx).vector["w"], torch.einsum("k,kij->ij", c, tvs["w"]))
 
 
-def test_topk_mask_keeps_exactly_k_even_with_ties():
-    from merge.sparsify import topk_mask
+def test_magnitude_trim_keeps_exactly_k_even_with_ties():
+    from merge.sparsify import magnitude_trim_
 
     x = torch.tensor([1.0, -3.0, 2.0, 2.0, 2.0, 0.5])
-    mask = topk_mask(x, 0.5)  # k = 3: -3 and two of the three 2s
-    assert int(mask.sum()) == 3 and mask[1] and not mask[0] and not mask[5]
-    y = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(topk_mask(y, 0.1), torch.zeros(1000, dtype=torch.bool).index_fill(0, y.abs().topk(100).indices, True))
+    kept = magnitude_trim_(x.clone(), 0.5) != 0  # k = 3: -3 and two of the three 2s
+    assert int(kept.sum()) == 3 and kept[1] and not kept[0] and not kept[5]
+
+
+@pytest.mark.parametrize("n", [1000, 70_001, 300_000])
+def test_trims_equal_argsort_on_bf16_ties(n):
+    """bf16 task vectors are full of equal magnitudes. torch's CPU argsort is std::sort, not stable (ties
+    come out in a data-dependent order), so the in-place sort must keep exactly the entries argsort keeps:
+    for the top-k (TIES) and for Model Breadcrumbs' two cuts, ascending as mergekit sorts there."""
+    from merge.sparsify import magnitude_trim_, outliers_trim_
+
+    x = ((torch.randn(n, generator=torch.Generator().manual_seed(n)) * 8).round() / 8).to(torch.bfloat16).float()
+    stable = torch.sort(x.abs(), descending=True, stable=True).indices
+    assert not torch.equal(torch.argsort(x.abs(), descending=True), stable)  # the tie order is not the index order
+    for density in (0.1, 0.5, 0.9):
+        k = int(density * n)
+        assert (x.abs() == x.abs()[stable[k - 1]]).sum() > 1  # ties straddle the cut
+        assert torch.equal(magnitude_trim_(x.clone(), density), argsort_trim(x, density))
+        bottom = max(0, n - k - int(0.05 * n))
+        keep = torch.zeros(n)
+        keep[torch.sort(x.abs(), descending=False).indices[bottom : bottom + k]] = 1
+        assert torch.equal(outliers_trim_(x.clone(), density, 0.05), x * keep)
+    y = x.view(250, -1) if n % 250 == 0 else x  # a matrix trims as its flattened entries
+    assert torch.equal(magnitude_trim_(y.clone(), 0.3), argsort_trim(y, 0.3))
+
+
+def test_random_drops_draw_like_one_global_bernoulli():
+    """Drops drawn in chunks (no tensor-sized temporaries) take the same stream as one `bernoulli` over the
+    whole tensor from torch's global generator, which is how mergekit draws."""
+    from merge.sparsify import bernoulli_keep_, della_drop_, della_keep_probabilities
+
+    for n in (5, (1 << 18) + 7, 600_000):
+        x = torch.randn(n)
+        torch.manual_seed(3)
+        ref = x * torch.bernoulli(torch.full_like(x, 0.3))
+        assert torch.equal(bernoulli_keep_(x.clone(), 0.3, torch.Generator().manual_seed(3)), ref)
+    m = torch.randn(40, 300)
+    torch.manual_seed(4)
+    ref = m * torch.bernoulli(della_keep_probabilities(m, 0.5, 0.1))
+    assert torch.equal(della_drop_(m.clone(), 0.5, 0.1, torch.Generator().manual_seed(4)), ref)
 
 
 def test_emr_rescalers_span_the_block_by_default():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from merge_helpers import make_family, rewrite, spec
+from merge_helpers import argsort_trim, make_family, rewrite, spec
 from safetensors.torch import load_file
 
 from merge.artifact import export, task_state_dict
@@ -88,20 +88,47 @@ def test_a_mergekit_config_with_per_model_and_per_tensor_parameters(tmp_path):
     out = load_file(tmp_path / "out" / "model.safetensors")
     th0 = load_file(base / "model.safetensors")
     A, B = (load_file(models[k] / "model.safetensors") for k in "ab")
-    from merge.sparsify import topk_mask
-
     for n, t, wb, lam in [("model.layers.1.mlp.up_proj.weight", 1.0, 0.25, 1.0),
                           ("model.layers.0.self_attn.q_proj.weight", 0.0, 0.5, 0.5),
                           ("model.norm.weight", 0.0, 0.5, 1.0)]:
         da, db = A[n] - th0[n], B[n] - th0[n]
-        ta = da * topk_mask(da, 0.2 + 0.6 * t)
-        tb = db * topk_mask(db, 0.5)
+        ta = argsort_trim(da, 0.2 + 0.6 * t)
+        tb = argsort_trim(db, 0.5)
         w = torch.stack([ta * 1.0, tb * wb])
         sign = torch.where(w.sum(0) >= 0, 1.0, -1.0)
         agree = (w.sign() == sign).float()
         div = agree[0] * 1.0 + agree[1] * wb
         ref = th0[n] + lam * (w * agree).sum(0) / torch.where(div == 0, torch.ones_like(div), div)
         torch.testing.assert_close(out[n], ref, msg=n)
+
+
+def test_rng_mergekit_draws_mergekits_stream(tmp_path):
+    """`rng: mergekit` equals mergekit's dare_linear as mergekit draws it: torch's global generator seeded
+    once, every tensor in name order (its scheduler's), each model's drops in config order, one bernoulli
+    over the whole tensor, rescaled to its L1 norm. A per-model density below 1 for one model only: the
+    other model's tensors take no draws."""
+    base, models = make_family(tmp_path, "llama", tasks=("a", "b"))
+    cfg = {"merge_method": "dare_linear", "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(models["a"]), "parameters": {"weight": 1.0, "density": 0.4}},
+                      {"model": str(models["b"]), "parameters": {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}]}}]}
+    path = tmp_path / "mk.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run(load_spec(str(path), {"out": str(tmp_path / "out"), "size": 1, "rng": "mergekit", "params": {"seed": 7}}))
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    th0 = load_file(base / "model.safetensors")
+    A, B = (load_file(models[k] / "model.safetensors") for k in "ab")
+    torch.manual_seed(7)
+    for n in sorted(th0):
+        merged = torch.zeros_like(th0[n])
+        for m, w, d in ((A, 1.0, 0.4), (B, 0.5, 0.7 if "mlp" in n else 1.0)):
+            delta = m[n] - th0[n]
+            if d < 1.0:
+                kept = delta * torch.bernoulli(torch.full_like(delta, d))
+                delta = kept * (delta.abs().sum() / kept.abs().sum())
+            merged += w * delta
+        torch.testing.assert_close(out[n], th0[n] + merged, msg=n)
+    with pytest.raises(ValueError, match="rng: mergekit"):
+        run(load_spec(str(path), {"out": str(tmp_path / "out2"), "method": "ties", "rng": "mergekit"}))
 
 
 def test_hub_ids_come_from_the_local_cache_or_name_the_fix(tmp_path, monkeypatch):
