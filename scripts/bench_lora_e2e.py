@@ -22,6 +22,7 @@ Methods, scored by exact match of the greedy answer on held-out test inputs:
   oracle      the task's own adapter
   uniform     an equal mixture of every adapter in the pool
   arrow       PEFT's Arrow routing (create_arrow_model + ArrowConfig, top_k=3): per token, per layer
+  arrow_k1    the same with top_k=1: one adapter per token and layer
   knn1/knn3   LoraRetriever-style retrieval: the adapter(s) of the query's nearest 1 / 3 validation
               examples, an equal mixture of the distinct ones (same encoder as tessera_k1/k3)
   tessera_k1  tessera's TaskRouter (LoRAuter: nearest task representations, softmax weights), k = 1 and 3,
@@ -398,18 +399,19 @@ def select_settings(lm, minilm, tasks: dict, chars: Chars, args) -> dict:
             "validation_k1_exact_match": sum(hits) / len(hits)}
 
 
-def arrow_answers(base_folder: Path, adapter_folders: dict, available: list[str], prompts, chars, args):
+def arrow_answers(base_folder: Path, adapter_folders: dict, available: list[str], prompts, chars, args,
+                  top_k: int):
     from peft import ArrowConfig, create_arrow_model
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(base_folder).eval()
     model = create_arrow_model(base, [str(adapter_folders[t]) for t in available],
-                               ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=args.seed)).eval()
+                               ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=args.seed)).eval()
     return greedy(model, prompts, chars, args.max_new, args.eval_batch)
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------------
-METHODS = ["base", "oracle", "uniform", "arrow", "knn1", "knn3", "tessera_k1", "tessera_k3",
+METHODS = ["base", "oracle", "uniform", "arrow", "arrow_k1", "knn1", "knn3", "tessera_k1", "tessera_k3",
            "tessera_minilm_k1", "tessera_minilm_k3"]
 
 def evaluate(lm, minilm, tasks, adapter_folders, base_folder, chars, args, query_tasks, available, cached,
@@ -425,7 +427,9 @@ def evaluate(lm, minilm, tasks, adapter_folders, base_folder, chars, args, query
     encoder = make_encoder(chosen["encoder"], bank, minilm)
     scores = {m: [v for t in query_tasks for v in cached[m][t]] for m in ("base", "oracle")}
     scores["uniform"] = run([{t: 1.0 / len(available) for t in available}] * len(queries))
-    scores["arrow"] = exact(arrow_answers(base_folder, adapter_folders, available, prompts, chars, args), gold)
+    for name, top_k in (("arrow", 3), ("arrow_k1", 1)):  # PEFT's default top_k, and one adapter per token
+        scores[name] = exact(arrow_answers(base_folder, adapter_folders, available, prompts, chars, args, top_k),
+                             gold)
     for k in (1, 3):
         scores[f"knn{k}"] = run(knn_mixtures(encoder, bank, queries, k))
     top1 = {}
