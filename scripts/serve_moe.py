@@ -179,4 +179,9 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from engine.parallel.runtime import exit_rank
+
+        exit_rank(code)
+    sys.exit(code)

@@ -8,6 +8,7 @@ synchronisation that agrees on token counts (`engine.parallel.pass_sync`).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,6 +36,20 @@ def init_distributed(timeout_s: float | None = None) -> "Dist":
         timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend, timeout=timeout)
     return Dist.current()
+
+
+def exit_rank(code: int):
+    """End this rank's process with `code` once its work is done and its peers have been told to stop.
+
+    The process groups are destroyed first, which joins the threads gloo and NCCL keep, and the process then
+    leaves through os._exit. A plain interpreter exit runs C++ static destructors that can still find one of
+    those threads joinable and abort the rank with "terminate called without an active exception" (SIGABRT):
+    torchrun then reports a server that drained cleanly as failed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)
