@@ -306,9 +306,10 @@ class _PackedAdapters:
 def _use_varlen_attention(model, processor) -> str | None:
     """Switches the model to per-request attention (`engine.serving.varlen_attention`) where transformers would
     attend over the whole packed step with a dense mask: SDPA with full attention in every layer, on a version
-    whose batch inputs hold that mask (5.24). Returns the implementation to give back at close, or None where it
-    left the model as it was (flash attention, sliding windows, 5.17's paged names)."""
-    from engine.serving.varlen_attention import register
+    whose batch inputs hold that mask (5.24), reading the keys from the cache's pages where its layout allows.
+    Returns the implementation to give back at close, or None where it left the model as it was (flash attention,
+    sliding windows, 5.17's paged names)."""
+    from engine.serving.varlen_attention import read_cache_by_page, register
 
     inputs = processor.inputs_and_outputs
     config = model.config
@@ -318,6 +319,7 @@ def _use_varlen_attention(model, processor) -> str | None:
         return None
     inputs.attention_mask = None  # no dense mask to build; the attention reads cu_seq_lens instead
     model.set_attn_implementation(register())
+    read_cache_by_page(processor)
     return "sdpa"
 
 
