@@ -11,7 +11,7 @@ Prompts are 16-512 tokens (seeded). The continuous batch is filled first (every 
 decodes), then `--steps` steps are timed. A generate decode step is the CPU time between two of its streamer's calls
 (after the prefill), so it includes generate's own per-step work. Both are measured in the same run, alternately, as
 CPU time of this process (`time.process_time`): on a shared machine compare the ratio, not the milliseconds.
-`--profile K` prints cProfile's K most expensive functions (cumulative) of the continuous steps.
+`--profile K` prints cProfile's K most expensive functions (own time) of the continuous steps (rank 0's).
 
 With `--ranks 2` the same rows run on each of 2 CPU ranks (torchrun, gloo, MoEShard, one thread each) through
 rank 0's scheduler (`ContinuousEngine.step`) without HTTP: it reports the wall time of a lockstep step, rank 0's
@@ -55,15 +55,22 @@ def filled_batch(model, rows: list[list[int]], max_tokens: int):
     return batch
 
 
-def continuous_step_ms(batch, steps: int, profiler=None) -> float:
+def continuous_step_ms(batch, steps: int) -> float:
     start = time.process_time()
-    if profiler is not None:
-        profiler.enable()
     for _ in range(steps):
         batch.step()
-    if profiler is not None:
-        profiler.disable()
     return (time.process_time() - start) / steps * 1e3
+
+
+def profiled(run, top: int) -> None:
+    """`run()`, under cProfile when `top` > 0: then prints its `top` most expensive functions (own time)."""
+    if not top:
+        return run()
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    print(out.getvalue())
 
 
 def generate_step_ms(model, rows: list[list[int]], steps: int) -> float:
@@ -156,7 +163,8 @@ def lockstep(args) -> int:
     if args.saturate:
         engine = ContinuousEngine(coordinator, max_queue=10_000, max_running_per_rank=args.rows[0])
         engine.step()
-        saturate(engine, args.saturate, backlog=2 * args.rows[0], label=f"{info.size} ranks, {args.rows[0]} per rank")
+        profiled(lambda: saturate(engine, args.saturate, backlog=2 * args.rows[0],
+                                  label=f"{info.size} ranks, {args.rows[0]} per rank"), args.profile)
         coordinator.stop()
         return 0
     for n in args.rows:
@@ -223,7 +231,7 @@ def main(argv=None) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                    f"--master-port={free_port()}", __file__, "--folder", str(folder), "--steps", str(args.steps),
                    "--repeats", str(args.repeats), "--rows", ",".join(map(str, args.rows)),
-                   "--saturate", str(args.saturate)]
+                   "--saturate", str(args.saturate), "--profile", str(args.profile)]
         return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
     model = engine.load(str(folder), device="cpu")
     if args.saturate:
@@ -235,15 +243,8 @@ def main(argv=None) -> int:
         scheduler = ContinuousEngine(Coordinator(_LocalRunner(batch)), max_queue=10_000,
                                      max_running_per_rank=args.rows[0])
         scheduler.step()
-        profiler = cProfile.Profile() if args.profile else None
-        if profiler is not None:
-            profiler.enable()
-        saturate(scheduler, args.saturate, backlog=2 * args.rows[0], label=f"1 process, {args.rows[0]} rows")
-        if profiler is not None:
-            profiler.disable()
-            out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.profile)
-            print(out.getvalue())
+        profiled(lambda: saturate(scheduler, args.saturate, backlog=2 * args.rows[0],
+                                  label=f"1 process, {args.rows[0]} rows"), args.profile)
         batch.close()
         return 0
     for n in args.rows:
@@ -263,13 +264,9 @@ def main(argv=None) -> int:
         print(line + f"  (min of {args.repeats}; all: {[round(x, 2) for x in cont]} / {[round(x, 2) for x in gen]})",
               flush=True)
         if args.profile:
-            profiler = cProfile.Profile()
             extra = filled_batch(model, rows, max_tokens=args.steps + 8)
-            continuous_step_ms(extra, args.steps, profiler)
+            profiled(lambda: continuous_step_ms(extra, args.steps), args.profile)
             extra.close()
-            out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.profile)
-            print(out.getvalue())
     return 0
 
 
