@@ -6,6 +6,7 @@ batching step with N decoding requests (`engine.serving.paged_batch.RankBatch`) 
     python scripts/bench_serve.py --workload step                 # 64 rows, both, a few seconds
     python scripts/bench_serve.py --workload step --rows 16,64 --profile 25
     python scripts/bench_serve.py --workload step --ranks 2       # the lockstep step of 2 gloo ranks (torchrun)
+    python scripts/bench_serve.py --workload step --saturate 15   # the decode mix past capacity, tok/s, no HTTP
 
 Prompts are 16-512 tokens (seeded). The continuous batch is filled first (every prompt prefilled, so every row
 decodes), then `--steps` steps are timed. A generate decode step is the CPU time between two of its streamer's calls
@@ -16,6 +17,10 @@ CPU time of this process (`time.process_time`): on a shared machine compare the 
 With `--ranks 2` the same rows run on each of 2 CPU ranks (torchrun, gloo, MoEShard, one thread each) through
 rank 0's scheduler (`ContinuousEngine.step`) without HTTP: it reports the wall time of a lockstep step, rank 0's
 CPU time in it, and each rank's time inside its step (forward plus waiting in the MoE collectives).
+
+`--saturate SECONDS` steps the decode benchmark's request mix (prompts of 16-512 tokens, outputs of 8-256) with
+twice `--rows` requests always waiting, on one process or (with `--ranks 2`) on 2 ranks, and reports output
+tokens per second: the scheduler's capacity without the HTTP server and its clients.
 """
 from __future__ import annotations
 
