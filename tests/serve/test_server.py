@@ -205,3 +205,17 @@ def test_static_batcher_ends_a_row_at_the_models_end_of_sequence_without_padding
     chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
     assert "".join(c["text"] for c in chunks) == choice["text"]
     assert chunks[-1]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+def test_static_batcher_survives_a_client_whose_event_loop_has_closed():
+    """Delivering to a loop that is gone (its client left for good) marks the request cancelled instead of
+    raising "Event loop is closed" in the batcher thread, which would stop it serving everyone else."""
+    from engine.serving.batcher import BatchEngine, Request
+
+    loop = asyncio.new_event_loop()
+    streamed = Request("generate", [1, 2], loop, stream=True, tokens=asyncio.Queue())
+    answered = Request("generate", [1, 2], loop, future=loop.create_future())
+    loop.close()
+    for request in (streamed, answered):
+        BatchEngine._finish(None, request, RuntimeError("late"))
+        assert request.cancelled
