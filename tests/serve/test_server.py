@@ -136,13 +136,16 @@ def test_client_disconnect_mid_stream_frees_its_slot(mixtral):
     assert response.status_code == 200
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory, sig):
+    """SIGTERM reaches rank 0 (the HTTP server); Ctrl-C in a terminal sends SIGINT to every rank."""
     server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
     with server.client.stream("POST", "/v1/completions",
                               json={"prompt": "drain", "max_tokens": 40, "temperature": 0, "stream": True}) as stream:
         lines = stream.iter_lines()
         next(lines)
-        os.kill(server.workers[0], signal.SIGTERM)  # rank 0: the HTTP server
+        for rank in ([0] if sig == "SIGTERM" else sorted(server.workers, reverse=True)):
+            os.kill(server.workers[rank], getattr(signal, sig))
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     assert server.wait(timeout=90) == 0, server.output()
