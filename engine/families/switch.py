@@ -43,4 +43,5 @@ FAMILY = Family(
     tiny("SwitchTransformersConfig", vocab_size=96, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2,
          num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=64,
          router_jitter_noise=0.0, dropout_rate=0.0, relative_attention_num_buckets=8, decoder_start_token_id=0),
-    auto_class="AutoModelForSeq2SeqLM", expert_keys=("experts.expert_{i}.wi.weight", "experts.expert_{i}.wo.weight", None))
+    auto_class="AutoModelForSeq2SeqLM",
+    expert_keys=("experts.expert_{i}.wi.weight", "experts.expert_{i}.wo.weight", None))
