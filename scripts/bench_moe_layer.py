@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.moe.experts import ExpertWeights, run_experts  # noqa: E402
+from foundation.timing import best_seconds, event_seconds  # noqa: E402
 from kernels import triton_available  # noqa: E402
 
 # name: (hidden, ffn, top_k, gated, activation)
@@ -86,29 +86,9 @@ def hf_call(module, shape, hidden_states, ids, weights):
 
 
 def time_all(fns: dict, device, repeats: int) -> dict:
-    """Seconds per call of each function: the minimum over `repeats` rounds, the functions interleaved in each
-    round so that a burst of load elsewhere on the machine hits all of them alike."""
-    def once(fn):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
+    """Seconds per call of each function: the best of `repeats` rounds, interleaved, timed by CUDA events."""
     with torch.no_grad():
-        for fn in fns.values():  # warm-up: compilation, allocator, caches
-            fn()
-            fn()
-        samples = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                samples[name].append(once(fn))
-    return {name: min(values) for name, values in samples.items()}
+        return best_seconds(fns, device, repeats, warmup=2, once=event_seconds)  # warm-up: compilation, caches
 
 
 def roofline_seconds(shape, num_tokens, num_experts, ids, dtype, device_name):
