@@ -13,7 +13,6 @@ bound (the larger of compute time at peak FLOP/s and weight+activation traffic a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.moe.experts import ExpertWeights, run_experts  # noqa: E402
+from foundation.atomic import write_json  # noqa: E402
 from foundation.timing import best_seconds, event_seconds  # noqa: E402
 from kernels import triton_available  # noqa: E402
 
@@ -247,15 +247,11 @@ def main(argv=None):
         parser.error("--decode-graphs needs a CUDA device (CUDA graphs)")
     result = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"moe_layer_{result['device_type']}"
     if result["device_type"] == "cuda":  # the GPU model is part of the name: results from several cards coexist
         name += "_" + "".join(c if c.isalnum() else "_" for c in result["device"]).strip("_").lower()
-    path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_json(out / f"{name}.json", result, indent=2)
+    print(f"wrote {out / name}.json")
 
 
 if __name__ == "__main__":
