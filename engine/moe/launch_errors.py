@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from kernels.moe_configs import device_identity
+
 
 class KernelLaunchError(RuntimeError):
     """A kernel launch failed; the message names kernel, configuration and device."""
 
 
 def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"{device.type} (Triton interpreter)"
+    identity = device_identity(device)
+    if identity is None:
+        return f"{torch.device(device).type} (Triton interpreter)"
+    return f"{identity[0]} (sm_{identity[1]})"
 
 
 def _innermost_launch(tb) -> tuple[str, dict] | None:
