@@ -24,7 +24,7 @@ from engine.moe.experts import ExpertWeights, check_backend, default_backend
 from engine.moe.patch import set_backend
 from engine.parallel.layout import ShardedExperts, fill
 from engine.parallel.runtime import init_distributed
-from engine.parallel.strategy import check_strategy, install_executors, plan_parts
+from engine.parallel.strategy import install_executors, plan_parts
 from foundation.io import Checkpoint
 
 
@@ -169,13 +169,11 @@ def build_on_meta(model_class, config) -> nn.Module:
 
 def load_rank_part(model: nn.Module, source, family, *, strategy: str, backend: str | None = None, dtype=None,
                    device=None, **executor_options) -> nn.Module:
-    """Fill a patched meta-device model with this rank's part of the checkpoint in `source` and install the
-    strategy's executors (`executor_options`: `install_executors`' capacity_factor, min_capacity, stats,
-    calibration_tokens). Every weight must come from the checkpoint and every checkpoint tensor must be used.
-    Bytes read are in `model.tessera_parallel.loaded_bytes` (`dense`, `experts`)."""
-    check_strategy(strategy)
-    if strategy == "single":
-        raise ValueError("strategy 'single' loads the whole model on one process: use engine.load without a strategy")
+    """`engine.load`'s `shard` step under a distributed strategy: fill a patched meta-device model with this rank's
+    part of the checkpoint in `source` and install the strategy's executors (`executor_options`:
+    `install_executors`' capacity_factor, min_capacity, stats, calibration_tokens). Every weight must come from
+    the checkpoint and every checkpoint tensor must be used. Bytes read are in `model.tessera_parallel.loaded_bytes`
+    (`dense`, `experts`)."""
     if backend == "eager":
         raise ValueError("distributed strategies run tessera's expert backends (triton, torch, reference), not 'eager'")
     dist = init_distributed()
