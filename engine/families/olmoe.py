@@ -4,8 +4,7 @@ from engine.families.stacked import GATE_DOWN_UP, stacked_converter
 
 FAMILY = Family(
     "olmoe", ("OlmoeSparseMoeBlock",),
-    stacked_converter(num_experts="num_experts", ffn="intermediate_size", normalize="norm_topk_prob",
-                      weights_in_fp32=False),
+    stacked_converter(ffn="intermediate_size"),
     tiny("OlmoeConfig", vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
          num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
          max_position_embeddings=128),

@@ -52,9 +52,11 @@ class StackedExpertsBlock(MoEBlock):
         return F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
 
 
-def stacked_converter(*, num_experts: str, ffn: str, normalize: bool | str, weights_in_fp32: bool):
-    """A family's `convert`, given the config attributes that hold its expert count and FFN width, and its
-    router's arithmetic (`normalize`: a bool, or the config attribute that says, e.g. `norm_topk_prob`)."""
+def stacked_converter(*, ffn: str, num_experts: str = "num_experts", normalize: bool | str = "norm_topk_prob",
+                      weights_in_fp32: bool = False):
+    """A family's `convert`, given the config attributes that hold its FFN width and expert count, and its
+    router's arithmetic (`normalize`: a bool, or the config attribute that says; routing weights in fp32 or in
+    the model dtype). The defaults are the Qwen-style families'."""
 
     def convert(hf_block, config, backend, capacity) -> StackedExpertsBlock:
         e, f, h, experts = getattr(config, num_experts), getattr(config, ffn), config.hidden_size, hf_block.experts

@@ -24,8 +24,7 @@ def flex_olmo_family():
     from engine.families.stacked import GATE_DOWN_UP, stacked_converter
 
     return Family("flex_olmo", ("FlexOlmoSparseMoeBlock",),
-                  stacked_converter(num_experts="num_experts", ffn="intermediate_size", normalize="norm_topk_prob",
-                                    weights_in_fp32=False),
+                  stacked_converter(ffn="intermediate_size"),
                   tiny("FlexOlmoConfig", vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),
