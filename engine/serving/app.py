@@ -56,30 +56,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         return JSONResponse(APIError(400, message, fields[0].split(".")[0]).body(), status_code=400)
 
     if getattr(config, "api_key", None):
-        expected = f"Bearer {config.api_key}".encode()
-
-        @app.middleware("http")
-        async def authenticate(request: HTTPRequest, call_next):
-            """Every /v1 endpoint needs the key; /health and /metrics stay open for probes and scrapers."""
-            if request.url.path.startswith("/v1"):
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
-                    err = APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
-                                   kind="authentication_error")
-                    return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
-
-    @app.middleware("http")  # declared last, so it runs first: 401s are counted too
-    async def count(request: HTTPRequest, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        # the route's template, not the raw path: a label per junk URL would grow the metrics without bound
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if endpoint.startswith("/v1/") and not isinstance(response, StreamingResponse):
-            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+        app.add_middleware(_Authenticate, expected=f"Bearer {config.api_key}".encode())
+    app.add_middleware(_CountRequests, metrics=metrics)  # added last, so it runs first: 401s are counted too
 
     def submit(request: Request):
         try:
@@ -325,6 +303,54 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         return await generate(http, body, ChatShape(_token_text(tokenizer)), ids, text, adapter, limit)
 
     return app
+
+
+class _Authenticate:
+    """Every /v1 endpoint needs the key; /health and /metrics stay open for probes and scrapers.
+
+    Both middlewares are plain ASGI: starlette's BaseHTTPMiddleware (`@app.middleware`) relays every streamed
+    chunk through a task and a queue, which took more of rank 0's event loop than the tokens' own work."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: the key does not leak by timing
+                err = APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                               kind="authentication_error")
+                response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _CountRequests:
+    """Requests by route and status, and the latency of whole (not streamed) /v1 answers."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, endpoint, streamed = time.perf_counter(), "unmatched", False
+
+        async def counted(message):
+            nonlocal endpoint, streamed
+            if message["type"] == "http.response.start":
+                # the route's template, not the raw path: a label per junk URL would grow the metrics without bound
+                route = scope.get("route")
+                endpoint = route.path if route is not None else "unmatched"
+                streamed = any(name == b"content-type" and value.startswith(b"text/event-stream")
+                               for name, value in message.get("headers", []))
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) \
+                    and not streamed and endpoint.startswith("/v1/"):
+                self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 async def _finished_before_disconnect(http: HTTPRequest, requests: list[Request]) -> bool:

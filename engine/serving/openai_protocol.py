@@ -122,17 +122,20 @@ class TextStream:
     back while it could still turn into a stop string or is an incomplete UTF-8 character, so that nothing sent
     has to be taken back."""
 
+    CONTEXT_TOKENS = 5  # decoded again before the new ones: a tokenizer that drops a leading space sees them
+
     def __init__(self, decode, stops: list[str]):
         self.decode, self.stops = decode, stops
         self.tokens: list[int] = []
         self.offsets: list[int] = []  # where each token's text starts in `text`
         self.text, self.sent, self.stopped = "", 0, False
+        self._decoded, self._clean, self._clean_chars = "", 0, 0  # all tokens' text; its last whole-character end
 
     def add(self, token: int) -> str:
         """Takes the next token; returns the text that can be sent now."""
         self.offsets.append(len(self.text))
         self.tokens.append(token)
-        text = self.decode(self.tokens)
+        text = self._decode_all()
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut], True
@@ -142,6 +145,20 @@ class TextStream:
         if text.endswith("\ufffd"):
             hold = max(hold, 1)
         return self._release(len(text) - hold)
+
+    def _decode_all(self) -> str:
+        """decode(tokens), decoding only the tokens since the text last ended on a whole character (and a few
+        before them): decoding everything for every token made a long answer quadratic in its length."""
+        start = max(self._clean - self.CONTEXT_TOKENS, 0)
+        before, after = self.decode(self.tokens[start:self._clean]), self.decode(self.tokens[start:])
+        if after.startswith(before):
+            text = self._decoded[:self._clean_chars] + after[len(before):]
+        else:  # the tokenizer re-spelled the context: decode it all
+            text = self.decode(self.tokens)
+        self._decoded = text
+        if not text.endswith("\ufffd"):
+            self._clean, self._clean_chars = len(self.tokens), len(text)
+        return text
 
     def finish(self) -> str:
         """The text held back, now that no more tokens come."""

@@ -2,6 +2,7 @@
 FastAPI app over each real backend on one rank (the continuous scheduler and the static batcher), with
 tiny-mixtral, checked against the model's own forward passes."""
 import json
+import random
 import time
 
 import pytest
@@ -211,6 +212,42 @@ def test_text_stream_holds_back_partial_stops_and_characters():
     assert [stream.add(b) for b in "é".encode()] == ["", "é"]  # two bytes, one character
     assert [stream.add(t) for t in "yEND".encode()] == ["y", "", "", ""] and stream.stopped
     assert stream.text == "abENxéy" and stream.text_tokens() == 8 and len(stream.tokens) == 11
+
+
+def _byte_level_bpe():
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["héllo wörld, naïve café ✓ 日本語 " * 20, "the quick brown fox"], vocab_size=320,
+                            min_frequency=1, show_progress=False)
+    return lambda ids: bpe.decode(ids)
+
+
+def _wordpiece():
+    from engine.models.minilm_moe import minilm_path
+    from engine.serving.tokenizer import HFTokenizer
+
+    return HFTokenizer(minilm_path()).decode
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "byte-level BPE", "WordPiece"])
+def test_text_stream_spells_what_decoding_everything_spells_and_decodes_each_token_a_bounded_number_of_times(
+        tokenizer):
+    decode = {"bytes": lambda: ByteTokenizer(256).decode, "byte-level BPE": _byte_level_bpe,
+              "WordPiece": _wordpiece}[tokenizer]()
+    decoded = []
+
+    def counting(ids):
+        decoded.append(len(ids))
+        return decode(ids)
+
+    rng = random.Random(0)
+    for trial in range(5):
+        ids = [rng.randrange(1, 320 if tokenizer != "WordPiece" else 30000) for _ in range(300)]
+        stream, decoded[:] = TextStream(counting, []), []
+        text = "".join(stream.add(t) for t in ids) + stream.finish()
+        assert text == decode(ids) == stream.text
+        assert sum(decoded) < 20 * len(ids)  # decoding everything per token: about len(ids) ** 2 / 2
 
 
 @pytest.mark.parametrize("body,param", [
