@@ -208,15 +208,48 @@ def drop_and_rescale_(x: torch.Tensor, density: float, generator: torch.Generato
     return bernoulli_keep_(x, density, generator).div_(density)
 
 
-def outliers_trim_(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outliers_trim_(x: torch.Tensor, density: float, gamma: float, tie_break: str = "mergekit") -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, 2024), in place: drop the top `gamma` fraction of magnitudes
     (outliers) and then the smallest, keeping `int(density * numel)` entries; when the two cuts overlap,
-    fewer outliers are dropped so the count is met. The ranks are an ascending sort of |x|, mergekit's."""
-    n = x.numel()
+    fewer outliers are dropped so the count is met. The ranks are an ascending sort of |x|: mergekit's
+    unstable one (`tie_break: mergekit`; sorted only where magnitudes tie at a cut) or a stable one
+    (`index`: equal magnitudes ranked in index order; no sort, one copy for the selection)."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+    flat = x.view(-1)
+    n = flat.numel()
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    keep_sorted_range_(x.view(-1), bottom, bottom + keep, descending=False)
+    stop = bottom + keep
+    if keep <= 0:
+        return x.zero_()
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        scratch = np.abs(flat.numpy())
+        scratch.partition([bottom, stop - 1])
+        lo, hi = float(scratch[bottom]), float(scratch[stop - 1])
+        del scratch
+    else:
+        magnitude = flat.abs().float()
+        lo, hi = (float(torch.kthvalue(magnitude, r + 1).values) for r in (bottom, stop - 1))
+        del magnitude
+    below = {v: sum(int((flat[a:b].abs() < v).sum()) for a, b in _chunks(n)) for v in (lo, hi)}
+    up_to_hi = sum(int((flat[a:b].abs() <= hi).sum()) for a, b in _chunks(n))
+    if tie_break == "mergekit" and (below[lo] != bottom or up_to_hi != stop):  # ties straddle a cut
+        return keep_sorted_range_(flat, bottom, stop, descending=False).view(x.shape)
+    # Entries strictly between the two cut values are kept; those equal to one take the ranks from
+    # below[v] on, in index order, and are kept where that rank falls in [bottom, stop).
+    seen = dict.fromkeys(below, 0)
+    for a, b in _chunks(n):
+        part = flat[a:b]
+        magnitude = part.abs()
+        kept = (magnitude > lo) & (magnitude < hi)
+        for v, first in below.items():
+            tied = (magnitude == v).nonzero().view(-1)
+            ranks = torch.arange(tied.numel(), device=x.device) + (first + seen[v])
+            kept[tied[(ranks >= bottom) & (ranks < stop)]] = True
+            seen[v] += tied.numel()
+        part.mul_(kept)
     return x
 
 

@@ -179,7 +179,10 @@ JSON). The
     _, baseline, _ = timed([sys.executable, "-c", "import torch, merge.cli, merge.flexmerge, merge.stats, merge.artifact"], env)
     big, small = configs(paths), configs(tiny)
     runs = [(name, name, "1", []) for name in big]
-    runs.insert(3, ("ties (tie_break index)", "ties", "1", ["--param", "tie_break=index"]))
+    index_rule = ["--param", "tie_break=index"]
+    runs.insert(3, ("ties (tie_break index)", "ties", "1", index_rule))
+    runs.insert(8, ("breadcrumbs (tie_break index)", "breadcrumbs", "1", index_rule))
+    runs.insert(10, ("breadcrumbs_ties (tie_break index)", "breadcrumbs_ties", "1", index_rule))
     runs.append(("task_arithmetic (size curve)", "task_arithmetic", "all", []))
     rows = []
     for i, (name, key, size, extra) in enumerate(runs):

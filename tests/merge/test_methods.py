@@ -335,8 +335,8 @@ def test_trims_equal_argsort_on_bf16_ties(n):
 def test_trim_tie_rules_against_independent_rankings(n):
     """Both tie rules keep exactly k entries where bf16 magnitudes tie across the cut: "mergekit" the ones
     torch's (unstable) argsort ranks first, as mergekit does; "index" the ones a stable ranking puts first,
-    derived here with Python's stable `sorted` on (−|x|, index)."""
-    from merge.sparsify import magnitude_trim_
+    derived here with Python's stable `sorted` on (−|x|, index). The same for Model Breadcrumbs' two cuts."""
+    from merge.sparsify import magnitude_trim_, outliers_trim_
 
     x = ((torch.randn(n, generator=torch.Generator().manual_seed(7 + n)) * 8).round() / 8).to(torch.bfloat16).float()
     magnitudes = x.abs().tolist()
@@ -352,6 +352,20 @@ def test_trim_tie_rules_against_independent_rankings(n):
         assert not torch.equal(index_rule != 0, mergekit_rule != 0)  # the rules differ only in which ties...
         assert int((index_rule != 0).sum()) == int((mergekit_rule != 0).sum()) == k  # ...not in how many
         assert torch.equal(index_rule.abs().sort().values, mergekit_rule.abs().sort().values)
+        # Model Breadcrumbs' two cuts on the ascending ranking (5 % outliers)
+        bottom = max(0, n - k - int(0.05 * n))
+        ascending = sorted(range(n), key=lambda i: magnitudes[i])
+        keep = torch.zeros(n)
+        keep[ascending[bottom : bottom + k]] = 1
+        assert torch.equal(outliers_trim_(x.clone(), density, 0.05, tie_break="index"), x * keep)
+        keep = torch.zeros(n)
+        keep[torch.sort(x.abs(), descending=False).indices[bottom : bottom + k]] = 1
+        assert torch.equal(outliers_trim_(x.clone(), density, 0.05, tie_break="mergekit"), x * keep)
+    distinct = torch.randn(5000, generator=torch.Generator().manual_seed(3))  # no ties: both rules agree
+    for rule in ("index", "mergekit"):
+        keep = torch.zeros(5000)
+        keep[torch.argsort(distinct.abs())[4000 - 500 : 5000 - 500]] = 1
+        assert torch.equal(outliers_trim_(distinct.clone(), 0.2, 0.1, tie_break=rule), distinct * keep)
     with pytest.raises(ValueError, match="tie_break"):
         magnitude_trim_(x.clone(), 0.5, tie_break="stable")
 
