@@ -13,7 +13,7 @@ import torch
 from kernels.combine import combine_topk, combine_topk_reference
 from kernels.expert_gemm import expert_down, expert_down_reference, expert_up, expert_up_reference
 from kernels.moe_align import align_launches, moe_align
-from kernels.moe_configs import moe_kernel_config
+from kernels.moe_configs import device_label, moe_kernel_config
 
 
 def fused_experts(
@@ -42,7 +42,7 @@ def fused_experts(
         return combine_topk(pair_out, topk_ids, num_experts, out_dtype or hidden.dtype)
     except _triton_errors() as error:
         raise RuntimeError(
-            f"MoE kernel {stage} failed on {_device_name(hidden.device)} with {config} "
+            f"MoE kernel {stage} failed on {device_label(hidden.device)} with {config} "
             f"(E={num_experts}, F_s={ffn}, H={hidden_size}, {hidden.dtype}, {num_tokens} tokens x top-{top_k}): "
             f"{error}") from error
 
@@ -53,13 +53,6 @@ def _triton_errors() -> tuple[type[Exception], ...]:
     from triton.runtime.errors import OutOfResources
 
     return CompilationError, OutOfResources
-
-
-def _device_name(device: torch.device) -> str:
-    from kernels.moe_configs import device_identity
-
-    identity = device_identity(device)
-    return str(device) if identity is None else f"{identity[0]} (sm_{identity[1]})"
 
 
 def fused_experts_launches(num_tokens: int, top_k: int, num_experts: int) -> int:

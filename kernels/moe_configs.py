@@ -122,6 +122,15 @@ def device_identity(device) -> tuple[str, int] | None:
     return None
 
 
+def device_label(device) -> str:
+    """A device's name and compute capability for messages, `NAME (sm_XY)` (the meta device: its compile
+    target); off CUDA, its type."""
+    identity = device_identity(device)
+    if identity is None:
+        return f"{torch.device(device).type} (Triton interpreter)"
+    return f"{identity[0]} (sm_{identity[1]})"
+
+
 def config_for(identity: tuple[str, int], num_tokens: int, top_k: int, num_experts: int, n: int, k: int,
                dtype: torch.dtype, config_dir: Path = CONFIG_DIR) -> dict:
     """The tuned entry nearest `num_tokens` for this device and shape, else the generation's safe table."""

@@ -71,6 +71,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from foundation.atomic import write_json  # noqa: E402
 from foundation.cache import build_once, cache_dir  # noqa: E402
 
 FAMILIES = {"reverse": ["de", "nl", "da"], "upper": ["es", "pt", "it"], "romanize": ["ru", "uk", "bg"],
@@ -607,12 +608,8 @@ def main(argv=None) -> int:
         "regimes": summary,
         "seconds": {"total": round(total, 1), "base": round(t_base, 1), "adapters": round(t_adapters, 1)},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -13,11 +13,9 @@ bound (the larger of compute time at peak FLOP/s and weight+activation traffic a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.moe.experts import ExpertWeights, run_experts  # noqa: E402
+from foundation.atomic import write_json  # noqa: E402
+from foundation.timing import best_seconds, event_seconds  # noqa: E402
 from kernels import triton_available  # noqa: E402
 
 # name: (hidden, ffn, top_k, gated, activation)
@@ -86,29 +86,9 @@ def hf_call(module, shape, hidden_states, ids, weights):
 
 
 def time_all(fns: dict, device, repeats: int) -> dict:
-    """Seconds per call of each function: the minimum over `repeats` rounds, the functions interleaved in each
-    round so that a burst of load elsewhere on the machine hits all of them alike."""
-    def once(fn):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
+    """Seconds per call of each function: the best of `repeats` rounds, interleaved, timed by CUDA events."""
     with torch.no_grad():
-        for fn in fns.values():  # warm-up: compilation, allocator, caches
-            fn()
-            fn()
-        samples = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                samples[name].append(once(fn))
-    return {name: min(values) for name, values in samples.items()}
+        return best_seconds(fns, device, repeats, warmup=2, once=event_seconds)  # warm-up: compilation, caches
 
 
 def roofline_seconds(shape, num_tokens, num_experts, ids, dtype, device_name):
@@ -267,15 +247,11 @@ def main(argv=None):
         parser.error("--decode-graphs needs a CUDA device (CUDA graphs)")
     result = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"moe_layer_{result['device_type']}"
     if result["device_type"] == "cuda":  # the GPU model is part of the name: results from several cards coexist
         name += "_" + "".join(c if c.isalnum() else "_" for c in result["device"]).strip("_").lower()
-    path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_json(out / f"{name}.json", result, indent=2)
+    print(f"wrote {out / name}.json")
 
 
 if __name__ == "__main__":

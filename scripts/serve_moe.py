@@ -91,7 +91,8 @@ def main(argv=None) -> int:
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
+        for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 drains, then tells us to stop (Ctrl-C in a
+            signal.signal(sig, signal.SIG_IGN)          # terminal reaches every rank)
         follow(coordinator)
         return 0
     names = AdapterNames(model)  # live: adapters loaded and unloaded at run time
@@ -159,13 +160,14 @@ def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=
     app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names, context_length)
     mount(app, engine, adapter_names, config.model)
     class DrainingServer(uvicorn.Server):
-        """SIGTERM means: finish the requests in flight, then exit 0 (uvicorn re-raises the signal after its
-        graceful shutdown, which would end the process with -15 instead)."""
+        """SIGTERM or SIGINT (Ctrl-C) means: finish the requests in flight, tell the other ranks to stop, then
+        exit 0. uvicorn re-raises the signal after its graceful shutdown, which would end rank 0 with -15 or a
+        KeyboardInterrupt before the other ranks are told, so it is taken out of uvicorn's list here."""
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", [])
-            if sig == signal.SIGTERM and sig in captured:
+            while sig in captured:
                 captured.remove(sig)
 
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",

@@ -1,4 +1,4 @@
-"""Model families tessera can patch, keyed by name and by Hugging Face `model_type`, and `patch_moe`.
+"""Model families tessera can patch, keyed by name (the Hugging Face `model_type`), and `patch_moe`.
 
 Every module of this package that defines `FAMILY` is registered: adding a family is adding one file. Families
 defined elsewhere register with `register_family`. A model type that no family claims is `dense`.
@@ -31,19 +31,15 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 
 def family_for(config_or_name) -> Family:
-    """The family for a family name, a `model_type`, or a config object; `dense` for a config whose model
+    """The family for a family name (its `model_type`) or a config object; `dense` for a config whose model
     type no family claims."""
-    key = config_or_name if isinstance(config_or_name, str) else getattr(config_or_name, "model_type", None)
-    if key == DENSE.name:
-        return DENSE
-    if key in FAMILIES:
-        return FAMILIES[key]
-    for family in FAMILIES.values():
-        if key in family.model_types:
-            return family
     if not isinstance(config_or_name, str):
+        return FAMILIES.get(getattr(config_or_name, "model_type", None), DENSE)
+    if config_or_name == DENSE.name:
         return DENSE
-    raise ValueError(f"unknown family {key!r}: tessera knows {sorted(FAMILIES)} and {DENSE.name!r}")
+    if config_or_name not in FAMILIES:
+        raise ValueError(f"unknown family {config_or_name!r}: tessera knows {sorted(FAMILIES)} and {DENSE.name!r}")
+    return FAMILIES[config_or_name]
 
 
 def patch_moe(model: nn.Module, *, backend: str | None = None, capacity: str | None = None,

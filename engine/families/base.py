@@ -3,7 +3,7 @@ checkpoints name the experts on disk, and a tiny config for tests and demos. Add
 defines a `Family`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,13 +14,11 @@ from engine.moe.layer import MoEBlock
 
 @dataclass
 class Family:
-    name: str
-    model_types: tuple[str, ...]
+    name: str  # also the Hugging Face `model_type` it claims
     block_classes: tuple[str, ...]  # class names of the Hugging Face sparse-MLP modules we replace
     convert: Callable[[nn.Module, object, str, str | None], MoEBlock] | None  # (hf_block, config, backend, capacity)
     tiny_config: Callable[..., object] | None
     auto_class: str = "AutoModelForCausalLM"  # the model class when neither the entry nor config.json names one
-    description: str = ""
     uses_experts_interface: bool = False  # its experts go through transformers' ExpertsInterface
     # On disk, under a block's prefix: expert i's (first, second, gate-partner) matrices, shaped (F, H), (H, F),
     # (F, H), with `{i}` for the expert ...
@@ -29,7 +27,6 @@ class Family:
     # w2 (E, H, F) and the biases b1 (E, F), b2 (E, H).
     stacked_keys: dict[str, str] | None = None
     name_aliases: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments that differ
-    options: dict = field(default_factory=dict)
 
     @property
     def is_dense(self) -> bool:
@@ -47,6 +44,17 @@ class Family:
     def checkpoint_names(self, model_name: str) -> list[str]:
         """The names a model tensor may have on disk: its own, then with each alias applied."""
         return [model_name] + [f".{model_name}".replace(ours, theirs)[1:] for ours, theirs in self.name_aliases]
+
+
+def tiny(config_class, **defaults) -> Callable[..., object]:
+    """A family's `tiny_config`: `config_class` (or the transformers class of that name) with small defaults."""
+    def build(**overrides):
+        import transformers
+
+        cls = getattr(transformers, config_class) if isinstance(config_class, str) else config_class
+        return cls(**{**defaults, **overrides})
+
+    return build
 
 
 def check_shape(tensor: torch.Tensor, expected: tuple, what: str) -> None:

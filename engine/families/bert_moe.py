@@ -2,8 +2,8 @@
 biases. The embedded default model of `serve_moe.py` (all-MiniLM-L6-v2 upcycled) is of this family."""
 from __future__ import annotations
 
-import engine.models.bert_moe  # noqa: F401  (registers model_type "bert_moe" with transformers)
-from engine.families.base import Family, check_shape
+from engine.families.base import Family, check_shape, tiny
+from engine.models.bert_moe import BertMoeConfig  # importing it registers model_type "bert_moe" with transformers
 from engine.moe.experts import ExpertWeights, activation_from_hf
 from engine.moe.layer import MoEBlock
 from engine.moe.router import RouterSpec
@@ -26,14 +26,8 @@ class BertMoeBlock(MoEBlock):
         return self.gate.weight, None
 
 
-def _tiny_config(**overrides):
-    from engine.models.bert_moe import BertMoeConfig
-
-    kwargs = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                  num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    return BertMoeConfig(**{**kwargs, **overrides})
-
-
-FAMILY = Family("bert_moe", ("bert_moe",), ("BertMoeFFN",), BertMoeBlock, _tiny_config, auto_class="AutoModel",
-                description="BERT encoder with MoE feed-forward layers (upcycled MiniLM)",
-                stacked_keys={"w1": "w1", "w2": "w2", "b1": "b1", "b2": "b2"})
+FAMILY = Family(
+    "bert_moe", ("BertMoeFFN",), BertMoeBlock,
+    tiny(BertMoeConfig, vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+         num_attention_heads=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+    auto_class="AutoModel", stacked_keys={"w1": "w1", "w2": "w2", "b1": "b1", "b2": "b2"})

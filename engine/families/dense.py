@@ -2,5 +2,4 @@
 so adapters, routing and serving run on it unchanged. Not in `FAMILIES`, which lists the MoE families."""
 from engine.families.base import Family
 
-DENSE = Family("dense", (), (), None, None, auto_class="AutoModel",
-                description="a transformers model without MoE blocks")
+DENSE = Family("dense", (), None, None, auto_class="AutoModel")

@@ -52,30 +52,22 @@ class StackedExpertsBlock(MoEBlock):
         return F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
 
 
-def stacked_converter(*, num_experts: str, ffn: str, normalize: bool | str, weights_in_fp32: bool):
-    """A family's `convert`, given the config attributes that hold its expert count and FFN width, and its
-    router's arithmetic (`normalize`: a bool, or the config attribute that says, e.g. `norm_topk_prob`)."""
+def stacked_converter(*, ffn: str, num_experts: str = "num_experts", normalize: bool | str = "norm_topk_prob",
+                      weights_in_fp32: bool = False):
+    """A family's `convert`, given the config attributes that hold its FFN width and expert count, and its
+    router's arithmetic (`normalize`: a bool, or the config attribute that says; routing weights in fp32 or in
+    the model dtype). The defaults are the Qwen-style families'."""
 
     def convert(hf_block, config, backend, capacity) -> StackedExpertsBlock:
-        return convert_stacked(hf_block, config, backend, capacity, num_experts=getattr(config, num_experts),
-                               top_k=config.num_experts_per_tok, ffn=getattr(config, ffn),
-                               normalize=getattr(config, normalize) if isinstance(normalize, str) else normalize,
-                               weights_in_fp32=weights_in_fp32)
+        e, f, h, experts = getattr(config, num_experts), getattr(config, ffn), config.hidden_size, hf_block.experts
+        if getattr(experts, "has_bias", False):
+            raise ValueError(f"{type(experts).__name__} has expert biases, which tessera's kernels do not take yet")
+        transposed = getattr(experts, "is_transposed", False)
+        check_shape(hf_block.gate.weight, (e, h), "router weight")
+        check_shape(experts.gate_up_proj, (e, h, 2 * f) if transposed else (e, 2 * f, h), "experts.gate_up_proj")
+        check_shape(experts.down_proj, (e, f, h) if transposed else (e, h, f), "experts.down_proj")
+        spec = RouterSpec("softmax_topk", e, config.num_experts_per_tok, weights_in_fp32=weights_in_fp32,
+                          normalize=getattr(config, normalize) if isinstance(normalize, str) else normalize)
+        return StackedExpertsBlock(hf_block, spec, activation_from_hf(config.hidden_act), backend, capacity)
 
     return convert
-
-
-def convert_stacked(hf_block, config, backend, capacity, *, num_experts: int, top_k: int, ffn: int,
-                    normalize: bool, weights_in_fp32: bool) -> StackedExpertsBlock:
-    hidden = config.hidden_size
-    experts = hf_block.experts
-    if getattr(experts, "has_bias", False):
-        raise ValueError(f"{type(experts).__name__} has expert biases, which tessera's kernels do not take yet")
-    transposed = getattr(experts, "is_transposed", False)
-    check_shape(hf_block.gate.weight, (num_experts, hidden), "router weight")
-    check_shape(experts.gate_up_proj, (num_experts, hidden, 2 * ffn) if transposed else (num_experts, 2 * ffn, hidden),
-                "experts.gate_up_proj")
-    check_shape(experts.down_proj, (num_experts, ffn, hidden) if transposed else (num_experts, hidden, ffn),
-                "experts.down_proj")
-    spec = RouterSpec("softmax_topk", num_experts, top_k, normalize=normalize, weights_in_fp32=weights_in_fp32)
-    return StackedExpertsBlock(hf_block, spec, activation_from_hf(config.hidden_act), backend, capacity)

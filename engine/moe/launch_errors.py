@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from kernels.moe_configs import device_label
+
 
 class KernelLaunchError(RuntimeError):
     """A kernel launch failed; the message names kernel, configuration and device."""
-
-
-def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"{device.type} (Triton interpreter)"
 
 
 def _innermost_launch(tb) -> tuple[str, dict] | None:
@@ -52,5 +46,5 @@ def explain_launch_failure(err: Exception, device: torch.device, what: str) -> E
     if launch is None:
         return err
     kernel, config, cause = launch
-    return KernelLaunchError(f"{what}: Triton kernel {kernel} failed on {device_name(device)} with configuration "
+    return KernelLaunchError(f"{what}: Triton kernel {kernel} failed on {device_label(device)} with configuration "
                              f"{config}: {type(cause).__name__}: {cause}")

@@ -4,6 +4,12 @@ Dense tensors (attention, embeddings, norms, routers, shared experts) are read w
 tensors only as this rank's slice (MoEShard: rows `[start, stop)` of every expert's first matrices and the same
 columns of its second) or its own experts (EP). Memory per rank is therefore about dense weights + expert
 weights / G (2/G under `auto`, which keeps both parts), and the bytes read are reported on the model.
+
+Checkpoints store experts one tensor per expert and matrix (transformers 5 writes them back in that form too),
+or stacked per matrix, under names that can differ from the in-memory module names (Mixtral: `block_sparse_moe`
+on disk, `mlp` in memory); each family declares its layout (`Family.expert_keys`, `stacked_keys`,
+`name_aliases`). Every key the model maps to is claimed, read by this rank or not, so a tensor no rank would
+use is an error rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -16,10 +22,33 @@ from torch import nn
 
 from engine.moe.experts import ExpertWeights, check_backend, default_backend
 from engine.moe.patch import set_backend
-from engine.parallel.checkpoint import CheckpointReader
 from engine.parallel.layout import ShardedExperts, fill
 from engine.parallel.runtime import init_distributed
-from engine.parallel.strategy import check_strategy, install_executors, plan_parts
+from engine.parallel.strategy import install_executors, plan_parts
+from foundation.io import Checkpoint
+
+
+class CheckpointReader(Checkpoint):
+    """A checkpoint read under one family's on-disk names (`Family.checkpoint_names`), keeping count of the keys
+    the model claimed, read by this rank or not."""
+
+    def __init__(self, folder: str, family):
+        super().__init__(folder)
+        self.family, self.claimed = family, set()
+
+    def checkpoint_name(self, model_name: str) -> str | None:
+        """The checkpoint key holding the model's tensor `model_name` (claimed), or None."""
+        found = next((c for c in self.family.checkpoint_names(model_name) if c in self.file_of), None)
+        if found is not None:
+            self.claimed.add(found)
+        return found
+
+    def require(self, model_name: str) -> str:
+        found = self.checkpoint_name(model_name)
+        if found is None:
+            raise KeyError(f"{self.folder}: the checkpoint has no tensor {model_name!r}, which the model needs "
+                           f"(family {self.family.name!r}; files {sorted({p.name for p in self.file_of.values()})})")
+        return found
 
 
 def _read_stacked(reader: CheckpointReader, block_name: str, part: ShardedExperts) -> ExpertWeights:
@@ -39,37 +68,37 @@ def _read_stacked(reader: CheckpointReader, block_name: str, part: ShardedExpert
                          b2=tensors.get("b2"))
 
 
-def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, device, dtype) -> None:
-    if reader.family.stacked_keys is not None:
-        read = _read_stacked(reader, block_name, part)
-        _check_and_fill(block_name, part, read, device, dtype)
-        return
+def _read_per_expert(reader: CheckpointReader, block_name: str, part: ShardedExperts) -> ExpertWeights:
+    """This rank's part of experts stored one tensor per expert and matrix (`Family.expert_keys`)."""
+    family = reader.family
+    if family.expert_keys is None:
+        raise ValueError(f"family {family.name!r} declares no on-disk expert layout (Family.expert_keys "
+                         "or Family.stacked_keys)")
     if part.b1 is not None or part.b2 is not None:
-        raise ValueError(f"{block_name}: family {reader.family.name!r} has expert biases but no stacked "
+        raise ValueError(f"{block_name}: family {family.name!r} has expert biases but no stacked "
                          "checkpoint layout (Family.stacked_keys)")
-    ffn = part.kind == "ffn"
-    keys = [reader.expert_keys(block_name, expert) for expert in range(part.num_experts)]  # every rank's, claimed
-    cut = (part.start, part.stop)
+    keys = [[None if pattern is None else reader.require(f"{block_name}.{pattern.format(i=expert)}")
+             for pattern in family.expert_keys] for expert in range(part.num_experts)]  # every rank's, claimed
+    ffn, cut = part.kind == "ffn", (part.start, part.stop)
     first, second, partner = [], [], []
     for k1, k2, k3 in keys if ffn else keys[part.start : part.stop]:
         first.append(reader.read_part(k1, (cut,) if ffn else ()))
         second.append(reader.read_part(k2, (None, cut) if ffn else ()))
         if k3 is not None:
             partner.append(reader.read_part(k3, (cut,) if ffn else ()))
-    read = ExpertWeights(torch.stack(first), torch.stack(second), torch.stack(partner) if partner else None,
+    return ExpertWeights(torch.stack(first), torch.stack(second), torch.stack(partner) if partner else None,
                          part.activation)
-    _check_and_fill(block_name, part, read, device, dtype)
 
 
-def _check_and_fill(block_name: str, part: ShardedExperts, read: ExpertWeights, device, dtype) -> None:
-    dtype = dtype or read.w1.dtype
+def _fill_part(reader: CheckpointReader, block_name: str, part: ShardedExperts, device, dtype) -> None:
+    read = (_read_per_expert if reader.family.stacked_keys is None else _read_stacked)(reader, block_name, part)
     expected = part.weights()
     for name in ("w1", "w2", "w3", "b1", "b2"):
         got, want = getattr(read, name), getattr(expected, name)
         if (got is None) != (want is None) or (got is not None and got.shape != want.shape):
             raise ValueError(f"{block_name}.{name}: checkpoint gives {None if got is None else tuple(got.shape)}, "
                              f"the config implies {None if want is None else tuple(want.shape)}")
-    part.to_empty(device=device).to(dtype)
+    part.to_empty(device=device).to(dtype or read.w1.dtype)
     fill(part, read)
 
 
@@ -123,7 +152,7 @@ def _fill_buffers(model: nn.Module, reader: CheckpointReader) -> None:
 def _check_all_used(model: nn.Module, reader: CheckpointReader) -> None:
     """Every checkpoint tensor maps to a model weight, but those transformers itself drops on load."""
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    unused = [k for k in reader.unused() if not any(p.search(k) for p in ignore)]
+    unused = sorted(k for k in set(reader.names) - reader.claimed if not any(p.search(k) for p in ignore))
     if unused:
         files = sorted({reader.file_of[k].name for k in unused})
         raise ValueError(f"{reader.folder}: {len(unused)} tensors in {files} are not used by "
@@ -140,13 +169,11 @@ def build_on_meta(model_class, config) -> nn.Module:
 
 def load_rank_part(model: nn.Module, source, family, *, strategy: str, backend: str | None = None, dtype=None,
                    device=None, **executor_options) -> nn.Module:
-    """Fill a patched meta-device model with this rank's part of the checkpoint in `source` and install the
-    strategy's executors (`executor_options`: `install_executors`' capacity_factor, min_capacity, stats,
-    calibration_tokens). Every weight must come from the checkpoint and every checkpoint tensor must be used.
-    Bytes read are in `model.tessera_parallel.loaded_bytes` (`dense`, `experts`)."""
-    check_strategy(strategy)
-    if strategy == "single":
-        raise ValueError("strategy 'single' loads the whole model on one process: use engine.load without a strategy")
+    """`engine.load`'s `shard` step under a distributed strategy: fill a patched meta-device model with this rank's
+    part of the checkpoint in `source` and install the strategy's executors (`executor_options`:
+    `install_executors`' capacity_factor, min_capacity, stats, calibration_tokens). Every weight must come from
+    the checkpoint and every checkpoint tensor must be used. Bytes read are in `model.tessera_parallel.loaded_bytes`
+    (`dense`, `experts`)."""
     if backend == "eager":
         raise ValueError("distributed strategies run tessera's expert backends (triton, torch, reference), not 'eager'")
     dist = init_distributed()

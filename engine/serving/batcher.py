@@ -215,26 +215,34 @@ class BatchEngine:
             if token is None or not request.stream or request.cancelled:
                 continue
             if finished[row]:
-                request.loop.call_soon_threadsafe(request.tokens.put_nowait, None)
+                _post(request, request.tokens.put_nowait, None)
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
                 self.metrics.time_to_first_token.observe(now - request.enqueued_at)
-            request.loop.call_soon_threadsafe(request.tokens.put_nowait, (token, entries and entries[row]))
+            _post(request, request.tokens.put_nowait, (token, entries and entries[row]))
 
     def _finish(self, request: Request, value) -> None:
         if request.stream:
-            request.loop.call_soon_threadsafe(request.tokens.put_nowait, value if isinstance(value, Exception)
-                                              else None)
+            _post(request, request.tokens.put_nowait, value if isinstance(value, Exception) else None)
         elif not request.future.done():
             setter = request.future.set_exception if isinstance(value, Exception) else request.future.set_result
-            request.loop.call_soon_threadsafe(lambda: request.future.done() or setter(value))
+            _post(request, lambda: request.future.done() or setter(value))
 
     def _fail(self, message: str) -> None:
         """A rank is gone: report unhealthy, fail everything waiting, and exit non-zero shortly after."""
         self.healthy, self.failure = False, message
         self.metrics.healthy.set(0)
         fail_and_exit(message, self._inflight + list(self.held), self.queue, self._finish)
+
+
+def _post(request: Request, fn, *args) -> None:
+    """Run `fn(*args)` on the request's event loop; a loop that has closed (its client is gone for good) only
+    marks the request cancelled, so the batcher thread never dies on it."""
+    try:
+        request.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        request.cancelled = True
 
 
 def fail_and_exit(message: str, pending: list, waiting: queue.Queue, finish) -> None:

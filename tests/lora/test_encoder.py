@@ -7,7 +7,7 @@ import torch
 
 from engine import TaskRouter
 from engine.lora import CachedEncoder, MiniLMEncoder, attach_adapters
-from engine.lora.encoder import bundled_minilm_path
+from engine.models.minilm_moe import minilm_path
 
 from lora_helpers import save_adapter, tiny_llama
 
@@ -31,7 +31,7 @@ def test_matches_sentence_transformers_and_caches_on_disk(encoder):
     sentence_transformers = pytest.importorskip("sentence_transformers")
     texts = ["A cat sits on the mat.", "Quarterly revenue grew by ten percent."]
     ours = encoder.encode_persistent(texts)
-    reference = sentence_transformers.SentenceTransformer(str(bundled_minilm_path()), device="cpu").encode(
+    reference = sentence_transformers.SentenceTransformer(str(minilm_path()), device="cpu").encode(
         texts, convert_to_tensor=True, normalize_embeddings=True)
     torch.testing.assert_close(ours, reference.cpu(), rtol=1e-4, atol=1e-5)
     fresh = CachedEncoder(MiniLMEncoder(), encoder.cache_dir)
@@ -42,7 +42,7 @@ def test_matches_sentence_transformers_and_caches_on_disk(encoder):
 def test_route_auto_decodes_rows_and_picks_the_right_task(encoder, tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     model = tiny_llama(vocab_size=tokenizer.vocab_size)
     adapters = {t: save_adapter(model, tmp_path / t, seed=i) for i, t in enumerate(TASKS)}
     router = TaskRouter.build(TASKS, encoder=encoder, adapters=adapters, k=2, min_confidence=0.1)

@@ -20,18 +20,15 @@ SAVED = {"switch-encoder": ("switch_transformers", "SwitchTransformersEncoderMod
 def flex_olmo_family():
     """A family no tessera file defines: FlexOlmo's blocks are OLMoE's, its checkpoints Qwen-style."""
     from engine.families import Family
+    from engine.families.base import tiny
     from engine.families.stacked import GATE_DOWN_UP, stacked_converter
 
-    def tiny_config(**overrides):
-        return transformers.FlexOlmoConfig(**{**dict(
-            vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2), **overrides})
-
-    return Family("flex_olmo", ("flex_olmo",), ("FlexOlmoSparseMoeBlock",),
-                  stacked_converter(num_experts="num_experts", ffn="intermediate_size", normalize="norm_topk_prob",
-                                    weights_in_fp32=False),
-                  tiny_config, uses_experts_interface=True, expert_keys=GATE_DOWN_UP)
+    return Family("flex_olmo", ("FlexOlmoSparseMoeBlock",),
+                  stacked_converter(ffn="intermediate_size"),
+                  tiny("FlexOlmoConfig", vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                  uses_experts_interface=True, expert_keys=GATE_DOWN_UP)
 
 
 def output(model, rank: int) -> torch.Tensor:

@@ -136,13 +136,16 @@ def test_client_disconnect_mid_stream_frees_its_slot(mixtral):
     assert response.status_code == 200
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_drains_in_flight_requests_then_exits_zero(server_factory, sig):
+    """SIGTERM reaches rank 0 (the HTTP server); Ctrl-C in a terminal sends SIGINT to every rank."""
     server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
     with server.client.stream("POST", "/v1/completions",
                               json={"prompt": "drain", "max_tokens": 40, "temperature": 0, "stream": True}) as stream:
         lines = stream.iter_lines()
         next(lines)
-        os.kill(server.workers[0], signal.SIGTERM)  # rank 0: the HTTP server
+        for rank in ([0] if sig == "SIGTERM" else sorted(server.workers, reverse=True)):
+            os.kill(server.workers[rank], getattr(signal, sig))
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     assert server.wait(timeout=90) == 0, server.output()
@@ -205,3 +208,17 @@ def test_static_batcher_ends_a_row_at_the_models_end_of_sequence_without_padding
     chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
     assert "".join(c["text"] for c in chunks) == choice["text"]
     assert chunks[-1]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+def test_static_batcher_survives_a_client_whose_event_loop_has_closed():
+    """Delivering to a loop that is gone (its client left for good) marks the request cancelled instead of
+    raising "Event loop is closed" in the batcher thread, which would stop it serving everyone else."""
+    from engine.serving.batcher import BatchEngine, Request
+
+    loop = asyncio.new_event_loop()
+    streamed = Request("generate", [1, 2], loop, stream=True, tokens=asyncio.Queue())
+    answered = Request("generate", [1, 2], loop, future=loop.create_future())
+    loop.close()
+    for request in (streamed, answered):
+        BatchEngine._finish(None, request, RuntimeError("late"))
+        assert request.cancelled
