@@ -218,6 +218,11 @@ def trim_tasks(tvs: dict[str, torch.Tensor], ctx: Context, at_least_one: bool = 
     rule = ctx.params.get("tie_break") or "mergekit"
     if len(set(d)) == 1 or scope == "global":
         return trim(tvs, d[0], scope, ctx.thresholds, rule, at_least_one)
+    if scope == "tensor":  # row by row, in place: no copy of the task vectors
+        for t in tvs.values():
+            for k in range(t.shape[0]):
+                trim({"row": t[k : k + 1]}, d[k], scope, None, rule, at_least_one)
+        return tvs
     return {n: torch.cat([trim({n: t[k : k + 1]}, d[k], scope, None, rule, at_least_one)[n] for k in range(t.shape[0])])
             for n, t in tvs.items()}
 
