@@ -5,9 +5,10 @@ Retry-After) from its bounded queue, never times out or crashes.
     python scripts/bench_serve.py                    # starts a 2-rank CPU server itself, ~2 minutes
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1,8,64 --seconds 10
     python scripts/bench_serve.py --workload decode  # generation: three schedulers side by side, a few minutes
+    python scripts/bench_serve.py --workload step    # CPU ms of one continuous step vs one generate step
 
 Every client loop is bounded in requests and time, and all traffic goes to 127.0.0.1 (or the --url you give).
-The decode workload is in scripts/bench_serve_decode.py.
+The decode workload is in scripts/bench_serve_decode.py, the step microbenchmark in scripts/bench_serve_step.py.
 """
 from __future__ import annotations
 
@@ -125,13 +126,18 @@ def plot(levels: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     workload = argparse.ArgumentParser(add_help=False)
-    workload.add_argument("--workload", choices=["embed", "decode"], default="embed")
+    workload.add_argument("--workload", choices=["embed", "decode", "step"], default="embed")
     chosen, rest = workload.parse_known_args(argv)
     if chosen.workload == "decode":
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_serve_decode import main as decode_main
 
         return decode_main(rest)
+    if chosen.workload == "step":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_serve_step import main as step_main
+
+        return step_main(rest)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[workload])
     parser.add_argument("--url", help="a running server; default: start one")
     parser.add_argument("--model", default="minilm-moe")

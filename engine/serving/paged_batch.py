@@ -100,6 +100,10 @@ class RowSampling:
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
 
+    def per_row(self) -> bool:
+        """Whether this row needs its own pick (sampling, penalties, log-probabilities), not the batched argmax."""
+        return self.penalised() or self.temperature > 0 or self.logprobs is not None
+
     def choose(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
         """This row's next token from its `logits` (one row over the vocabulary) given the tokens it generated so
         far (only read when penalised); records the token's log-probability entry (of the model's own
@@ -145,6 +149,7 @@ class RankBatch:
         self.cache, self.scheduler = self.processor.cache, self.processor.scheduler
         self.num_blocks, self.block_size = int(self.cache.num_blocks), block_size
         self.sampling: dict[str, RowSampling] = {}
+        self.per_row: set[str] = set()  # requests that cannot take the batched argmax (see _sample)
         self.preemptions = 0
         self.processor.model_runner._sample = self._sample
         self.forward_model = _PackedAdapters(model, self) if hasattr(model, "pool") else model
@@ -162,8 +167,11 @@ class RankBatch:
     def add(self, request_id: str, token_ids: list[int], max_tokens: int, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0,
             frequency_penalty: float = 0.0, logprobs: int | None = None, adapters: dict | None = None) -> None:
-        self.sampling[request_id] = RowSampling.of_request(self.device, temperature, top_p, seed, presence_penalty,
-                                                           frequency_penalty, logprobs, adapters)
+        row = RowSampling.of_request(self.device, temperature, top_p, seed, presence_penalty, frequency_penalty,
+                                     logprobs, adapters)
+        self.sampling[request_id] = row
+        if row.per_row():
+            self.per_row.add(request_id)
         self.manager.add_request(list(token_ids), request_id=request_id, max_new_tokens=max_tokens, streaming=True)
 
     def cancel(self, request_id: str) -> None:
@@ -262,6 +270,7 @@ class RankBatch:
 
     def _forget(self, request_id: str) -> None:
         self.sampling.pop(request_id, None)
+        self.per_row.discard(request_id)
 
     def _dummy_forward(self) -> None:
         """One token through the model without the paged cache, so this rank joins the step's collectives."""
@@ -273,13 +282,13 @@ class RankBatch:
         """Replaces the runner's sampler: row i of `scores` belongs to the i-th scheduled request that predicts a
         token this step; each picks it with its own `RowSampling` (greedy rows keep the batched argmax)."""
         logits = scores[0]
-        scheduled = [f.state for f in self.processor.inputs_and_outputs.requests_in_batch if f.has_new_token]
         tokens = torch.argmax(logits, dim=-1)
+        # with every row greedy, without penalties or log-probabilities, nothing is done per row
+        scheduled = [f.state for f in self.processor.inputs_and_outputs.requests_in_batch if f.has_new_token] \
+            if self.per_row else []
         for i, state in enumerate(scheduled[: logits.shape[0]]):
             row = self.sampling.get(state.request_id)
-            if row is None:
-                continue
-            if row.penalised() or row.temperature > 0 or row.logprobs is not None:
+            if row is not None and row.per_row():
                 generated = state.to_generation_output().generated_tokens if row.penalised() else []
                 tokens[i] = row.choose(logits[i], generated)
         output_ids[0, : tokens.shape[0]].copy_(tokens.to(output_ids.dtype))
@@ -306,9 +315,10 @@ class _PackedAdapters:
 def _use_varlen_attention(model, processor) -> str | None:
     """Switches the model to per-request attention (`engine.serving.varlen_attention`) where transformers would
     attend over the whole packed step with a dense mask: SDPA with full attention in every layer, on a version
-    whose batch inputs hold that mask (5.24). Returns the implementation to give back at close, or None where it
-    left the model as it was (flash attention, sliding windows, 5.17's paged names)."""
-    from engine.serving.varlen_attention import register
+    whose batch inputs hold that mask (5.24), reading the keys from the cache's pages where its layout allows.
+    Returns the implementation to give back at close, or None where it left the model as it was (flash attention,
+    sliding windows, 5.17's paged names)."""
+    from engine.serving.varlen_attention import read_cache_by_page, register
 
     inputs = processor.inputs_and_outputs
     config = model.config
@@ -318,6 +328,7 @@ def _use_varlen_attention(model, processor) -> str | None:
         return None
     inputs.attention_mask = None  # no dense mask to build; the attention reads cu_seq_lens instead
     model.set_attn_implementation(register())
+    read_cache_by_page(processor)
     return "sdpa"
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -39,6 +40,7 @@ from engine.serving.lora_api import (apply_everywhere, load_between_steps, lora_
 from engine.serving.sampling import Generation
 
 _STOP = object()
+SWITCH_INTERVAL_S = 0.0002  # see ContinuousEngine.start
 
 
 class StepFailure(RuntimeError):
@@ -68,11 +70,19 @@ class ContinuousEngine:
         self.pool_ops: collections.deque = collections.deque()
         self.mixtures: dict[str, dict] = {}
         self._thread = threading.Thread(target=self._run, name="tessera-scheduler", daemon=True)
+        self._switch_before: float | None = None  # the interpreter's GIL switch interval, while start() changed it
 
     # --- the interface -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Starts the scheduler thread. It hands the GIL over more often than Python's default (every 5 ms): the
+        step's forward pass releases the GIL in every torch call, and while the HTTP event loop turns a step's
+        tokens into server-sent events it would take the GIL back for up to 5 ms each time, so the forward (and with
+        it every other rank, which waits in its collectives) stalled behind the event loop. Measured on the decode
+        benchmark at 64 arrivals/s (2 CPU ranks), 0.2 ms gave about 12 % more tokens/s in alternating runs."""
         self.step()  # learn every rank's KV capacity before the first request is admitted
+        self._switch_before = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
 
     def submit(self, request: Request) -> None:
@@ -123,6 +133,9 @@ class ContinuousEngine:
         """Finish what is queued and running, tell the other ranks to stop, and end the thread."""
         self.queue.put(_STOP)
         self._thread.join(timeout)
+        if not self._thread.is_alive() and self._switch_before is not None:
+            sys.setswitchinterval(self._switch_before)
+            self._switch_before = None
 
     def blocks_needed(self, request: Request) -> int:
         size = self.kv[0]["block_size"]
