@@ -82,6 +82,9 @@ class Session:
         self.method = methods.get(spec.method)
         user_params = dict(spec.params or {})
         weight = user_params.pop("weight", None)
+        if "tie_break" in self.method.defaults and user_params.get("tie_break") is None:
+            # mergekit's choice among tied magnitudes costs a sort at ~4x a tensor; the size curve holds the bound
+            user_params["tie_break"] = "index" if sizing.parse_size(spec.size)[0] == "all" else "mergekit"
         self.param_settings = user_params
         self.params = methods.resolve_params(self.method, self._evaluate(user_params, "", 0.0))
         if spec.similarity not in greedy.SIMILARITIES:
@@ -433,6 +436,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                     entry["kind"] = "full"
                     for n, t in session.models[g[0]].read(block.tensors).items():
                         writer.add(n + suffix, t.to(session.out_dtype(n)))
+                    del t
                 else:
                     res = session.merge_group(block, g, prepared, base_t)
                     entry["kind"] = "modulated" if method.modulated else "merged"
@@ -449,6 +453,8 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                                 writer.add(f"{n}{suffix}::scale", res.scales[n].float())
                         else:
                             writer.add(n + suffix, _plus_base(res.vector[n], base_t[n], prepared).to(dtype))
+                    # written: drop it now, or it would sit beside the next group's (or block's) buffers
+                    del res
                 entries.append(entry)
             if merged and method.modulated:
                 for n, t in base_t.items():

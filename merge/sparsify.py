@@ -8,7 +8,8 @@ the only block-sized buffers a merge holds. Which entries tie at a cut matters f
 exactly: it ranks magnitudes with torch's CPU `argsort`, which is `std::sort` (an unstable introsort):
 equal magnitudes come out in an order that depends on the whole tensor, not on their indices, so no rule
 on indices reproduces it. When magnitudes tie at the cut, the same sort is run here, in place on the
-tensor (see `keep_sorted_range_`)."""
+tensor (see `keep_sorted_range_`), at about 4 × the tensor's bytes. `tie_break: index` keeps the tied
+entries of lowest index instead: the same count, the same values, no sort, and so within the memory bound."""
 from __future__ import annotations
 
 import numpy as np
@@ -60,16 +61,26 @@ def keep_sorted_range_(x: torch.Tensor, start: int, stop: int, descending: bool)
     return x
 
 
-def magnitude_trim_(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero, in place, all but the `int(density * numel)` largest magnitudes of one task's tensor (PEFT's and
-    mergekit's rule), keeping among equal magnitudes at the cut the ones mergekit's argsort keeps."""
+TIE_BREAKS = ("mergekit", "index")
+
+
+def magnitude_trim_(x: torch.Tensor, density: float, tie_break: str = "mergekit", at_least_one: bool = False) -> torch.Tensor:
+    """Zero, in place, all but the `int(density * numel)` largest magnitudes of one task's tensor (PEFT's rule;
+    `at_least_one`: never fewer than one, mergekit's). Among equal magnitudes at the cut, `tie_break` picks
+    which survive: "mergekit" the ones mergekit's argsort keeps (that needs torch's sort of the tensor,
+    about 4 × the tensor's bytes, when such ties exist), "index" the lowest indices (no tensor-sized
+    buffer besides the selection's one copy)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
     flat = x.view(-1)
     n = flat.numel()
-    k = int(density * n)
-    if density >= 1.0:
+    if density >= 1.0 or n == 0:
         return x
+    if density == 0.0:
+        return x.zero_()
+    k = max(int(density * n), 1 if at_least_one else 0)
     if k == 0:
         return x.zero_()
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
@@ -80,25 +91,33 @@ def magnitude_trim_(x: torch.Tensor, density: float) -> torch.Tensor:
         del scratch
     else:
         kth = float(torch.kthvalue(flat.abs().float(), n - k + 1).values)
-    at_least = sum(int((flat[a:b].abs() >= kth).sum()) for a, b in _chunks(n))
-    if at_least != k:  # magnitudes tie at the cut: which of them survive is the sort's choice
+    above = sum(int((flat[a:b].abs() > kth).sum()) for a, b in _chunks(n))
+    at_least = above + sum(int((flat[a:b].abs() == kth).sum()) for a, b in _chunks(n))
+    if at_least != k and tie_break == "mergekit":  # which of the tied survive is the sort's choice
         return keep_sorted_range_(flat, 0, k, descending=True).view(x.shape)
+    ties_kept = k - above  # the first `ties_kept` entries equal to the k-th, in index order
     for a, b in _chunks(n):
         part = flat[a:b]
-        part.mul_(part.abs() >= kth)
+        magnitude = part.abs()
+        keep = magnitude > kth
+        if ties_kept > 0:
+            tied = (magnitude == kth).nonzero().view(-1)[:ties_kept]
+            keep[tied] = True
+            ties_kept -= tied.numel()
+        part.mul_(keep)
     return x
 
 
-
-def trim(tvs: dict[str, torch.Tensor], density: float, scope: str, thresholds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def trim(tvs: dict[str, torch.Tensor], density: float, scope: str, thresholds: torch.Tensor | None,
+         tie_break: str = "mergekit", at_least_one: bool = False) -> dict[str, torch.Tensor]:
     """Zero all but the top-`density` magnitudes of every task, within the chosen scope (in place for
-    `tensor` and `global`)."""
+    `tensor` and `global`); `tie_break` and `at_least_one` as in `magnitude_trim_`."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "tensor":
         for t in tvs.values():
             for k in range(t.shape[0]):
-                magnitude_trim_(t[k], density)
+                magnitude_trim_(t[k], density, tie_break, at_least_one)
         return tvs
     if scope == "global":
         if thresholds is None:
@@ -113,7 +132,7 @@ def trim(tvs: dict[str, torch.Tensor], density: float, scope: str, thresholds: t
     K = tvs[names[0]].shape[0]
     flat = torch.cat([tvs[n].reshape(K, -1) for n in names], dim=1)
     for k in range(K):
-        magnitude_trim_(flat[k], density)
+        magnitude_trim_(flat[k], density, tie_break, at_least_one)
     out, start = {}, 0
     for n in names:
         size = tvs[n][0].numel()
@@ -189,15 +208,48 @@ def drop_and_rescale_(x: torch.Tensor, density: float, generator: torch.Generato
     return bernoulli_keep_(x, density, generator).div_(density)
 
 
-def outliers_trim_(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outliers_trim_(x: torch.Tensor, density: float, gamma: float, tie_break: str = "mergekit") -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, 2024), in place: drop the top `gamma` fraction of magnitudes
     (outliers) and then the smallest, keeping `int(density * numel)` entries; when the two cuts overlap,
-    fewer outliers are dropped so the count is met. The ranks are an ascending sort of |x|, mergekit's."""
-    n = x.numel()
+    fewer outliers are dropped so the count is met. The ranks are an ascending sort of |x|: mergekit's
+    unstable one (`tie_break: mergekit`; sorted only where magnitudes tie at a cut) or a stable one
+    (`index`: equal magnitudes ranked in index order; no sort, one copy for the selection)."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+    flat = x.view(-1)
+    n = flat.numel()
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    keep_sorted_range_(x.view(-1), bottom, bottom + keep, descending=False)
+    stop = bottom + keep
+    if keep <= 0:
+        return x.zero_()
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        scratch = np.abs(flat.numpy())
+        scratch.partition([bottom, stop - 1])
+        lo, hi = float(scratch[bottom]), float(scratch[stop - 1])
+        del scratch
+    else:
+        magnitude = flat.abs().float()
+        lo, hi = (float(torch.kthvalue(magnitude, r + 1).values) for r in (bottom, stop - 1))
+        del magnitude
+    below = {v: sum(int((flat[a:b].abs() < v).sum()) for a, b in _chunks(n)) for v in (lo, hi)}
+    up_to_hi = sum(int((flat[a:b].abs() <= hi).sum()) for a, b in _chunks(n))
+    if tie_break == "mergekit" and (below[lo] != bottom or up_to_hi != stop):  # ties straddle a cut
+        return keep_sorted_range_(flat, bottom, stop, descending=False).view(x.shape)
+    # Entries strictly between the two cut values are kept; those equal to one take the ranks from
+    # below[v] on, in index order, and are kept where that rank falls in [bottom, stop).
+    seen = dict.fromkeys(below, 0)
+    for a, b in _chunks(n):
+        part = flat[a:b]
+        magnitude = part.abs()
+        kept = (magnitude > lo) & (magnitude < hi)
+        for v, first in below.items():
+            tied = (magnitude == v).nonzero().view(-1)
+            ranks = torch.arange(tied.numel(), device=x.device) + (first + seen[v])
+            kept[tied[(ranks >= bottom) & (ranks < stop)]] = True
+            seen[v] += tied.numel()
+        part.mul_(kept)
     return x
 
 

@@ -102,9 +102,14 @@ print(json.dumps({"code": code, "wall": wall, "maxrss_kb": resource.getrusage(re
 """
 
 
-def timed_run(cmd: list[str]) -> tuple[float, int, str]:
+# glibc's malloc with a fixed mmap threshold (see bench_vs_mergekit.py): freed buffers of 128 KiB or more go
+# back to the system instead of staying in its heap. One extra run is measured with it.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def timed_run(cmd: list[str], extra_env: dict | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak resident bytes and stdout of one fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(extra_env or {})}
     with tempfile.NamedTemporaryFile("r", suffix=".out") as out:
         proc = subprocess.run([sys.executable, "-c", _HELPER, out.name, *cmd], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -129,18 +134,26 @@ def bench_speed(tasks: int, params: float, method: str, workdir: str | None) -> 
         (tmp / "merge.yaml").write_text(yaml.safe_dump(cfg))
         os.sync()  # let writeback of the fresh files finish so it does not run during the timed merges
         runs = []
-        for entry, prefix in (("merge.cli", [sys.executable, "-m", "merge.cli"]),
-                              ("merge.cli", [sys.executable, "-m", "merge.cli"]),
-                              ("tessera", [sys.executable, "-m", "engine.cli"])):
+        cli = [sys.executable, "-m", "merge.cli"]
+        for entry, prefix, knobs in (("merge.cli", cli, None), ("merge.cli", cli, None),
+                                     ("tessera", [sys.executable, "-m", "engine.cli"], None),
+                                     ("merge.cli, fixed mmap threshold", cli, FIXED_MMAP_THRESHOLD)):
             shutil.rmtree(tmp / "curve", ignore_errors=True)
-            wall, rss, out = timed_run([*prefix, "merge", str(tmp / "merge.yaml"), "--json"])
+            wall, rss, out = timed_run([*prefix, "merge", str(tmp / "merge.yaml"), "--json"], knobs)
             report = json.loads(out)
             runs.append({"entry": entry, "wall_seconds": round(wall, 2), "merge_seconds": report["seconds"],
                          "peak_rss_bytes": rss, "load_average_1min": round(os.getloadavg()[0], 2)})
+        _, baseline, _ = timed_run([sys.executable, "-c", "import torch, merge.cli, merge.flexmerge, merge.stats, merge.artifact"])
+        from foundation.io import Checkpoint
+        from merge.blocks import assign
+
+        ck = Checkpoint(base)
+        largest = max(sum(math.prod(ck.shape[n]) * 4 for n in b.tensors) for b in assign(ck.names, "clip"))
         plan = json.loads((tmp / "curve" / "plan.json").read_text())
         return {
             "tasks": tasks, "params_per_model": n_params, "method": method, "checkpoint_bytes_on_disk": disk,
-            "write_seconds": round(write_s, 1), "runs": runs, "states": len(plan["curve"]),
+            "write_seconds": round(write_s, 1), "runs": runs, "import_baseline_rss_bytes": baseline,
+            "largest_block_float32_bytes": largest, "bound_bytes": (tasks + 2) * largest, "states": len(plan["curve"]),
             "steps": len(plan["steps"]), "blocks": len(plan["blocks"]),
             "curve": [(round(p["size"], 3), round(p["mean_relative_error"], 4)) for p in plan["curve"]],
         }
@@ -342,10 +355,12 @@ def print_speed(sp: dict) -> None:
     print(f"\nSpeed: `--size all` ({sp['method']}) on {sp['tasks']} checkpoints of {sp['params_per_model'] / 1e6:.1f}M "
           f"parameters ({sp['checkpoint_bytes_on_disk'] / 1e9:.1f} GB of safetensors), {sp['blocks']} blocks, "
           f"{sp['steps']} merge steps, {sp['states']} sizes from {sp['curve'][0][0]:g}x to {sp['curve'][-1][0]:g}x")
-    print(f"{'entry point':<12}{'wall s':>9}{'merge s':>9}{'peak RSS GiB':>14}{'load avg':>10}")
+    print(f"{'entry point':<34}{'wall s':>9}{'merge s':>9}{'peak RSS GiB':>14}{'above import MiB':>18}{'load avg':>10}")
     for r in sp["runs"]:
-        print(f"{r['entry']:<12}{r['wall_seconds']:>9.2f}{r['merge_seconds']:>9.2f}{r['peak_rss_bytes'] / 2**30:>14.2f}"
-              f"{r['load_average_1min']:>10.2f}")
+        print(f"{r['entry']:<34}{r['wall_seconds']:>9.2f}{r['merge_seconds']:>9.2f}{r['peak_rss_bytes'] / 2**30:>14.2f}"
+              f"{(r['peak_rss_bytes'] - sp['import_baseline_rss_bytes']) / 2**20:>18.0f}{r['load_average_1min']:>10.2f}")
+    print(f"(M + 2) x largest block ({sp['largest_block_float32_bytes'] / 2**20:.1f} MiB in float32) = "
+          f"{sp['bound_bytes'] / 2**20:.0f} MiB")
 
 
 def plot(q: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ generator seeded with `--random-seed`, tensors in mergekit's order), so at densi
 exactly too.
 
 `--memory` measures tessera's peak memory for every config on a larger model against the bound
-(M + 2) × the largest block in float32.
+(M + 2) × the largest block in float32 (see `memory_check` for what is counted).
 """
 from __future__ import annotations
 
@@ -147,33 +147,71 @@ def tessera_cmd(cfg_path: Path, out: Path, cfg: dict, size: str = "1") -> list[s
             *(["--rng", "mergekit", "--param", "seed=0"] if random else [])]
 
 
-def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int, only=None, save=None) -> dict:
-    """tessera's peak memory above its import baseline for every config (size 1) and the task-arithmetic
-    size curve, against (M + 2) × the largest block in float32, M the config's number of models."""
+# glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large buffer is freed, and then serves
+# block-sized tensors from its heap, where up to twice that threshold of freed memory stays resident: the
+# same merge's peak then varies by tens of MiB from run to run. A fixed threshold keeps every buffer of
+# 128 KiB or more in its own mapping, returned to the system when freed. The memory check runs every
+# measured command (and its baselines) both ways.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def memory_check(root: Path, env: dict, hidden: int, layers: int, vocab: int, only=None, save=None, repeats: int = 2) -> dict:
+    """tessera's peak memory for every config (size 1), TIES with each tie rule and the task-arithmetic size
+    curve, against (M + 2) × the largest block in float32, M the config's number of models.
+
+    What is counted: the peak resident set (anonymous memory and mapped file pages alike) of the merge's
+    process, minus the peak of the same command, config and allocator settings on a tiny copy of the model
+    (hidden 64, vocabulary 1024, the same layers and tensor names; its largest block, 0.25 MiB, is in the
+JSON). The
+    difference is what grows with the model; the tiny run's peak is Python, torch, the code pages the merge
+    touches, thread pools and the merge's fixed structures. The import-only baseline of earlier rounds left
+    about 15 MiB of those (10 MiB of libtorch code paged in by the first use of its kernels) in the count."""
     from foundation.io import Checkpoint
     from merge.blocks import assign
     from merge.config import load_spec
 
-    paths = make_checkpoints(root, hidden, layers, vocab, tasks=3)
+    paths = make_checkpoints(root / "model", hidden, layers, vocab, tasks=3)
+    tiny = make_checkpoints(root / "tiny", 64, layers, 1024, tasks=3)
     ck = Checkpoint(paths["base"])
     largest = max(sum(math.prod(ck.shape[n]) * 4 for n in b.tensors) for b in assign(ck.names))
+    ck = Checkpoint(tiny["base"])
+    tiny_largest = max(sum(math.prod(ck.shape[n]) * 4 for n in b.tensors) for b in assign(ck.names))
     _, baseline, _ = timed([sys.executable, "-c", "import torch, merge.cli, merge.flexmerge, merge.stats, merge.artifact"], env)
+    big, small = configs(paths), configs(tiny)
+    runs = [(name, name, "1", []) for name in big]
+    index_rule = ["--param", "tie_break=index"]
+    runs.insert(3, ("ties (tie_break index)", "ties", "1", index_rule))
+    runs.insert(8, ("breadcrumbs (tie_break index)", "breadcrumbs", "1", index_rule))
+    runs.insert(10, ("breadcrumbs_ties (tie_break index)", "breadcrumbs_ties", "1", index_rule))
+    runs.append(("task_arithmetic (size curve)", "task_arithmetic", "all", []))
     rows = []
-    runs = [(name, cfg, "1") for name, cfg in configs(paths).items()] + [("task_arithmetic (size curve)", configs(paths)["task_arithmetic"], "all")]
-    for i, (name, cfg, size) in enumerate(runs):
+    for i, (name, key, size, extra) in enumerate(runs):
         if only and name not in only:
             continue
-        cfg_path = root / f"mem-{i}.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        M = len(load_spec(str(cfg_path)).models)
-        _, rss, _ = timed(tessera_cmd(cfg_path, root / f"mem-{i}", cfg, size), env)
+        paths_of = {}
+        for which, cfgs in (("model", big), ("tiny", small)):
+            paths_of[which] = root / f"mem-{i}-{which}.yaml"
+            paths_of[which].write_text(yaml.safe_dump(cfgs[key]))
+        M = len(load_spec(str(paths_of["model"])).models)
         bound = (M + 2) * largest
-        rows.append({"method": name, "size": size, "models": M, "peak_rss_bytes": rss, "above_import_bytes": rss - baseline,
-                     "bound_bytes": bound, "within": rss - baseline <= bound})
-        print(f"memory {name:<30} size {size:>3}: {(rss - baseline) / 2**20:5.0f} MiB above the import baseline; "
+        row = {"method": name, "size": size, "models": M, "bound_bytes": bound}
+        for allocator, knobs, times in (("fixed_mmap_threshold", FIXED_MMAP_THRESHOLD, repeats), ("glibc_default", {}, 1)):
+            run_env = {**env, **knobs}
+            cmd = lambda which, j: tessera_cmd(paths_of[which], root / f"mem-{i}-{which}-{allocator}-{j}", big[key], size) + extra
+            _, fixed, _ = timed(cmd("tiny", 0), run_env)
+            peaks = [timed(cmd("model", j), run_env)[1] for j in range(times)]
+            above = max(peaks) - fixed
+            row[allocator] = {"peak_rss_bytes": peaks, "tiny_model_peak_rss_bytes": fixed, "above_tiny_bytes": above,
+                              "above_import_bytes": max(peaks) - baseline, "within": above <= bound}
+        rows.append(row)
+        f, d = row["fixed_mmap_threshold"], row["glibc_default"]
+        print(f"memory {name:<34} size {size:>3}: " + "/".join(f"{(p - f['tiny_model_peak_rss_bytes']) / 2**20:.0f}" for p in f["peak_rss_bytes"])
+              + f" MiB above the tiny model's run (glibc default: {d['above_tiny_bytes'] / 2**20:.0f}); "
               f"(M + 2) x largest block = {bound / 2**20:.0f} MiB", flush=True)
         result = {"hidden": hidden, "layers": layers, "vocab": vocab, "tasks": 3, "largest_block_float32_bytes": largest,
-                  "import_baseline_rss_bytes": baseline, "runs": rows}
+                  "import_baseline_rss_bytes": baseline, "tiny_largest_block_float32_bytes": tiny_largest,
+                  "counted": "peak RSS of the merge minus peak RSS of the same command, config and allocator settings on the tiny model",
+                  "fixed_mmap_threshold_env": FIXED_MMAP_THRESHOLD, "runs": rows}
         if save is not None:
             save(result)  # after every run: a long check that is stopped keeps what it measured
     return result

@@ -210,13 +210,26 @@ def densities(tvs: dict[str, torch.Tensor], ctx: Context) -> list[float]:
     return [float(ctx.value("density", k)) for k in range(K)]
 
 
-def trim_tasks(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
-    """Magnitude trimming to each task's top `density` (per model where given), within `scope`."""
+def trim_tasks(tvs: dict[str, torch.Tensor], ctx: Context, at_least_one: bool = False) -> dict[str, torch.Tensor]:
+    """Magnitude trimming to each task's top `density` (per model where given), within `scope`, equal
+    magnitudes at the cut broken by `tie_break` (see `sparsify.magnitude_trim_`)."""
     d = densities(tvs, ctx)
     scope = ctx.params.get("scope", "tensor")
+    rule = ctx.params.get("tie_break") or "mergekit"
     if len(set(d)) == 1 or scope == "global":
-        return trim(tvs, d[0], scope, ctx.thresholds)
-    return {n: torch.cat([trim({n: t[k : k + 1]}, d[k], scope, None)[n] for k in range(t.shape[0])]) for n, t in tvs.items()}
+        return trim(tvs, d[0], scope, ctx.thresholds, rule, at_least_one)
+    if scope == "tensor":  # row by row, in place: no copy of the task vectors
+        for t in tvs.values():
+            for k in range(t.shape[0]):
+                trim({"row": t[k : k + 1]}, d[k], scope, None, rule, at_least_one)
+        return tvs
+    return {n: torch.cat([trim({n: t[k : k + 1]}, d[k], scope, None, rule, at_least_one)[n] for k in range(t.shape[0])])
+            for n, t in tvs.items()}
+
+
+def trim_tasks_mergekit(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+    """`trim_tasks` keeping at least one entry per tensor, as mergekit's magnitude trim does."""
+    return trim_tasks(tvs, ctx, at_least_one=True)
 
 
 def drop_density(tvs: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:

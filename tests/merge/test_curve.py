@@ -61,3 +61,14 @@ def test_preparing_all_tasks_once_equals_preparing_each_group(tmp_path):
                     torch.testing.assert_close(via_block.vector[n], own.vector[n])
 
         session.scan(on_block=on_block)
+
+
+def test_tie_break_defaults_to_mergekits_for_a_size_and_to_index_for_the_curve(tmp_path):
+    """Unset, `tie_break` is mergekit's (exact parity) for a fixed size and the lean index rule for the size
+    curve; a value the user gives is kept either way."""
+    base, models = make_family(tmp_path, "clip", tasks=("a", "b", "c"))
+    cfg = {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "method": "ties", "params": {"density": 0.5}}
+    assert Session(load_spec(None, {**cfg, "size": 1})).params["tie_break"] == "mergekit"
+    assert Session(load_spec(None, {**cfg, "size": "all"})).params["tie_break"] == "index"
+    chosen = {**cfg, "size": "all", "params": {"density": 0.5, "tie_break": "mergekit"}}
+    assert Session(load_spec(None, chosen)).params["tie_break"] == "mergekit"

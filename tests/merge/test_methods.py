@@ -331,6 +331,58 @@ def test_trims_equal_argsort_on_bf16_ties(n):
     assert torch.equal(magnitude_trim_(y.clone(), 0.3), argsort_trim(y, 0.3))
 
 
+@pytest.mark.parametrize("n", [1000, 300_000])
+def test_trim_tie_rules_against_independent_rankings(n):
+    """Both tie rules keep exactly k entries where bf16 magnitudes tie across the cut: "mergekit" the ones
+    torch's (unstable) argsort ranks first, as mergekit does; "index" the ones a stable ranking puts first,
+    derived here with Python's stable `sorted` on (−|x|, index). The same for Model Breadcrumbs' two cuts."""
+    from merge.sparsify import magnitude_trim_, outliers_trim_
+
+    x = ((torch.randn(n, generator=torch.Generator().manual_seed(7 + n)) * 8).round() / 8).to(torch.bfloat16).float()
+    magnitudes = x.abs().tolist()
+    order = sorted(range(n), key=lambda i: -magnitudes[i])  # stable: equal magnitudes in index order
+    for density in (0.1, 0.5, 0.9):
+        k = int(density * n)
+        keep = torch.zeros(n)
+        keep[order[:k]] = 1
+        index_rule = magnitude_trim_(x.clone(), density, tie_break="index")
+        assert torch.equal(index_rule, x * keep)
+        mergekit_rule = magnitude_trim_(x.clone(), density, tie_break="mergekit")
+        assert torch.equal(mergekit_rule, argsort_trim(x, density))
+        assert not torch.equal(index_rule != 0, mergekit_rule != 0)  # the rules differ only in which ties...
+        assert int((index_rule != 0).sum()) == int((mergekit_rule != 0).sum()) == k  # ...not in how many
+        assert torch.equal(index_rule.abs().sort().values, mergekit_rule.abs().sort().values)
+        # Model Breadcrumbs' two cuts on the ascending ranking (5 % outliers)
+        bottom = max(0, n - k - int(0.05 * n))
+        ascending = sorted(range(n), key=lambda i: magnitudes[i])
+        keep = torch.zeros(n)
+        keep[ascending[bottom : bottom + k]] = 1
+        assert torch.equal(outliers_trim_(x.clone(), density, 0.05, tie_break="index"), x * keep)
+        keep = torch.zeros(n)
+        keep[torch.sort(x.abs(), descending=False).indices[bottom : bottom + k]] = 1
+        assert torch.equal(outliers_trim_(x.clone(), density, 0.05, tie_break="mergekit"), x * keep)
+    distinct = torch.randn(5000, generator=torch.Generator().manual_seed(3))  # no ties: both rules agree
+    for rule in ("index", "mergekit"):
+        keep = torch.zeros(5000)
+        keep[torch.argsort(distinct.abs())[4000 - 500 : 5000 - 500]] = 1
+        assert torch.equal(outliers_trim_(distinct.clone(), 0.2, 0.1, tie_break=rule), distinct * keep)
+    with pytest.raises(ValueError, match="tie_break"):
+        magnitude_trim_(x.clone(), 0.5, tie_break="stable")
+
+
+def test_ties_keeps_one_entry_per_tensor_like_mergekit():
+    """mergekit's magnitude trim keeps max(1, int(density · numel)) entries; PEFT's (magnitude_prune here)
+    keeps int(density · numel), which is 0 for a 3-entry bias at density 0.2."""
+    tvs = {"b": torch.tensor([[0.1, -0.4, 0.2], [0.3, 0.1, -0.2]])}
+    ties = methods.get("ties")
+    ctx = Context(methods.resolve_params(ties, {"density": 0.2, "tie_break": "index"}), torch.ones(2))
+    trimmed = methods.prepare(ties, tvs, ctx)["b"]
+    assert torch.equal(trimmed, torch.tensor([[0.0, -0.4, 0.0], [0.3, 0.0, 0.0]]))
+    prune = methods.get("magnitude_prune")
+    ctx = Context(methods.resolve_params(prune, {"density": 0.2}), torch.ones(2))
+    assert torch.equal(methods.prepare(prune, tvs, ctx)["b"], torch.zeros(2, 3))
+
+
 def test_random_drops_draw_like_one_global_bernoulli():
     """Drops drawn in chunks (no tensor-sized temporaries) take the same stream as one `bernoulli` over the
     whole tensor from torch's global generator, which is how mergekit draws."""
