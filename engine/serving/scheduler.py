@@ -175,7 +175,9 @@ class ContinuousEngine:
             self.incoming.append(item)
 
     def _drain(self) -> None:
-        while True:
+        """Take from the bounded queue only what the ranks have room to run: the rest waits there, so past
+        `max_queue` waiting requests the server answers 503 instead of growing a backlog without bound."""
+        while len(self.incoming) < self.world * self.max_running_per_rank - len(self.active):
             try:
                 self._take(self.queue.get_nowait())
             except queue.Empty:
@@ -447,8 +449,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, te
             request = Request("generate", list(ids), None, params=params)
             requests.append(request)
             engine.submit(request)
-        engine._drain()
-        while engine.active or engine.incoming:
+        while engine.active or engine.incoming or not engine.queue.empty():
+            engine._drain()
             engine.step()
     finally:
         batch.close()

@@ -206,3 +206,31 @@ def test_rows_with_different_adapters_share_a_step(tmp_path):
             got.setdefault(event["id"], []).extend(event["tokens"])
     batch.close()
     assert got == want
+
+
+def test_waiting_requests_stay_in_the_bounded_queue_so_overload_is_refused_not_a_growing_backlog(model):
+    """The scheduler takes from the queue only what the ranks have room to run: with one running slot and a
+    queue of two, a fourth request is refused (503 in the server), and the three accepted all finish."""
+    from engine.serving.batcher import Overloaded, Request
+    from engine.serving.scheduler import _LocalRunner
+
+    batch = RankBatch(model, num_blocks=8, block_size=16, step_tokens=32, max_requests=1)
+    serving = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1), max_queue=2, max_running_per_rank=1)
+    serving.step()  # the ranks' first KV report
+    requests = [Request("generate", list(p), None, params=dict(max_tokens=6, temperature=0.0), id=f"r{i}")
+                for i, p in enumerate(PROMPTS[:4])]
+    serving.submit(requests[0])
+    serving._drain()
+    serving.step()
+    serving.submit(requests[1])
+    serving.submit(requests[2])
+    with pytest.raises(Overloaded):
+        serving.submit(requests[3])
+    serving._drain()
+    assert serving.queue.qsize() == 2 and not serving.incoming  # the running slot is taken: they wait there
+    while serving.active or serving.incoming or not serving.queue.empty():
+        serving._drain()
+        serving.step()
+    batch.close()
+    assert [r.result.tokens for r in requests[:3]] == [reference(model, p, 6) for p in PROMPTS[:3]]
+
