@@ -91,8 +91,11 @@ def magnitude_trim_(x: torch.Tensor, density: float, tie_break: str = "mergekit"
         del scratch
     else:
         kth = float(torch.kthvalue(flat.abs().float(), n - k + 1).values)
-    above = sum(int((flat[a:b].abs() > kth).sum()) for a, b in _chunks(n))
-    at_least = above + sum(int((flat[a:b].abs() == kth).sum()) for a, b in _chunks(n))
+    above = at_least = 0
+    for a, b in _chunks(n):  # one pass: how many are above the cut, and how many reach it
+        magnitude = flat[a:b].abs()
+        above += int((magnitude > kth).sum())
+        at_least += int((magnitude >= kth).sum())
     if at_least != k and tie_break == "mergekit":  # which of the tied survive is the sort's choice
         return keep_sorted_range_(flat, 0, k, descending=True).view(x.shape)
     ties_kept = k - above  # the first `ties_kept` entries equal to the k-th, in index order
@@ -233,8 +236,12 @@ def outliers_trim_(x: torch.Tensor, density: float, gamma: float, tie_break: str
         magnitude = flat.abs().float()
         lo, hi = (float(torch.kthvalue(magnitude, r + 1).values) for r in (bottom, stop - 1))
         del magnitude
-    below = {v: sum(int((flat[a:b].abs() < v).sum()) for a, b in _chunks(n)) for v in (lo, hi)}
-    up_to_hi = sum(int((flat[a:b].abs() <= hi).sum()) for a, b in _chunks(n))
+    below, up_to_hi = dict.fromkeys((lo, hi), 0), 0
+    for a, b in _chunks(n):  # one pass: how many lie below each cut value, and how many reach the upper one
+        magnitude = flat[a:b].abs()
+        for v in below:
+            below[v] += int((magnitude < v).sum())
+        up_to_hi += int((magnitude <= hi).sum())
     if tie_break == "mergekit" and (below[lo] != bottom or up_to_hi != stop):  # ties straddle a cut
         return keep_sorted_range_(flat, bottom, stop, descending=False).view(x.shape)
     # Entries strictly between the two cut values are kept; those equal to one take the ranks from
