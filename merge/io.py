@@ -45,16 +45,26 @@ class ShardWriter:
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=None, leave=False)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        self.add_parts(name, tensor.dtype, tensor.shape, tensor.numel() * tensor.element_size(), [tensor])
+
+    def add_parts(self, name: str, dtype: torch.dtype, shape, size: int, parts) -> None:
+        """One tensor of `size` bytes given as consecutive parts (row ranges), each written as it comes: the
+        tensor is never whole in memory."""
         if self.pending and self.pending_bytes + size > self.max:
             self.flush()
         if name in self.pending:
             raise ValueError(f"tensor {name} written twice")
         if self.spill is None:
             self.spill = open(self._path(".spill"), "w+b")
-        t = tensor.detach().to("cpu").contiguous()
-        self.pending[name] = (t.dtype, list(t.shape), self.spill.tell(), size)
-        self.spill.write(memoryview(tensor_bytes(t)))
+        start = self.spill.tell()
+        for part in parts:
+            t = part.detach().to("cpu").contiguous()
+            if t.dtype != dtype:
+                raise ValueError(f"tensor {name}: a part is {t.dtype}, the tensor is {dtype}")
+            self.spill.write(memoryview(tensor_bytes(t)))
+        if self.spill.tell() - start != size:
+            raise ValueError(f"tensor {name}: its parts hold {self.spill.tell() - start} bytes, its shape needs {size}")
+        self.pending[name] = (dtype, list(shape), start, size)
         self.pending_bytes += size
 
     def _path(self, suffix: str) -> Path:
