@@ -545,11 +545,8 @@ def write_task_specific(session: Session, writer: ShardWriter) -> dict:
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as f:  # read into one small buffer: no file-sized or 16 MiB reads held
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def run_curve(session: Session) -> dict:

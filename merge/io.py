@@ -32,7 +32,7 @@ class ShardWriter:
     the header safetensors would write (its tensor order and offsets) and then the bytes, copied from the
     spill file in that order a chunk at a time. The file equals `save_file`'s byte for byte."""
 
-    CHUNK = 16 * 1024**2
+    CHUNK = 4 * 1024**2
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, total_bytes: int | None = None, desc: str = "write"):
         self.folder = Path(folder)
@@ -93,15 +93,18 @@ class ShardWriter:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)
         path = self._path(".tmp")
+        buffer = memoryview(bytearray(self.CHUNK))  # one buffer for the copy, not a new bytes object a chunk
         with open(path, "wb") as out:
             out.write(struct.pack("<Q", len(text)) + text)
             for n, _ in layout:
                 _, _, start, size = self.pending[n]
                 self.spill.seek(start)
                 while size:
-                    chunk = self.spill.read(min(size, self.CHUNK))
-                    out.write(chunk)
-                    size -= len(chunk)
+                    got = self.spill.readinto(buffer[: min(size, self.CHUNK)])
+                    if not got:
+                        raise OSError(f"{self.spill.name}: ended before tensor {n}'s bytes")
+                    out.write(buffer[:got])
+                    size -= got
         self.spill.close()
         os.remove(self.spill.name)
         self.spill = None
