@@ -102,22 +102,25 @@ def spans(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
     return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 
-def read_rows(ckpt: Checkpoint, name: str, span: tuple[int, int] | None) -> torch.Tensor:
-    """Rows [a, b) of a tensor (None: all of it), only their bytes, read from the file at their offset: no
-    memory map, whose touched pages would count as resident as long as the file stays open."""
+def read_rows(ckpt: Checkpoint, name: str, span: tuple[int, int] | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [a, b) of a tensor (None: all of it), only their bytes, read from the file at their offset (into
+    `out` when given, cast to its dtype): no memory map, whose touched pages would count as resident as
+    long as the file stays open."""
     if hasattr(ckpt, "read_rows"):  # a checkpoint that serves some tensors itself (vocab.Reindexed)
-        return ckpt.read_rows(name, span)
+        return ckpt.read_rows(name, span, out)
     shape, dtype = tuple(ckpt.shape[name]), ckpt.dtype[name]
     if dtype.itemsize * math.prod(shape) != ckpt.nbytes(name):  # packed dtypes: safetensors' own slicing
-        return ckpt.read_part(name, () if span is None else (span,))
+        t = ckpt.read_part(name, () if span is None else (span,))
+        return t if out is None else out.copy_(t)
     start, part = (0, shape) if span is None else (span[0], (span[1] - span[0], *shape[1:]))
-    out = torch.empty(part, dtype=dtype)
-    view = memoryview(tensor_bytes(out))
+    direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+    into = out if direct else torch.empty(part, dtype=dtype)
+    view = memoryview(tensor_bytes(into))
     with open(ckpt.file_of[name], "rb", buffering=0) as f:
         f.seek(ckpt.offset[name] + start * dtype.itemsize * math.prod(shape[1:]))
         if f.readinto(view) != len(view):
             raise ValueError(f"{ckpt.file_of[name]}: tensor {name} is truncated")
-    return out
+    return into if out is None or direct else out.copy_(into)
 
 
 def task_vector_rows(models: list[Checkpoint], name: str, span, base_rows: torch.Tensor, device: str) -> torch.Tensor:
@@ -125,7 +128,7 @@ def task_vector_rows(models: list[Checkpoint], name: str, span, base_rows: torch
     them; `base_rows` the base's rows in float32."""
     out = torch.empty((len(models), *base_rows.shape), dtype=torch.float32)
     for k, ckpt in enumerate(models):
-        out[k].copy_(read_rows(ckpt, name, span))
+        read_rows(ckpt, name, span, out[k])
     return out.to(device).sub_(base_rows.to(device))
 
 

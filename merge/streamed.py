@@ -39,11 +39,9 @@ class Prepared:
                     continue
                 self.shape[n] = session.base.shape[n]
                 for k in tasks:
-                    tv = buffer[: math.prod(self.shape[n])].view(self.shape[n])
-                    for span in spans(self.shape[n]):  # built by rows: the base is never whole
-                        base_rows = read_rows(session.base, n, span).float()
-                        part = tv if span is None else tv[span[0] : span[1]]
-                        part.copy_(task_vector_rows([session.models[k]], n, span, base_rows, "cpu")[0])
+                    tv = read_rows(session.models[k], n, None, buffer[: math.prod(self.shape[n])].view(self.shape[n]))
+                    for span in spans(self.shape[n]):  # minus the base, read by rows: it is never whole
+                        (tv if span is None else tv[span[0] : span[1]]).sub_(read_rows(session.base, n, span).float())
                     ctx = session.context(block, (k,), thresholds, s)
                     row = methods.prepare(session.method, {n: tv.to(session.spec.device).unsqueeze(0)}, ctx, in_place=True)[n]
                     if row.shape[1:] != tv.shape or row.dtype != torch.float32:

@@ -97,11 +97,12 @@ class Reindexed:
         out.update({n: self._replaced[n].to(self._ckpt.dtype[n]) for n in names if n in self._replaced})
         return out
 
-    def read_rows(self, name, span):
+    def read_rows(self, name, span, out=None):
         if name not in self._replaced:
-            return read_rows(self._ckpt, name, span)
+            return read_rows(self._ckpt, name, span, out)
         t = self._replaced[name]
-        return (t if span is None else t[span[0] : span[1]]).to(self._ckpt.dtype[name])
+        t = (t if span is None else t[span[0] : span[1]]).to(self._ckpt.dtype[name])
+        return t if out is None else out.copy_(t)
 
     def read_into(self, bufs):
         rest = {n: b for n, b in bufs.items() if n not in self._replaced}
