@@ -11,6 +11,8 @@ PORT ?= 8000
 
 .PHONY: serve demo test venv clean
 
+# No pip cache: building the venv writes nothing to the home directory.
+$(BIN)/.installed: export PIP_NO_CACHE_DIR = 1
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

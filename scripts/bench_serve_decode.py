@@ -8,7 +8,9 @@ in turn on the same tiny decoder MoE:
 
 Per arrival rate: output tokens per second (every token streamed before the level's end), time to first token
 (TTFT) p50/p99, time per output token (TPOT, per finished request: first token to last over the tokens after the
-first) p50/p99, errors (non-200 answers, broken streams) and requests unfinished when the level's time is up. The
+first) p50/p99, errors (non-200 answers, broken streams) and requests unfinished when the level's time is up. It also
+gives the CPU time per output token of the server's processes (from /proc) and of this client, which shares the
+machine: where the cores are the limit, throughput follows these. The
 highest rate is past every server's capacity (saturation): there the throughput is each server's capacity. Every request is greedy and streams. The model is Mixtral-shaped
 with random seeded weights (tiny-mixtral's config, 1024 positions) and a character tokenizer that both servers load
 from the same folder, so every server computes the same tokens. A token is counted per streamed character (the
@@ -104,7 +106,8 @@ def start(kind: str, folder: Path, args, log: Path) -> tuple[subprocess.Popen, s
                    "--model", str(folder), "--strategy", "moeshard", "--scheduler", kind, "--max-queue", "512",
                    # 64 sequences per batch (static) or per rank (continuous); prompt tokens do not cap a static
                    # batch below that (the default 8192 would stop it at about 31 of these prompts)
-                   "--max-batch-size", "64", "--max-batch-tokens", str(64 * 512),
+                   "--max-batch-size", str(args.max_running if kind == "continuous" else 64),
+                   "--max-batch-tokens", str(64 * 512),
                    "--max-input-tokens", "600", "--kv-block-size", "32", "--step-tokens", "256",
                    "--kv-cache-bytes", str(args.kv_blocks * kv_block_bytes(folder))]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -134,6 +137,23 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of the tree under `root` (the server:
+    torchrun and its ranks, which torchrun starts in sessions of their own, or transformers serve), from /proc."""
+    tick, stats = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # the fields after the name: state, ppid, ..., utime (12th), stime (13th)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+        tree, grew = tree | more, bool(more)
+    return sum(stats[pid][1] for pid in tree if pid in stats)
 
 
 def workload(rate: float, seconds: float, seed: int) -> list[tuple[float, str, int]]:
@@ -223,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     # 1536 blocks of 32 tokens: what the static batcher's cache holds for a full batch (64 rows of 512 + 256)
     parser.add_argument("--kv-blocks", type=int, default=1536, help="KV blocks of 32 tokens per rank / process")
+    parser.add_argument("--max-running", type=int, default=64, help="continuous scheduler: requests per rank")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = parser.parse_args(argv)
     os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
@@ -237,13 +258,18 @@ def main(argv=None) -> int:
             asyncio.run(run_level(url, model, 1.0, 2.0, 30, seed=99))  # warm up
             table[kind] = []
             for i, rate in enumerate(args.rates):
+                cpu, client_cpu = tree_cpu_seconds(process.pid), time.process_time()
                 level = asyncio.run(run_level(url, model, rate, args.seconds, args.grace, seed=i))
+                tokens = max(level["output_tokens"], 1)
+                level["server_cpu_ms_per_token"] = 1000 * (tree_cpu_seconds(process.pid) - cpu) / tokens
+                level["client_cpu_ms_per_token"] = 1000 * (time.process_time() - client_cpu) / tokens
                 table[kind].append(level)
                 print(f"{kind:>12} rate {rate:>4}/s: {level['throughput_tok_s']:7.1f} tok/s, "
                       f"TTFT p50/p99 {fmt(level['ttft_p50_s'])}/{fmt(level['ttft_p99_s'])} s, "
                       f"TPOT p50/p99 {fmt(level['tpot_p50_s'], 3)}/{fmt(level['tpot_p99_s'], 3)} s, "
                       f"{level['completed']}/{level['requests']} done, {level['unfinished']} unfinished, "
-                      f"{level['errors']} errors", flush=True)
+                      f"{level['errors']} errors, CPU per token: server "
+                      f"{level['server_cpu_ms_per_token']:.3f} ms, client {level['client_cpu_ms_per_token']:.3f} ms", flush=True)
                 time.sleep(5)  # the cut-off requests leave their batches
         finally:
             stop(process)

@@ -23,9 +23,10 @@ ends. Requests that do not fit wait here, oldest first; nothing is preempted. `s
 tokens encoded in one step, so a burst of long prompts does not stall the running decodes for long.
 
 Lockstep ranks: the MoE layers of both stacks exchange tokens with every other rank on every forward, so with
-`dummy_when_idle` every rank runs exactly one encoder forward and one decoder forward per step, one-token dummy
-ones when it has nothing to encode or decode (a rank cannot know whether another has a request waiting to be
-encoded, hence the encoder forward at every step).
+`dummy_when_idle` every rank runs one decoder forward per step, a one-token dummy one when it has nothing to
+decode, and one encoder forward (a dummy where nothing joins here) at every step where a request can join on any
+rank. A rank cannot know that of the others; rank 0's scheduler can (it places every request, and every rank reports
+what waits), and says so in the step's `encode`: without it every step would run the encoder on every rank.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class EncDecBatch:
     def __init__(self, model, *, num_blocks: int, block_size: int = 32, step_tokens: int = 256,
                  max_requests: int = 64, pad_token_id: int = 0, eos_token_id=None, dummy_when_idle: bool = False):
         self.model, self.pad, self.dummy_when_idle = model, pad_token_id, dummy_when_idle
+        self.anyone_joins = True  # this step: see run()
         self.num_blocks, self.block_size = num_blocks, block_size
         self.step_tokens, self.max_requests = step_tokens, max_requests
         self.device = next(model.parameters()).device
@@ -111,14 +113,20 @@ class EncDecBatch:
         self.waiting.clear()
         self._leave(list(range(len(self.rows))))
 
-    run = RankBatch.run  # a scheduler step operation: add and drop this rank's requests, step, report
+    def run(self, op: dict, rank: int) -> dict:
+        """A scheduler step operation, as `RankBatch.run`; `op["encode"]`: whether a request can join on any rank."""
+        self.anyone_joins = op.get("encode", True)
+        return RankBatch.run(self, op, rank)
 
     def step(self) -> list[dict]:
         """Encode the requests that can start now, then one decoder forward over every running request (dummy
         forwards where there is nothing and the ranks must stay in lockstep). Events as `RankBatch.step`'s."""
         events, self.pending = self.pending, []
         joining = self._admit()
-        if joining or self.dummy_when_idle:
+        if joining and not self.anyone_joins:
+            raise StepCannotPair("a request joins on a rank that rank 0 did not expect to encode")
+        # (the first step encodes on every rank all the same: it learns the encoder's output class)
+        if joining or (self.dummy_when_idle and (self.anyone_joins or self.encoder_output is None)):
             events += self._encode(joining)
         if self.rows:
             events += self._decode()

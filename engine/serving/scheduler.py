@@ -191,7 +191,10 @@ class ContinuousEngine:
             if request.cancelled:
                 cancel[rank].append(request_id)
                 del self.active[request_id]
-        results = self.coordinator.execute({"type": "step", "add": add, "cancel": cancel})
+        # whether a request can start on some rank (an encoder-decoder batch encodes only then): one placed now, or
+        # one that waited there at the last step
+        encode = any(add) or any(kv.get("waiting", 0) for kv in self.kv)
+        results = self.coordinator.execute({"type": "step", "add": add, "cancel": cancel, "encode": encode})
         now = time.perf_counter()
         self.kv = [result["kv"] for result in results]
         if self.metrics is not None:  # before answering: a client that then reads /metrics sees this step

@@ -12,6 +12,7 @@ import engine
 from engine.registry import register_model
 from engine.serving.coordinator import Coordinator
 from engine.serving.encdec_batch import EncDecBatch
+from engine.serving.batcher import Request
 from engine.serving.scheduler import ContinuousEngine, _LocalRunner
 from test_scheduler_server import stream_events  # the SSE data lines of one streamed completion
 
@@ -198,6 +199,34 @@ def test_a_failing_decoder_step_fails_its_requests_and_the_batch_goes_on(model, 
     assert "illegal memory access" in failed[0]["error"] and batch.idle() and batch.stats()["blocks_free"] == 16
     tokens, _, _ = run(batch, {0: [("c", prompts[4], {"max_tokens": 4})]})
     assert tokens["c"] == reference(model, prompts[4], 4, eos=-1)
+
+
+def test_in_lockstep_the_encoder_runs_only_at_steps_where_a_request_can_join(model, prompts):
+    """With several ranks every rank runs the same forwards; rank 0's step says whether any request can start
+    (placed now, or waiting on a rank), and only then do the ranks run the encoder (a dummy where nobody joins)."""
+    batch = EncDecBatch(model, num_blocks=8, block_size=8, eos_token_id=-1, dummy_when_idle=True)
+    encoder, encodes = batch.encoder, []
+    batch.encoder = lambda **kwargs: encodes.append(kwargs["input_ids"].shape[0]) or encoder(**kwargs)
+    scheduler = ContinuousEngine(Coordinator(_LocalRunner(batch), world=1), max_queue=8, max_running_per_rank=4)
+    scheduler.step()
+    scheduler.step()
+    assert encodes == [1]  # the first step learns the encoder's output; then nothing placed, nothing waits
+    # 2 + 2 blocks at step 0, 5 more at step 3 (of 8): that one waits on the rank until one of the first two is done
+    joins, requests, encoding_steps = {0: (0, 2), 3: (3,)}, [], []
+    for step in range(40):
+        for i in joins.get(step, ()):
+            requests.append(Request("generate", prompts[i], None, params={"max_tokens": 6}))
+            scheduler.submit(requests[-1])
+        scheduler._drain()
+        before = len(encodes)
+        scheduler.step()
+        encoding_steps.append(len(encodes) > before)
+        if step > 3 and not (scheduler.active or scheduler.incoming):
+            break
+    assert [r.result.tokens for r in requests] == [reference(model, prompts[i], 6, eos=-1) for i in (0, 2, 3)]
+    joined = next(i for i in range(3, len(encoding_steps)) if not encoding_steps[i])  # the first step after it joins
+    assert encoding_steps[:3] == [True, False, False] and joined > 4 and all(encoding_steps[3:joined])
+    assert not any(encoding_steps[joined:]) and batch.stats()["blocks_free"] == 8
 
 
 def test_with_several_ranks_a_failing_step_stops_the_rank_instead_of_leaving_peers_in_a_collective(

@@ -250,6 +250,24 @@ def test_text_stream_spells_what_decoding_everything_spells_and_decodes_each_tok
         assert sum(decoded) < 20 * len(ids)  # decoding everything per token: about len(ids) ** 2 / 2
 
 
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_served_tokenizer_decodes_as_transformers_does(tmp_path, clean_up):
+    """HFTokenizer calls the Rust tokenizer directly when transformers' decode would add nothing."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from engine.models.minilm_moe import minilm_path
+    from engine.serving.tokenizer import HFTokenizer
+
+    minilm = AutoTokenizer.from_pretrained(minilm_path(), clean_up_tokenization_spaces=clean_up)
+    minilm.save_pretrained(tmp_path)
+    served, reference = HFTokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(reference, PreTrainedTokenizerFast) and (served._decode_fast is None) == clean_up
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(0, 30522) for _ in range(rng.randint(1, 40))] + [minilm.sep_token_id]
+        assert served.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"messages": []}, "messages"),
     ({"messages": "hello"}, "messages"),
