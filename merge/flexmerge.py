@@ -23,7 +23,7 @@ from foundation.atomic import atomic_folder
 from foundation.dtypes import parse_dtype
 from foundation.io import Checkpoint
 from merge import blocks as blocks_mod
-from merge import greedy, methods, sizing
+from merge import greedy, methods, sizing, streamed
 from merge import settings as settings_mod
 from merge import vocab as vocab_mod
 from merge.card import model_card
@@ -291,6 +291,10 @@ class Session:
             scales.update(res.scales or {})
         return MergeResult(vector, masks or None, scales or None)
 
+    def rows_apart(self, block: blocks_mod.Block) -> bool:
+        """The block can be merged a tensor and a few rows at a time (see `streamed`)."""
+        return all(self.method.rows_apart(s.params) for s in self.settings(block))
+
     @property
     def linear(self) -> bool:
         """Merged groups are fixed combinations Σ c_k τ_k (no DARE, no data-dependent masks), the same in
@@ -421,6 +425,9 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
         writer = ShardWriter(tmp, max_shard, total_bytes=nbytes, desc="merge")
         for block, groups in zip(session.blocks, parts):
             merged = any(len(g) > 1 or method.singletons for g in groups)
+            if merged and session.rows_apart(block):
+                block_entries.append(_write_block_by_rows(session, block, groups, thresholds, writer, tmp))
+                continue
             base_t, tvs, prepared = None, None, None
             if merged:
                 tvs = read_task_vectors(session.base, session.models, block, spec.device)[1]
@@ -434,9 +441,7 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
                 entry = {"tasks": [session.tasks[i] for i in g], "suffix": suffix}
                 if len(g) == 1 and not method.singletons:
                     entry["kind"] = "full"
-                    for n, t in session.models[g[0]].read(block.tensors).items():
-                        writer.add(n + suffix, t.to(session.out_dtype(n)))
-                    del t
+                    _write_full(session, block, g[0], suffix, writer)
                 else:
                     res = session.merge_group(block, g, prepared, base_t)
                     entry["kind"] = "modulated" if method.modulated else "merged"
@@ -490,6 +495,36 @@ def write_artifact(session: Session, stats: Stats, parts, nbytes: int, out: Path
     return manifest
 
 
+def _write_full(session: Session, block, task: int, suffix: str, writer: ShardWriter) -> None:
+    """A group of one model kept as it is: its tensors copied one at a time."""
+    for n in block.tensors:
+        writer.add(n + suffix, session.models[task].read([n])[n].to(session.out_dtype(n)))
+
+
+def _write_block_by_rows(session: Session, block, groups, thresholds, writer: ShardWriter, tmp: Path) -> dict:
+    """A block whose method runs by rows (`streamed`): the groups' tensors made and written row range by
+    row range, the tasks' preparation spilled to a scratch file first."""
+    method, entries = session.method, []
+    merged = sorted({k for g in groups if len(g) > 1 or method.singletons for k in g})
+    needs = method.prepare is not None or any(s.params.get("dare") is not None for s in session.settings(block))
+    prepared = streamed.Prepared(session, block, merged, thresholds, tmp / ".prepared.spill") if needs else None
+    try:
+        for j, g in enumerate(groups):
+            suffix = "" if len(groups) == 1 else f"::g{j}"
+            entry = {"tasks": [session.tasks[i] for i in g], "suffix": suffix}
+            if len(g) == 1 and not method.singletons:
+                entry["kind"] = "full"
+                _write_full(session, block, g[0], suffix, writer)
+            else:
+                entry["kind"] = "merged"
+                streamed.write_group(session, block, g, suffix, writer, prepared)
+            entries.append(entry)
+    finally:
+        if prepared is not None:
+            prepared.close()
+    return {"name": block.name, "tensors": block.tensors, "groups": entries}
+
+
 def _plus_base(vector: torch.Tensor, base: torch.Tensor, prepared: dict) -> torch.Tensor:
     """θ_0 + v, into v's own buffer when nothing else uses it (no extra tensor-sized copy)."""
     others = {t.untyped_storage().data_ptr() for t in prepared.values()} | {base.untyped_storage().data_ptr()}
@@ -510,11 +545,8 @@ def write_task_specific(session: Session, writer: ShardWriter) -> dict:
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as f:  # read into one small buffer: no file-sized or 16 MiB reads held
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def run_curve(session: Session) -> dict:

@@ -32,7 +32,7 @@ class ShardWriter:
     the header safetensors would write (its tensor order and offsets) and then the bytes, copied from the
     spill file in that order a chunk at a time. The file equals `save_file`'s byte for byte."""
 
-    CHUNK = 16 * 1024**2
+    CHUNK = 4 * 1024**2
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, total_bytes: int | None = None, desc: str = "write"):
         self.folder = Path(folder)
@@ -45,16 +45,26 @@ class ShardWriter:
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=None, leave=False)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        self.add_parts(name, tensor.dtype, tensor.shape, tensor.numel() * tensor.element_size(), [tensor])
+
+    def add_parts(self, name: str, dtype: torch.dtype, shape, size: int, parts) -> None:
+        """One tensor of `size` bytes given as consecutive parts (row ranges), each written as it comes: the
+        tensor is never whole in memory."""
         if self.pending and self.pending_bytes + size > self.max:
             self.flush()
         if name in self.pending:
             raise ValueError(f"tensor {name} written twice")
         if self.spill is None:
             self.spill = open(self._path(".spill"), "w+b")
-        t = tensor.detach().to("cpu").contiguous()
-        self.pending[name] = (t.dtype, list(t.shape), self.spill.tell(), size)
-        self.spill.write(memoryview(tensor_bytes(t)))
+        start = self.spill.tell()
+        for part in parts:
+            t = part.detach().to("cpu").contiguous()
+            if t.dtype != dtype:
+                raise ValueError(f"tensor {name}: a part is {t.dtype}, the tensor is {dtype}")
+            self.spill.write(memoryview(tensor_bytes(t)))
+        if self.spill.tell() - start != size:
+            raise ValueError(f"tensor {name}: its parts hold {self.spill.tell() - start} bytes, its shape needs {size}")
+        self.pending[name] = (dtype, list(shape), start, size)
         self.pending_bytes += size
 
     def _path(self, suffix: str) -> Path:
@@ -83,15 +93,18 @@ class ShardWriter:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)
         path = self._path(".tmp")
+        buffer = memoryview(bytearray(self.CHUNK))  # one buffer for the copy, not a new bytes object a chunk
         with open(path, "wb") as out:
             out.write(struct.pack("<Q", len(text)) + text)
             for n, _ in layout:
                 _, _, start, size = self.pending[n]
                 self.spill.seek(start)
                 while size:
-                    chunk = self.spill.read(min(size, self.CHUNK))
-                    out.write(chunk)
-                    size -= len(chunk)
+                    got = self.spill.readinto(buffer[: min(size, self.CHUNK)])
+                    if not got:
+                        raise OSError(f"{self.spill.name}: ended before tensor {n}'s bytes")
+                    out.write(buffer[:got])
+                    size -= got
         self.spill.close()
         os.remove(self.spill.name)
         self.spill = None

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from merge.stats import read_rows
+
 
 TOKEN_TENSORS = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|lm_head|embed_out)\.weight$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -94,6 +96,13 @@ class Reindexed:
         out = self._ckpt.read(rest)
         out.update({n: self._replaced[n].to(self._ckpt.dtype[n]) for n in names if n in self._replaced})
         return out
+
+    def read_rows(self, name, span, out=None):
+        if name not in self._replaced:
+            return read_rows(self._ckpt, name, span, out)
+        t = self._replaced[name]
+        t = (t if span is None else t[span[0] : span[1]]).to(self._ckpt.dtype[name])
+        return t if out is None else out.copy_(t)
 
     def read_into(self, bufs):
         rest = {n: b for n, b in bufs.items() if n not in self._replaced}

@@ -58,6 +58,8 @@ class Context:
     task_params: dict[str, list] | None = None
     # The block's pretrained tensors (float32), for methods defined on whole weights (slerp, passthrough).
     base: dict[str, torch.Tensor] | None = None
+    # A method's `stats` summed over the whole of each tensor, when `fn` is given only some of its rows.
+    stats: dict[str, torch.Tensor] | None = None
 
     def value(self, name: str, k: int):
         """Parameter `name` for member k: its per-model value if it has one, else the method's."""
@@ -83,10 +85,22 @@ class Method:
     prepare: Callable[[dict[str, torch.Tensor], Context], dict[str, torch.Tensor]] | None = None
     # The method changes even a group of one model (passthrough's `scale`), so singletons go through it.
     singletons: bool = False
+    # `fn` gives each row range (along dim 0) of a tensor from the same rows of the inputs, once it has the
+    # tensor's `stats`: the write pass then streams tensors a few rows at a time. True, or a test on params.
+    by_rows: bool | Callable[[dict], bool] = False
+    # Per-tensor float64 sums that `fn` needs from the whole tensor (norms, dot products), computed on any
+    # rows and added over row ranges; `fn` computes them itself when `Context.stats` lacks them.
+    stats: Callable[[dict[str, torch.Tensor], Context], dict[str, torch.Tensor]] | None = None
 
     @property
     def modulated(self) -> bool:
         return self.masks or self.scales
+
+    def rows_apart(self, params: dict) -> bool:
+        """Whether `fn` (and `prepare`, a tensor at a time) can run tensor by tensor and row range by range."""
+        if params.get("scope", "tensor") == "block" or self.modulated:
+            return False
+        return bool(self.by_rows(params) if callable(self.by_rows) else self.by_rows)
 
 
 # Parameters every method accepts: per-task weights, DARE preprocessing and the seed of its drops.
@@ -96,13 +110,14 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, defaults: dict | None = None, masks: bool = False, scales: bool = False,
-             coefficients=None, prepare=None, singletons: bool = False):
+             coefficients=None, prepare=None, singletons: bool = False, by_rows=False, stats=None):
     """Decorator: `@register("ties", defaults={"density": 0.2, "lambda": 1.0}, prepare=trim_tasks)`."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare, singletons)
+        _REGISTRY[name] = Method(name, fn, dict(defaults or {}), masks, scales, coefficients, prepare, singletons,
+                                 by_rows, stats)
         return fn
 
     return wrap
@@ -154,14 +169,15 @@ def mergekit_states(seed: int, draws: list[tuple[str, str, int]]) -> dict[tuple[
     each (tensor, task)'s drops, where `draws` lists (tensor, task, entries) in the order mergekit draws:
     tensors by name (its scheduler orders tasks by tensor name), each tensor's models in config order.
 
-    Each entry takes one 32-bit draw, whatever its probability, so the stream is advanced past a tensor by
-    drawing that many numbers (in chunks). This costs one pass of draws over the model, as mergekit's own."""
+    Each entry takes one 32-bit draw (a uniform float32, see `sparsify.bernoulli_keep_`), whatever its
+    probability, so the stream is advanced past a tensor by drawing that many uniforms, in chunks into one
+    buffer: a pass of draws over the model at a quarter of the cost of mergekit's bernoulli draws."""
     g = torch.Generator().manual_seed(seed)
-    states, half = {}, torch.full((1 << 20,), 0.5)
+    states, scratch = {}, torch.empty(1 << 20)
     for name, task, numel in draws:
         states[(name, task)] = g.get_state()
-        for start in range(0, numel, half.numel()):
-            torch.bernoulli(half[: min(half.numel(), numel - start)], generator=g)
+        for start in range(0, numel, scratch.numel()):
+            scratch[: min(scratch.numel(), numel - start)].uniform_(generator=g)
     return states
 
 

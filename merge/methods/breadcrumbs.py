@@ -28,11 +28,11 @@ _DEFAULTS = {"density": 1.0, "gamma": 0.01, "lambda": 1.0, "normalize": False, "
              "tie_break": None}
 
 
-@register("breadcrumbs", defaults=_DEFAULTS, prepare=crumbs)
+@register("breadcrumbs", defaults=_DEFAULTS, prepare=crumbs, by_rows=True)
 def breadcrumbs(sparse, ctx: Context):
     return mix_all(sparse, ctx, None)
 
 
-@register("breadcrumbs_ties", defaults={**_DEFAULTS, "majority_sign_method": "total"}, prepare=crumbs)
+@register("breadcrumbs_ties", defaults={**_DEFAULTS, "majority_sign_method": "total"}, prepare=crumbs, by_rows=True)
 def breadcrumbs_ties(sparse, ctx: Context):
     return mix_all(sparse, ctx, ctx.params["majority_sign_method"])

@@ -29,7 +29,7 @@ def tall_masks(tvs, ctx: Context) -> MergeResult:
     return MergeResult(vector, masks=masks)
 
 
-@register("consensus", defaults={"k": 2, "tall_lambda": 0.4, "lambda": 1.0})
+@register("consensus", defaults={"k": 2, "tall_lambda": 0.4, "lambda": 1.0}, by_rows=True)
 def consensus(tvs, ctx: Context) -> MergeResult:
     lam, tl, k = float(ctx.params["lambda"]), float(ctx.params["tall_lambda"]), int(ctx.params["k"])
     out = {}

@@ -11,6 +11,6 @@ from merge.mixing import mix_all
 
 
 @register("dare_linear", defaults={"density": 1.0, "lambda": 1.0, "normalize": False, "rescale": True,
-                                   "int8_mask": False}, prepare=drop_density)
+                                   "int8_mask": False}, prepare=drop_density, by_rows=True)
 def dare_linear(dropped, ctx: Context):
     return mix_all(dropped, ctx, None)

@@ -12,6 +12,6 @@ from merge.mixing import mix_all
 
 
 @register("dare_ties", defaults={"density": 1.0, "lambda": 1.0, "normalize": False, "rescale": True,
-                                 "majority_sign_method": "total", "int8_mask": False}, prepare=drop_density)
+                                 "majority_sign_method": "total", "int8_mask": False}, prepare=drop_density, by_rows=True)
 def dare_ties(dropped, ctx: Context):
     return mix_all(dropped, ctx, ctx.params["majority_sign_method"])

@@ -25,11 +25,11 @@ def magprune(tvs, ctx: Context):
 _DEFAULTS = {"density": 1.0, "epsilon": 0.15, "lambda": 1.0, "rescale": True, "int8_mask": False}
 
 
-@register("della", defaults={**_DEFAULTS, "normalize": True, "majority_sign_method": "total"}, prepare=magprune)
+@register("della", defaults={**_DEFAULTS, "normalize": True, "majority_sign_method": "total"}, prepare=magprune, by_rows=True)
 def della(sparse, ctx: Context):
     return mix_all(sparse, ctx, ctx.params["majority_sign_method"])
 
 
-@register("della_linear", defaults={**_DEFAULTS, "normalize": False}, prepare=magprune)
+@register("della_linear", defaults={**_DEFAULTS, "normalize": False}, prepare=magprune, by_rows=True)
 def della_linear(sparse, ctx: Context):
     return mix_all(sparse, ctx, None)

@@ -27,5 +27,5 @@ def _average(tvs, ctx: Context) -> MergeResult:
     return MergeResult({n: weighted_sum(t, ctx.weights) + extra * ctx.base[n].float() for n, t in tvs.items()})
 
 
-register("linear", defaults={"normalize": True}, coefficients=coefficients)(_average)
-register("average", coefficients=coefficients)(_average)
+register("linear", defaults={"normalize": True}, coefficients=coefficients, by_rows=True)(_average)
+register("average", coefficients=coefficients, by_rows=True)(_average)

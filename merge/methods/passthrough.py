@@ -5,7 +5,7 @@ from __future__ import annotations
 from merge.methods import Context, MergeResult, register
 
 
-@register("passthrough", defaults={"scale": None}, singletons=True)
+@register("passthrough", defaults={"scale": None}, singletons=True, by_rows=True)
 def passthrough(tvs, ctx: Context) -> MergeResult:
     out = {}
     for n, tv in tvs.items():

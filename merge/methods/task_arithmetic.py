@@ -18,7 +18,7 @@ def coefficients(ctx: Context) -> torch.Tensor:
     return scale * ctx.weights
 
 
-@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False, "int8_mask": False}, coefficients=coefficients)
+@register("task_arithmetic", defaults={"lambda": 1.0, "normalize": False, "int8_mask": False}, coefficients=coefficients, by_rows=True)
 def task_arithmetic(tvs, ctx: Context) -> MergeResult:
     c = coefficients(ctx)
     return MergeResult({n: weighted_sum(t, c) for n, t in tvs.items()})

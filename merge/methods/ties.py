@@ -16,6 +16,6 @@ from merge.mixing import mix_all
 
 @register("ties", defaults={"density": 1.0, "lambda": 1.0, "normalize": True, "majority_sign_method": "total",
                             "scope": "tensor", "int8_mask": False, "tie_break": None},
-          prepare=trim_tasks_mergekit)
+          prepare=trim_tasks_mergekit, by_rows=True)
 def ties(sparse, ctx: Context):
     return mix_all(sparse, ctx, ctx.params["majority_sign_method"])
