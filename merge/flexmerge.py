@@ -545,8 +545,11 @@ def write_task_specific(session: Session, writer: ShardWriter) -> dict:
 
 
 def _file_hash(path: Path) -> str:
-    with open(path, "rb") as f:  # read into one small buffer: no file-sized or 16 MiB reads held
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    h, buffer = hashlib.blake2b(digest_size=16), memoryview(bytearray(1 << 18))
+    with open(path, "rb") as f:  # read into one small buffer (hashlib.file_digest needs Python 3.11)
+        while got := f.readinto(buffer):
+            h.update(buffer[:got])
+    return h.hexdigest()
 
 
 def run_curve(session: Session) -> dict:

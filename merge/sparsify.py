@@ -182,9 +182,10 @@ def bernoulli_keep_(x: torch.Tensor, p: float | torch.Tensor, generator: torch.G
     flat = x.view(-1)
     probs = None if isinstance(p, (int, float)) else p.reshape(-1)
     draws = torch.empty(min(CHUNK, flat.numel()))
+    limit = torch.tensor(float(p), dtype=torch.float32) if probs is None else None
     for a, b in _chunks(flat.numel()):
         u = draws[: b - a].uniform_(generator=generator)
-        keep = u < (torch.tensor(float(p), dtype=torch.float32) if probs is None else probs[a:b].cpu().float())
+        keep = u < (limit if probs is None else probs[a:b].cpu().float())
         flat[a:b].mul_(keep.to(x.device))
     return x
 

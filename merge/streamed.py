@@ -1,7 +1,7 @@
 """The write pass a tensor and a few rows at a time, for the methods that allow it (`Method.rows_apart`).
 
 A merged group's tensor is made in row ranges (along dim 0): the base's and the members' rows are read
-(safetensors slices), their task-vector rows formed and combined by the method, the base added and the
+(`stats.read_rows`, from the files at the tensors' offsets), their task-vector rows formed and combined by the method, the base added and the
 rows written. The whole-tensor sums a method needs (`Method.stats`: slerp's norms, model stock's Gram
 matrix) are gathered first, in a pass over the same row ranges. The per-task step (`prepare`: trims,
 random drops and their rescaling) needs one task's whole tensor: it runs one task and one tensor at a
