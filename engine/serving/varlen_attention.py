@@ -21,9 +21,13 @@ transformers' read-back. transformers (5.24) otherwise builds, every step, a Pyt
 every key of every request, and copies those keys token by token out of the cache in every layer; the padded
 gather above then copied them again. Profiled on the decode benchmark's model with 64 running requests, those
 per-token copies were half of a step's CPU time. Read by page, a request's keys are a few whole pages of 32
-tokens, gathered once per layer straight into the padded layout.
+tokens, gathered once per layer straight into the padded layout, and the requests' lengths come as the host lists
+the step was prepared from, so no layer reads the boundaries back from the device (on a GPU, a synchronisation per
+layer).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +53,21 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         kwargs.pop(PAGES, None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    q_starts, k_starts = cu_q.tolist(), cu_k.tolist()  # one host read per layer; the lengths steer the split
-    q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]
-    k_lens = [b - a for a, b in zip(k_starts[:-1], k_starts[1:])]
+    pages = kwargs.get(PAGES)
+    if pages is not None:  # the lengths as the step was prepared on the host: no device read in any layer
+        q_lens, k_lens, k_starts = pages.q_lens, pages.k_lens, None
+        q_starts = [0]
+        for n in q_lens:
+            q_starts.append(q_starts[-1] + n)
+    else:  # one host read per layer; the lengths steer the split
+        q_starts, k_starts = cu_q.tolist(), cu_k.tolist()
+        q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]
+        k_lens = [b - a for a, b in zip(k_starts[:-1], k_starts[1:])]
     gqa = query.shape[1] != key.shape[1]
     # token-major views ([tokens, heads, head_dim]): how the projections and the cache read lay them out, so
     # gathering tokens copies whole rows
     q = query[0].transpose(0, 1)
-    pages = kwargs.get(PAGES)
-    keys_of = _PageReader(*pages) if pages is not None else _TokenReader(key, value, k_starts)
+    keys_of = _PageReader(pages) if pages is not None else _TokenReader(key, value, k_starts)
     out = torch.empty_like(q)
     decode = sorted((i for i, n in enumerate(q_lens) if n == 1), key=k_lens.__getitem__)
     for group in range(0, len(decode), DECODE_GROUP):  # similar lengths together: little padding
@@ -104,14 +114,24 @@ class _TokenReader:
         return self.k[span].transpose(0, 1), self.v[span].transpose(0, 1)
 
 
-class _PageReader:
-    """Keys and values read from the cache's pages: `k_pages`/`v_pages` [pages, page_size, kv_heads, head_dim] of
-    this layer, `table` [requests, most pages] the page of each request's i-th block (padded with a valid page)."""
+class Pages(NamedTuple):
+    """What `read_cache_by_page` hands the attention of one layer: `k_pages`/`v_pages` [pages, page_size, kv_heads,
+    head_dim] of this layer, `table` [requests, most pages] the page of each request's i-th block (padded with a
+    valid page), and each request's query and key lengths in this step, as host lists."""
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    table: torch.Tensor
+    q_lens: list[int]
+    k_lens: list[int]
 
-    def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tensor):
-        self.table, self.size, self.token = table, k_pages.shape[1], k_pages.shape[2:]
+
+class _PageReader:
+    """Keys and values read from the cache's pages."""
+
+    def __init__(self, pages: Pages):
+        self.table, self.size, self.token = pages.table, pages.k_pages.shape[1], pages.k_pages.shape[2:]
         # one row per page: index_select copies whole rows (on CPU about 5x faster than over the 4-d view)
-        self.k, self.v = k_pages.flatten(1), v_pages.flatten(1)
+        self.k, self.v = pages.k_pages.flatten(1), pages.v_pages.flatten(1)
 
     def padded(self, requests: list[int], lengths: list[int]):
         device, width = self.k.device, -(-max(lengths) // self.size)
@@ -129,14 +149,14 @@ class _PageReader:
         return keys.transpose(0, 1), values.transpose(0, 1)
 
 
-PAGES = "tessera_kv_pages"  # the attention kwarg read_cache_by_page adds: (k_pages, v_pages, page table)
+PAGES = "tessera_kv_pages"  # the attention kwarg read_cache_by_page adds: Pages
 
 
 def read_cache_by_page(processor) -> bool:
     """Makes a transformers continuous batch processor (5.24) hand this attention its cache's pages instead of
     reading every key back token by token: step preparation builds write indices only (no read list), the cache
     update only writes (an empty read index is transformers' own write-only path), and then adds this layer's
-    page views and the step's page table to the attention's kwargs. Returns False, changing nothing, where the
+    page views, the step's page table and its lengths (`Pages`) to the attention's kwargs. Returns False, changing nothing, where the
     cache is not laid out as this expects (one full-attention group with page views, the index-based update rather
     than flash's block table, synchronous inputs)."""
     cache, io = processor.cache, processor.inputs_and_outputs
@@ -157,17 +177,20 @@ def read_cache_by_page(processor) -> bool:
 
     def prepare_with_page_table(requests_in_batch, *args, **kwargs):
         prepare(requests_in_batch, *args, **kwargs)
-        rows = []
+        rows, q_lens, k_lens = [], [], []
         for future in requests_in_batch:  # position_offset: the request's length once this step's tokens are in
             state = future.state
             blocks = allocator.block_table[state.request_id][: -(-state.position_offset // allocator.tokens_per_page)]
             rows.append([block * pages_per_block for block in blocks])
+            q_lens.append(future.query_length)
+            k_lens.append(state.position_offset)
         width = max(len(row) for row in rows)
         step["table"] = torch.tensor([row + row[:1] * (width - len(row)) for row in rows], device=io.device)
+        step["lengths"] = q_lens, k_lens
 
     def update_then_pages(key_states, value_states, layer_idx, kwargs):
         key_states, value_states = update(key_states, value_states, layer_idx, kwargs)
-        kwargs[PAGES] = (*allocator._kv_page_views[layer_idx], step["table"])
+        kwargs[PAGES] = Pages(*allocator._kv_page_views[layer_idx], step["table"], *step["lengths"])
         return key_states, value_states
 
     cache.extend_read_and_write_indices = write_indices_only

@@ -5,10 +5,13 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[2]  # not `from conftest import`: that name can resolve to another folder's
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +127,6 @@ def test_a_rank_whose_step_raises_mid_collective_makes_the_server_exit_non_zero_
     """A forward that raises on one rank leaves the other waiting in that pass's MoE collectives, which cannot
     pair up any more: the request in flight ends with an error naming what happened, and the server exits
     non-zero well before the 600 s collective timeout would have ended a hang."""
-    from conftest import ROOT
-
     script = tmp_path / "faulty_serve.py"
     script.write_text(FAULTY_SERVER.format(root=str(ROOT), serve=str(ROOT / "scripts" / "serve_moe.py")))
     (tmp_path / "config.yaml").write_text("rank_timeout_s: 600\n")
