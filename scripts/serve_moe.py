@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from engine.registry import _entry_for
     from engine.serving.config import ServeConfig
     from engine.serving.coordinator import Coordinator, follow
-    from engine.serving.lora_api import AdapterNames, lora_model
+    from engine.serving.lora_api import AdapterNames
     from engine.serving.runner import Runner, model_kind
     from engine.serving.tokenizer import load_tokenizer
 
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(folder, model.config.vocab_size, config.chat_template)
     model, router = attach_pool(model, config)
     runner = Runner(model, tokenizer, rank, world)
-    # adapters on an encoder-decoder use the static batcher (its running batch applies no LoRA)
-    continuous = model_kind(model) == "decoder" or (model_kind(model) == "seq2seq" and lora_model(model) is None)
-    if config.scheduler == "continuous" and continuous:
+    if config.scheduler == "continuous" and model_kind(model) in ("decoder", "seq2seq"):
         runner.batch = rank_batch(model, config, tokenizer, world)
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     if rank != 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,15 +108,25 @@ class LoRAModel:
                                    f"a [1, T] batch, got {seq_lens.tolist()} for {tuple(ref.shape)}")
             rows = seq_lens.numel()
         with self._lock, torch.no_grad():
-            _follow_strategy(self.model, self.state)
             if route is not None:
                 adapter_weights = self._route(route, queries, input_ids, kwargs.get("attention_mask"),
                                               rows, route_kwargs or {})
             elif queries is not None:
                 raise RoutingError("queries= is only used with route='auto'")
+            with self.mixing(adapter_weights, rows, seq_lens):
+                return fn(*args, **kwargs)
+
+    @contextmanager
+    def mixing(self, adapter_weights, rows: int, seq_lens=None):
+        """Every forward of the wrapped model inside runs row b of its batch with the mixture
+        `adapter_weights[b]`: for callers that run parts of a model themselves (an encoder-decoder's encoder and
+        cross-attention projections when a request joins, then its decoder steps), where `forward` would need
+        the whole model's inputs."""
+        with self._lock, torch.no_grad():
+            _follow_strategy(self.model, self.state)
             names = self._activate(adapter_weights, rows, seq_lens)
             try:
-                return fn(*args, **kwargs)
+                yield
             finally:
                 self.state.clear()
                 self.cache.release(names)

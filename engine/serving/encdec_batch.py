@@ -14,7 +14,9 @@ itself, as one slab of rows in the layout transformers' `EncoderDecoderCache` ex
 
 Requests join and leave at any step (EOS, `max_tokens`, cancellation): a joining row is padded in, a leaving row
 is cut out, and columns no row needs any more are trimmed. Sampling, seeds, penalties and log-probabilities are
-`engine.serving.paged_batch.RowSampling`'s, as for decoders.
+`engine.serving.paged_batch.RowSampling`'s, as for decoders. With a LoRA pool (`engine.lora.LoRAModel`), every
+row has its own adapter mixture: the encoder and the cross-attention projections run inside the joining rows'
+mixtures, each decoder step inside the running rows' (`LoRAModel.mixing`, one mixture per batch row).
 
 Capacity is a budget of cached tokens, counted in blocks of `block_size` tokens so that the scheduler's
 placement by free blocks works unchanged: a request reserves `ceil((prompt + max_tokens) / block_size)` blocks
@@ -31,12 +33,14 @@ what waits), and says so in the step's `encode`: without it every step would run
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 
 from engine.serving.coordinator import StepCannotPair
+from engine.serving.lora_api import lora_model
 from engine.serving.paged_batch import RankBatch, RowSampling
 
 
@@ -56,6 +60,9 @@ class EncDecBatch:
     def __init__(self, model, *, num_blocks: int, block_size: int = 32, step_tokens: int = 256,
                  max_requests: int = 64, pad_token_id: int = 0, eos_token_id=None, dummy_when_idle: bool = False):
         self.model, self.pad, self.dummy_when_idle = model, pad_token_id, dummy_when_idle
+        # with a LoRA pool, the parts of the model run inside its mixture for their rows (`_adapters`)
+        self.lora = lora_model(model)
+        self.net = self.lora.model if self.lora is not None else model
         self.anyone_joins = True  # this step: see run()
         self.num_blocks, self.block_size = num_blocks, block_size
         self.step_tokens, self.max_requests = step_tokens, max_requests
@@ -67,7 +74,7 @@ class EncDecBatch:
         self.start_token = model.config.decoder_start_token_id if start is None else start
         self.encoder = model.get_encoder()
         self.cross_attention = [block.layer[1].EncDecAttention for block in model.get_decoder().block]
-        forward = inspect.signature(type(model).forward).parameters
+        forward = inspect.signature(type(self.net).forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"  # the older name
         self.rows: list[_Row] = []  # running, in slab order
         self.waiting: list[_Row] = []  # added, not yet encoded
@@ -91,9 +98,8 @@ class EncDecBatch:
         if not token_ids:
             self.pending.append(_error_event(request_id, "an encoder-decoder needs a prompt of at least one token"))
             return
-        if adapters:
-            self.pending.append(_error_event(request_id, "LoRA adapters are not served for encoder-decoder models "
-                                                         "by the continuous scheduler"))
+        if adapters and self.lora is None:
+            self.pending.append(_error_event(request_id, "this model was loaded without LoRA adapters"))
             return
         if blocks > self.num_blocks:
             self.pending.append(_error_event(request_id, f"the prompt ({len(token_ids)} tokens) and max_tokens "
@@ -101,7 +107,7 @@ class EncDecBatch:
                                                          f"{self.num_blocks}"))
             return
         sampling = RowSampling.of_request(self.device, temperature, top_p, seed, presence_penalty,
-                                          frequency_penalty, logprobs)
+                                          frequency_penalty, logprobs, adapters)
         self.waiting.append(_Row(request_id, list(token_ids), max_tokens, sampling, blocks, self.start_token))
 
     def cancel(self, request_id: str) -> None:
@@ -172,7 +178,7 @@ class EncDecBatch:
             mask[i, : len(prompt)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._adapters(joining or [None]):
                 encoded = self.encoder(input_ids=ids, attention_mask=mask)
                 self.encoder_output = type(encoded)  # what the model's forward reads fields of (router_logits, ...)
                 hidden = encoded.last_hidden_state
@@ -242,8 +248,8 @@ class EncDecBatch:
         source = self.encoder_mask.shape[1]
         hidden = torch.zeros((), dtype=self.dtype, device=self.device).expand(count, source, self.model.config.d_model)
         try:
-            with torch.no_grad():
-                out = self.model(encoder_outputs=self.encoder_output(last_hidden_state=hidden),
+            with torch.no_grad(), self._adapters(self.rows):
+                out = self.net(encoder_outputs=self.encoder_output(last_hidden_state=hidden),
                                  attention_mask=self.encoder_mask, decoder_input_ids=ids,
                                  decoder_attention_mask=self_mask, use_cache=True, **{self.cache_kwarg: cache})
             logits = out.logits[:, -1]
@@ -281,9 +287,15 @@ class EncDecBatch:
         """One decoder token over a one-token dummy encoder output, so this rank joins the step's collectives."""
         ids = torch.full((1, 1), self.start_token, dtype=torch.long, device=self.device)
         hidden = torch.zeros((1, 1, self.model.config.d_model), dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            self.model(encoder_outputs=self.encoder_output(last_hidden_state=hidden), decoder_input_ids=ids,
-                       use_cache=False)
+        with torch.no_grad(), self._adapters([None]):
+            self.net(encoder_outputs=self.encoder_output(last_hidden_state=hidden), decoder_input_ids=ids,
+                     use_cache=False)
+
+    def _adapters(self, rows: list):
+        """The LoRA mixture of each row (None: a dummy row, the base model) for the forwards inside."""
+        if self.lora is None:
+            return nullcontext()
+        return self.lora.mixing([row.sampling.adapters if row is not None else {} for row in rows], len(rows))
 
 
 def _holding(tensors: list[tuple]) -> DynamicCache:

@@ -76,6 +76,46 @@ def test_requests_joining_at_different_steps_get_the_tokens_of_generate(model, p
     assert batch.stats()["blocks_free"] == 8 and batch.self_mask.shape == batch.encoder_mask.shape == (0, 0)
 
 
+def test_lora_mixtures_per_row_get_the_tokens_of_each_request_alone_and_of_peft(model, prompts, tmp_path):
+    """Two adapters on every attention projection (self- and cross-attention, encoder and decoder): requests with
+    different mixtures share the running batch and join at different steps, and each gets the tokens it gets
+    alone through LoRAModel.generate; a single-adapter request gets PEFT's tokens."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from lora_helpers import save_adapter
+
+    targets = ("q", "k", "v", "o")
+    folders = {name: save_adapter(model, tmp_path / name, seed=40 + i, targets=targets)
+               for i, name in enumerate("ab")}
+    lm = engine.load("tiny-switch-untied", device="cpu", adapters=folders, adapter_options={"backend": "torch"})
+    mixes = [{"a": 1.0}, {"b": 1.0}, {}, {"a": 0.3, "b": 0.7}, {"b": 1.0}]
+
+    def alone(prompt, mix):
+        out = lm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                          adapter_weights=[mix])
+        return out[0, 1:].tolist()
+
+    want = [alone(p, mix) for p, mix in zip(prompts, mixes)]
+    assert len({tuple(t) for t in want}) == len(want)  # the adapters change what is generated
+    for name in "ab":
+        peft = PeftModel.from_pretrained(copy.deepcopy(model), str(folders[name])).eval()
+        out = peft.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=10, do_sample=False,
+                            eos_token_id=None)
+        assert out[0, 1:].tolist() == alone(prompts[0], {name: 1.0})
+    batch = EncDecBatch(lm, num_blocks=64, block_size=8, eos_token_id=-1)
+    joins = {0: [0, 1], 2: [2, 3], 5: [4]}
+    joins = {step: [(f"r{i}", prompts[i], {"max_tokens": 10, "adapters": mixes[i]}) for i in rows]
+             for step, rows in joins.items()}
+    tokens, _, _ = run(batch, joins)
+    assert [tokens[f"r{i}"] for i in range(len(prompts))] == want
+    assert lm.cache.pinned("a") == lm.cache.pinned("b") == 0  # every step gave its adapters back
+
+
 def generated_logprobs(model, prompt, max_new_tokens):
     out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, eos_token_id=None)
@@ -178,6 +218,49 @@ def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
                                                            "temperature": 0}).json()
     assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["text"] == ""
     assert stopped["usage"]["completion_tokens"] == 3
+
+
+def test_a_two_rank_moeshard_server_serves_switch_with_lora_adapters(server_factory, tmp_path):
+    """Named adapters and the base model streamed together through the continuous scheduler on 2 ranks: each
+    answer is what LoRAModel.generate gives that request alone."""
+    import sys
+    from pathlib import Path
+
+    from engine import TaskRouter
+    from engine.serving.tokenizer import ByteTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from lora_helpers import save_adapter
+
+    switch = engine.load("tiny-switch", device="cpu")
+    folders = {name: save_adapter(switch, tmp_path / name, seed=50 + i, targets=("q", "k", "v", "o"))
+               for i, name in enumerate(("upper", "lower"))}
+    TaskRouter.build({"upper": ["SHOUT THIS"], "lower": ["whisper this"]}, adapters=folders).save(tmp_path / "router")
+    server = server_factory("--model", "tiny-switch", "--strategy", "moeshard", "--adapters", str(tmp_path / "router"))
+    lm = engine.load("tiny-switch", device="cpu", adapters=folders)
+    tokenizer, eos = ByteTokenizer(switch.config.vocab_size), switch.generation_config.eos_token_id
+
+    def want(text, adapter):
+        tokens = lm.generate(input_ids=torch.tensor([tokenizer.encode(text)]), max_new_tokens=16, do_sample=False,
+                             adapter_weights=[{adapter: 1.0} if adapter else {}])[0, 1:].tolist()
+        return tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+
+    asks = [("one prompt", "upper"), ("one prompt", "lower"), ("one prompt", None), ("another", "lower")]
+    assert len({want(text, adapter) for text, adapter in asks[:3]}) == 3  # the adapters change the answer
+    threads, streams = [], []
+    for text, adapter in asks:
+        chunks, started = [], threading.Event()
+        body = {"prompt": text, "max_tokens": 16, "temperature": 0, **({"adapter": adapter} if adapter else {})}
+        threads.append(threading.Thread(target=stream_events, args=(server, body, chunks, started)))
+        threads[-1].start()
+        streams.append(chunks)
+    for thread in threads:
+        thread.join(timeout=120)
+    texts = ["".join(json.loads(c)["choices"][0]["text"] for c in chunks[:-1]) for chunks in streams]
+    assert texts == [want(text, adapter) for text, adapter in asks]
+    metrics = text_string_to_metric_families(server.client.get("/metrics").text)
+    free = {s.labels["rank"] for f in metrics if f.name == "tessera_kv_blocks_free" for s in f.samples}
+    assert free == {"0", "1"}  # the continuous scheduler's paged budget on both ranks, not the static batcher
 
 
 def test_a_failing_decoder_step_fails_its_requests_and_the_batch_goes_on(model, prompts, monkeypatch):
