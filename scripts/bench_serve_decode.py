@@ -302,11 +302,21 @@ def main(argv=None) -> int:
                   grace_s=args.grace, repeats=args.repeats, ranks=args.ranks, step_tokens=args.step_tokens,
                   kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
-                  note="CPU, 2 cores shared with other work: numbers are indicative only", schedulers=table,
+                  device=device_slug(), schedulers=table,
                   saturation_throughput_ratios=ratios)
-    write_json(out / "serve_decode_cpu.json", result, indent=2)
-    print(f"wrote {out / 'serve_decode_cpu.json'}")
+    name = f"serve_decode_{device_slug()}.json"
+    write_json(out / name, result, indent=2)
+    print(f"wrote {out / name}")
     return 0
+
+
+def device_slug() -> str:
+    """What the servers ran on (serve_moe.py takes the GPU where there is one): "cpu", or the GPU's name."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name(0)).strip("_").lower()
 
 
 def measured_level(process, url: str, model: str, rate: float, args, seed: int) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine (one H100/H200: under 5 minutes): the tuner, the CUDA tests (graph capture,
+# One command for a CUDA machine (one H100/H200: under 8 minutes): the tuner, the CUDA tests (graph capture,
 # sync-debug mode, kernel parity), the layer benchmark against transformers' grouped_mm and HF eager, graphed
-# decode, the MoEShard G = 1 overhead and the LoRA mixture kernel timing.
+# decode, the MoEShard G = 1 overhead, the LoRA mixture kernel timing and a short decode serving run.
 # Results go to $OUT when set (the device tool), else to benchmarks/results/, with a summary
 # gpu_check_<device>.json (each step's exit status and seconds). Uses the machine's python3 as is: nothing is
 # installed (GPU machines here have no package registry).
@@ -55,6 +55,10 @@ step bench_moe_layer 75 $PY scripts/bench_moe_layer.py --device cuda --dtype bfl
   --experts 8,128 --tokens 16,256,4096,32768 --decode-graphs --out "$OUT_DIR"
 step moeshard_overhead 35 $PY scripts/bench_moeshard.py --single-gpu-overhead --out "$OUT_DIR"
 step lora_kernels 20 $PY scripts/bench_routing.py --kernels-only --device cuda --out "$OUT_DIR/routing_kernels_cuda.json"
+# Decode serving, short: the continuous scheduler and the static batcher on one GPU rank each, tiny-mixtral-shaped
+# weights, 16 arrivals/s for 5 s (needs fastapi, uvicorn and aiohttp on the machine; the step fails if not).
+step serve_decode 150 $PY scripts/bench_serve.py --workload decode --ranks 1 --schedulers continuous,static \
+  --rates 16 --seconds 5 --grace 15 --out "$OUT_DIR"
 
 $PY - "$OUT_DIR" "$STEPS_FILE" "$DRY_RUN" <<'EOF'
 import json, os, sys
