@@ -12,15 +12,15 @@ first) p50/p99, errors (non-200 answers, such as a full queue's 503, and broken 
 requests unfinished when the level's time is up. It also gives the CPU time per output token of the server's
 processes (from /proc) and of this client, which shares the machine: where the cores are the limit, throughput
 follows these. The highest rate is past every server's capacity (saturation): there the throughput is each server's
-capacity. Every request is greedy and streams. The model is Mixtral-shaped
-with random seeded weights (tiny-mixtral's config, 1024 positions) and a character tokenizer that both servers load
-from the same folder, so every server computes the same tokens. A token is counted per streamed character (the
-tokenizer maps each non-special id to one character).
+capacity. Every request is greedy and streams. The model is Mixtral-shaped with random seeded weights
+(tiny-mixtral's config, 1024 positions) and a character tokenizer that both servers load from the same folder, so
+every server computes the same tokens. A token is counted per streamed character (the tokenizer maps each
+non-special id to one character).
 
 The client streams with aiohttp, as vLLM's benchmark_serving does: it takes about a third of httpx's CPU per streamed
 token (0.04 against 0.13 ms, measured at 64/s), CPU the servers otherwise lose on these shared cores. `--repeats N`
 runs every level N times with the same arrivals and reports the run of median throughput (with all N): on this
-machine one run's throughput varies by up to a fifth. All traffic is on 127.0.0.1; every level is bounded in time.
+machine one run's throughput at saturation varies by 15-30% from run to run. All traffic is on 127.0.0.1; every level is bounded in time.
 """
 from __future__ import annotations
 

@@ -250,8 +250,8 @@ class EncDecBatch:
         try:
             with torch.no_grad(), self._adapters(self.rows):
                 out = self.net(encoder_outputs=self.encoder_output(last_hidden_state=hidden),
-                                 attention_mask=self.encoder_mask, decoder_input_ids=ids,
-                                 decoder_attention_mask=self_mask, use_cache=True, **{self.cache_kwarg: cache})
+                               attention_mask=self.encoder_mask, decoder_input_ids=ids,
+                               decoder_attention_mask=self_mask, use_cache=True, **{self.cache_kwarg: cache})
             logits = out.logits[:, -1]
             self.self_kv = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
             self.self_mask = self_mask

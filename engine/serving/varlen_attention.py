@@ -156,9 +156,9 @@ def read_cache_by_page(processor) -> bool:
     """Makes a transformers continuous batch processor (5.24) hand this attention its cache's pages instead of
     reading every key back token by token: step preparation builds write indices only (no read list), the cache
     update only writes (an empty read index is transformers' own write-only path), and then adds this layer's
-    page views, the step's page table and its lengths (`Pages`) to the attention's kwargs. Returns False, changing nothing, where the
-    cache is not laid out as this expects (one full-attention group with page views, the index-based update rather
-    than flash's block table, synchronous inputs)."""
+    page views, the step's page table and its lengths (`Pages`) to the attention's kwargs. Returns False,
+    changing nothing, where the cache is not laid out as this expects (one full-attention group with page views,
+    the index-based update rather than flash's block table, synchronous inputs)."""
     cache, io = processor.cache, processor.inputs_and_outputs
     allocators = list(getattr(cache, "cache_allocators", {}).values())
     if len(allocators) != 1 or getattr(allocators[0], "layer_type", None) != "full_attention" \

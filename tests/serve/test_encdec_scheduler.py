@@ -1,8 +1,11 @@
 """Switch encoder-decoders through the continuous scheduler (engine.serving.encdec_batch): requests joining at
-any step get the tokens of `model.generate`, within a block budget; seeds and log-probabilities per request; a
-short request overtakes a long one; a real 2-rank moeshard server answers."""
+any step get the tokens of `model.generate`, within a block budget; seeds, log-probabilities and LoRA mixtures per
+request; a short request overtakes a long one; real 2-rank moeshard servers answer, with and without adapters."""
+import copy
 import json
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,9 @@ from engine.serving.encdec_batch import EncDecBatch
 from engine.serving.batcher import Request
 from engine.serving.scheduler import ContinuousEngine, _LocalRunner
 from test_scheduler_server import stream_events  # the SSE data lines of one streamed completion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+from lora_helpers import save_adapter  # noqa: E402
 
 LENGTHS = (3, 17, 9, 30, 5)
 
@@ -80,14 +86,7 @@ def test_lora_mixtures_per_row_get_the_tokens_of_each_request_alone_and_of_peft(
     """Two adapters on every attention projection (self- and cross-attention, encoder and decoder): requests with
     different mixtures share the running batch and join at different steps, and each gets the tokens it gets
     alone through LoRAModel.generate; a single-adapter request gets PEFT's tokens."""
-    import copy
-    import sys
-    from pathlib import Path
-
     from peft import PeftModel
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
-    from lora_helpers import save_adapter
 
     targets = ("q", "k", "v", "o")
     folders = {name: save_adapter(model, tmp_path / name, seed=40 + i, targets=targets)
@@ -223,14 +222,8 @@ def test_a_two_rank_moeshard_server_streams_switch_completions(server_factory):
 def test_a_two_rank_moeshard_server_serves_switch_with_lora_adapters(server_factory, tmp_path):
     """Named adapters and the base model streamed together through the continuous scheduler on 2 ranks: each
     answer is what LoRAModel.generate gives that request alone."""
-    import sys
-    from pathlib import Path
-
     from engine import TaskRouter
     from engine.serving.tokenizer import ByteTokenizer
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
-    from lora_helpers import save_adapter
 
     switch = engine.load("tiny-switch", device="cpu")
     folders = {name: save_adapter(switch, tmp_path / name, seed=50 + i, targets=("q", "k", "v", "o"))
