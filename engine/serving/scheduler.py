@@ -429,12 +429,22 @@ def batch_class(model):
 
 
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int | None = None, *, kv_bytes: int | None = None,
-                   kv_fraction: float = 0.5, block_size: int = 32, step_tokens: int = 256,
-                   max_running: int = 64) -> list[list[int]]:
+                   top_p: float = 1.0, seed: int | None = None, *, adapters: list[str | None] | None = None,
+                   kv_bytes: int | None = None, kv_fraction: float = 0.5, block_size: int = 32,
+                   step_tokens: int = 256, max_running: int = 64) -> list[list[int]]:
     """Offline continuous batching on one process with the server's scheduler: every prompt's new tokens (EOS
-    excluded). Request i samples with seed `seed + i` when `temperature > 0`."""
+    excluded). Request i samples with seed `seed + i` when `temperature > 0`. `adapters`: per prompt, the name of
+    an adapter in the model's LoRA pool, or None for the base model (as a server request's `adapter`)."""
     from engine.serving.paged_batch import kv_blocks_for_budget
+
+    if adapters is not None:
+        pool = getattr(lora_model(model), "pool", None)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"adapters has {len(adapters)} entries for {len(prompts)} prompts")
+        unknown = sorted({name for name in adapters if name is not None and (pool is None or name not in pool)})
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not in the model's LoRA pool "
+                             f"{sorted(pool) if pool is not None else '(the model has none)'}")
 
     longest = max(len(p) for p in prompts) + max_new_tokens
     blocks = kv_blocks_for_budget(model, block_size, kv_bytes, kv_fraction,
@@ -449,7 +459,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 32, te
         for i, ids in enumerate(prompts):
             params = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=None if seed is None else seed + i)
-            request = Request("generate", list(ids), None, params=params)
+            request = Request("generate", list(ids), None, params=params,
+                              adapter=None if adapters is None else adapters[i])
             requests.append(request)
             engine.submit(request)
         while engine.active or engine.incoming or not engine.queue.empty():

@@ -113,6 +113,9 @@ def test_lora_mixtures_per_row_get_the_tokens_of_each_request_alone_and_of_peft(
     tokens, _, _ = run(batch, joins)
     assert [tokens[f"r{i}"] for i in range(len(prompts))] == want
     assert lm.cache.pinned("a") == lm.cache.pinned("b") == 0  # every step gave its adapters back
+    eos, names = model.generation_config.eos_token_id, ["a", "b", None]  # offline, the same scheduler
+    assert engine.generate_batch(lm, prompts[:3], max_new_tokens=10, adapters=names) == \
+        [reference(lm, p, 10, eos=eos, adapter_weights=[{n: 1.0} if n else {}]) for p, n in zip(prompts, names)]
 
 
 def generated_logprobs(model, prompt, max_new_tokens):

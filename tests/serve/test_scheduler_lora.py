@@ -49,6 +49,19 @@ def alone(full, prompt: list[int], adapter: str | None, max_tokens: int) -> list
     return tokens[: tokens.index(EOS)] if EOS in tokens else tokens
 
 
+def test_generate_batch_runs_each_prompt_with_its_named_adapter(pool):
+    _, _, full = pool
+    prompts = [[5, 9, 14, 3, 7], [11, 4, 8], [6, 6, 12, 30, 2, 9, 17], [20, 21]]
+    names = ["a", None, "r8", "a"]
+    got = engine.generate_batch(full, prompts, max_new_tokens=12, adapters=names)
+    assert got == [alone(full, p, name, 12) for p, name in zip(prompts, names)]
+    assert len({tuple(t) for t in got[:3]}) == 3  # the adapters change what is generated
+    with pytest.raises(ValueError, match=r"\['nope'\] are not in the model's LoRA pool"):
+        engine.generate_batch(full, prompts[:1], adapters=["nope"])
+    with pytest.raises(ValueError, match="1 entries for 2 prompts"):
+        engine.generate_batch(full, prompts[:2], adapters=["a"])
+
+
 def budgeted(folders, names, one: int, slots: int):
     """tiny-mixtral with adapters `names` and a device budget of `slots` rank-4 adapters."""
     lm = engine.load("tiny-mixtral", device="cpu", adapters={n: folders[n] for n in names},
