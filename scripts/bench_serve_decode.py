@@ -261,7 +261,12 @@ def main(argv=None) -> int:
                         help="tokens per step (prefill chunks and decodes) of both continuous schedulers")
     parser.add_argument("--max-running", type=int, default=64, help="continuous scheduler: requests per rank")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the plot of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        plot(json.loads(path.read_text())["schedulers"], path.with_suffix(".png"))
+        return 0
     os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
     folder = Path(tempfile.mkdtemp(prefix="tessera-bench-model-"))
     build_model(folder)
@@ -306,8 +311,44 @@ def main(argv=None) -> int:
                   saturation_throughput_ratios=ratios)
     name = f"serve_decode_{device_slug()}.json"
     write_json(out / name, result, indent=2)
-    print(f"wrote {out / name}")
+    plot(table, out / name.replace(".json", ".png"))
+    print(f"wrote {out / name} and its plot")
     return 0
+
+
+def plot(table: dict, path: Path) -> None:
+    """Throughput (with the spread of the repeats) and TTFT p50/p99 against the arrival rate, per server; a TTFT
+    percentile that some request never reached (it got no token before the level's end) is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = sorted({level["rate_per_s"] for levels in table.values() for level in levels})
+    for (kind, levels), color in zip(table.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        tok = [level["throughput_tok_s"] for level in levels]
+        spread = [[t - min(level.get("repeats_tok_s", [t])) for t, level in zip(tok, levels)],
+                  [max(level.get("repeats_tok_s", [t])) - t for t, level in zip(tok, levels)]]
+        left.errorbar([level["rate_per_s"] for level in levels], tok, yerr=spread, marker="o", capsize=3,
+                      color=color, label=kind)
+        for key, style in (("ttft_p50_s", "o-"), ("ttft_p99_s", "s--")):
+            points = [(level["rate_per_s"], level[key]) for level in levels if level[key] is not None]
+            if points:
+                right.plot(*zip(*points), style, color=color, label=f"{kind} {key[5:8]}")
+    left.set(xscale="log", xlabel="arrivals / s", ylabel="output tokens / s", title="throughput (bars: all runs)")
+    right.set(xscale="log", yscale="log", xlabel="arrivals / s", ylabel="time to first token (s)",
+              title="TTFT (a missing point: some request never got a token)")
+    for axis in (left, right):
+        axis.set_xticks(rates, [f"{r:g}" for r in rates])
+        axis.minorticks_off()
+    left.legend()
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def device_slug() -> str:
