@@ -114,8 +114,8 @@ def start(kind: str, folder: Path, args, log: Path) -> tuple[subprocess.Popen, s
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                    f"--master-port={free_port()}", str(ROOT / "scripts" / "serve_moe.py"), "--port", str(port),
                    "--model", str(folder), "--strategy", "moeshard", "--scheduler", kind, "--max-queue", "512",
-                   # 64 sequences per batch (static) or per rank (continuous); prompt tokens do not cap a static
-                   # batch below that (the default 8192 would stop it at about 31 of these prompts)
+                   # 64 sequences per batch (static) or --max-running per rank (continuous); prompt tokens do not
+                   # cap a static batch below that (the default 8192 would stop it at about 31 of these prompts)
                    "--max-batch-size", str(args.max_running if kind == "continuous" else 64),
                    "--max-batch-tokens", str(64 * 512),
                    "--max-input-tokens", "600", "--kv-block-size", "32", "--step-tokens", str(args.step_tokens),
@@ -259,7 +259,9 @@ def main(argv=None) -> int:
                         help="runs per rate on each server; the table reports the run of median throughput")
     parser.add_argument("--step-tokens", type=int, default=256,
                         help="tokens per step (prefill chunks and decodes) of both continuous schedulers")
-    parser.add_argument("--max-running", type=int, default=64, help="continuous scheduler: requests per rank")
+    parser.add_argument("--max-running", type=int, default=128,
+                        help="continuous scheduler: requests per rank (paged: in the same KV blocks as the static "
+                             "batcher's 64)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     parser.add_argument("--replot", metavar="JSON", help="only draw the plot of an earlier run's JSON")
     args = parser.parse_args(argv)
@@ -305,6 +307,7 @@ def main(argv=None) -> int:
     result = dict(workload="decode", model="tiny-mixtral config, 1024 positions, seeded weights, char tokenizer",
                   prompt_tokens=[16, 512], output_tokens=[8, 256], seconds_of_arrivals=args.seconds,
                   grace_s=args.grace, repeats=args.repeats, ranks=args.ranks, step_tokens=args.step_tokens,
+                  max_running_per_rank=args.max_running,
                   kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
                   device=device_slug(), schedulers=table,
