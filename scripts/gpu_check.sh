@@ -56,7 +56,7 @@ step bench_moe_layer 75 $PY scripts/bench_moe_layer.py --device cuda --dtype bfl
 step moeshard_overhead 35 $PY scripts/bench_moeshard.py --single-gpu-overhead --out "$OUT_DIR"
 step lora_kernels 20 $PY scripts/bench_routing.py --kernels-only --device cuda --out "$OUT_DIR/routing_kernels_cuda.json"
 # Decode serving, short: the continuous scheduler and the static batcher on one GPU rank each, tiny-mixtral-shaped
-# weights, 16 arrivals/s for 5 s (needs fastapi, uvicorn and aiohttp on the machine; the step fails if not).
+# weights, 16 arrivals/s for 5 s (needs fastapi, uvicorn, httpx and aiohttp on the machine; the step fails if not).
 step serve_decode 150 $PY scripts/bench_serve.py --workload decode --ranks 1 --schedulers continuous,static \
   --rates 16 --seconds 5 --grace 15 --out "$OUT_DIR"
 
