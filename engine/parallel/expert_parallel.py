@@ -99,11 +99,13 @@ def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     splits = [(hi - lo) * capacity for lo, hi in owners.ranges]
     recv = [splits[dist.rank]] * dist.size
     adapters = None if lora is None else lora.routing(num_tokens)
+    dispatch_row_bytes = hidden_size * hidden.element_size()
     if adapters is None:
         received = dist.all_to_all(buffer[: num_experts * capacity], splits, recv)
     else:  # each slot row carries its token's adapters, in the same all-to-all
         sent = [_pair_rows(t, destination, token.reshape(-1), num_experts * capacity) for t in adapters]
         packed = pack_rows(buffer[: num_experts * capacity], *sent)
+        dispatch_row_bytes = packed.shape[1]
         received, *arrived = unpack_rows(dist.all_to_all(packed, splits, recv),
                                          [(hidden_size, hidden.dtype), *((t.shape[1], t.dtype) for t in sent)])
         part = lora.attach(part, *arrived, _sources(recv[0], dist.size, hidden.device))
@@ -115,12 +117,12 @@ def ep_capacity_forward(dist: Dist, owners: ExpertOwners, hidden, topk_ids, topk
     returned = dist.all_to_all(expert_out, [splits[dist.rank]] * dist.size, splits)
     pair_out = returned[torch.where(kept, slot, 0)] * (topk_weights * kept)[..., None]
     if stats is not None:
-        others = sum(s for r, s in enumerate(splits) if r != dist.rank)
-        mine_out = (dist.size - 1) * splits[dist.rank]
-        row_bytes = hidden_size * hidden.element_size()
+        others = sum(s for r, s in enumerate(splits) if r != dist.rank)  # slot rows this rank sends, and gets back
+        mine_out = (dist.size - 1) * splits[dist.rank]  # slot rows it receives, and returns
+        return_row_bytes = expert_out.shape[1] * expert_out.element_size()
         stats.calls += 1
-        stats.bytes_sent += (others + mine_out) * row_bytes
-        stats.bytes_received += (mine_out + others) * row_bytes
+        stats.bytes_sent += others * dispatch_row_bytes + mine_out * return_row_bytes
+        stats.bytes_received += mine_out * dispatch_row_bytes + others * return_row_bytes
         stats.add_rows(received.shape[0])
         stats.add_dropped(((topk_ids >= 0) & (topk_ids < num_experts) & ~kept).sum())
     return pair_out.sum(1).to(hidden.dtype)

@@ -63,7 +63,7 @@ def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: st
     from engine.lora import attach_adapters
 
     ids, mixes = rank_ids(rank), MIXES[rank]
-    out = {"single": {}, "runs": {}, "choices": {}, "effect": {}, "seconds": {}}
+    out = {"single": {}, "runs": {}, "choices": {}, "effect": {}, "seconds": {}, "bytes": {}}
     references = {}
     start = time.monotonic()
     for family, build in BUILDS.items():
@@ -90,9 +90,14 @@ def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: st
                          checkpoint=str(Path(scratch) / "mixtral-checkpoint") if variant == "loaded" else None)
         if name == "auto":
             force_auto(lm, variant, world)
+        counted = count_bytes(lm) if name != "auto" else None
         got = forward(lm, ids, mixes, unpacked=variant == "unpacked")
         out["runs"][(family, strategy, backend)] = (relative_error(got, references[family]),
                                                     lm.model.tessera_parallel.stats.host_syncs)
+        if counted is not None:
+            stats = lm.model.tessera_parallel.stats
+            out["bytes"][(family, strategy, backend)] = ((counted.sent, counted.received),
+                                                         (stats.bytes_sent, stats.bytes_received))
         if name == "auto":
             out["choices"][strategy] = sorted(lm.model.tessera_parallel.stats.choices)
     out["seconds"]["strategies"] = time.monotonic() - start - out["seconds"]["one process and PEFT"]
@@ -100,6 +105,44 @@ def expert_lora_session(rank: int, world: int, family_folders: dict, scratch: st
     out["idle_rank"] = idle_rank(rank, family_folders["mixtral"], references["mixtral"])
     out["budget"] = over_budget(rank, family_folders["mixtral"])
     return out
+
+
+class CountingDist:
+    """A MoE layer's `Dist` that adds up the bytes its collectives send to and receive from the other ranks."""
+
+    def __init__(self, inner):
+        self.inner, self.sent, self.received = inner, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def all_gather(self, x):
+        self._add(x.numel() * x.element_size(), self.inner.size - 1, self.inner.size - 1)
+        return self.inner.all_gather(x)
+
+    def reduce_scatter(self, x):
+        self._add(x.numel() * x.element_size() // self.inner.size, self.inner.size - 1, self.inner.size - 1)
+        return self.inner.reduce_scatter(x)
+
+    def all_to_all(self, x, send_counts=None, recv_counts=None):
+        even = [x.shape[0] // self.inner.size] * self.inner.size
+        sends, receives, me = send_counts or even, recv_counts or even, self.inner.rank
+        self._add(x[0].numel() * x.element_size() if x.shape[0] else 0, sum(sends) - sends[me],
+                  sum(receives) - receives[me])
+        return self.inner.all_to_all(x, send_counts, recv_counts)
+
+    def _add(self, unit: int, sent: int, received: int) -> None:
+        self.sent += unit * sent
+        self.received += unit * received
+
+
+def count_bytes(lm) -> CountingDist:
+    """Every MoE executor of the model exchanges through one CountingDist (the pass's agreement does not)."""
+    executors = list(lm.model.tessera_parallel.executors.values())
+    counter = CountingDist(executors[0].dist)
+    for executor in executors:
+        executor.dist = counter
+    return counter
 
 
 def forward(lm, ids, mixes, unpacked: bool = False) -> torch.Tensor:

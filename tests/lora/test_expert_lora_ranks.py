@@ -80,3 +80,12 @@ def test_ranks_whose_adapters_together_exceed_the_cache_refuse_the_pass_alike_an
 
 def test_generation_under_moeshard_gives_the_one_process_tokens(ranks):
     assert all(rank["generate"] for rank in ranks)
+
+
+def test_byte_counters_equal_the_bytes_the_collectives_moved(ranks):
+    """ExchangeStats' bytes sent and received (what bench_moeshard reports) against the bytes each strategy's
+    collectives were handed, with expert adapters' slots and weights travelling with the tokens."""
+    for rank in ranks:
+        assert {strategy for _, strategy, _ in rank["bytes"]} >= {"moeshard", "ep", "ep-capacity"}
+        for run, (moved, counted) in rank["bytes"].items():
+            assert moved[0] > 0 and counted == moved, run
