@@ -20,7 +20,8 @@ non-special id to one character).
 The client streams with aiohttp, as vLLM's benchmark_serving does: it takes about a third of httpx's CPU per streamed
 token (0.04 against 0.13 ms, measured at 64/s), CPU the servers otherwise lose on these shared cores. `--repeats N`
 runs every level N times with the same arrivals and reports the run of median throughput (with all N): on this
-machine one run's throughput at saturation varies by 15-30% from run to run. All traffic is on 127.0.0.1; every level is bounded in time.
+machine one run's throughput at saturation varies by 15-30% from run to run. All traffic is on 127.0.0.1; every
+level is bounded in time.
 """
 from __future__ import annotations
 
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
     ratios = saturation_ratios(table)
     for name, ratio in ratios.items():
         print(f"at {args.rates[-1]}/s: {name} = {ratio:.2f}")
-    out = Path(args.out)
+    out, device = Path(args.out), device_slug()
     out.mkdir(parents=True, exist_ok=True)
     result = dict(workload="decode", model="tiny-mixtral config, 1024 positions, seeded weights, char tokenizer",
                   prompt_tokens=[16, 512], output_tokens=[8, 256], seconds_of_arrivals=args.seconds,
@@ -310,9 +311,9 @@ def main(argv=None) -> int:
                   max_running_per_rank=args.max_running,
                   kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
-                  device=device_slug(), schedulers=table,
+                  device=device, schedulers=table,
                   saturation_throughput_ratios=ratios)
-    name = f"serve_decode_{device_slug()}.json"
+    name = f"serve_decode_{device}.json"
     write_json(out / name, result, indent=2)
     plot(table, out / name.replace(".json", ".png"))
     print(f"wrote {out / name} and its plot")
@@ -331,8 +332,8 @@ def plot(table: dict, path: Path) -> None:
     rates = sorted({level["rate_per_s"] for levels in table.values() for level in levels})
     for (kind, levels), color in zip(table.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         tok = [level["throughput_tok_s"] for level in levels]
-        spread = [[t - min(level.get("repeats_tok_s", [t])) for t, level in zip(tok, levels)],
-                  [max(level.get("repeats_tok_s", [t])) - t for t, level in zip(tok, levels)]]
+        runs = [level.get("repeats_tok_s", [t]) for t, level in zip(tok, levels)]  # rounded: clamp at the median
+        spread = [[max(t - min(r), 0) for t, r in zip(tok, runs)], [max(max(r) - t, 0) for t, r in zip(tok, runs)]]
         left.errorbar([level["rate_per_s"] for level in levels], tok, yerr=spread, marker="o", capsize=3,
                       color=color, label=kind)
         for key, style in (("ttft_p50_s", "o-"), ("ttft_p99_s", "s--")):

@@ -27,6 +27,7 @@ layer).
 """
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -56,9 +57,7 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     pages = kwargs.get(PAGES)
     if pages is not None:  # the lengths as the step was prepared on the host: no device read in any layer
         q_lens, k_lens, k_starts = pages.q_lens, pages.k_lens, None
-        q_starts = [0]
-        for n in q_lens:
-            q_starts.append(q_starts[-1] + n)
+        q_starts = [0, *itertools.accumulate(q_lens)]
     else:  # one host read per layer; the lengths steer the split
         q_starts, k_starts = cu_q.tolist(), cu_k.tolist()
         q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]
