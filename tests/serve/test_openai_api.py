@@ -251,8 +251,9 @@ def test_text_stream_spells_what_decoding_everything_spells_and_decodes_each_tok
 
 
 @pytest.mark.parametrize("clean_up", [False, True])
-def test_served_tokenizer_decodes_as_transformers_does(tmp_path, clean_up):
-    """HFTokenizer calls the Rust tokenizer directly when transformers' decode would add nothing."""
+def test_served_tokenizer_encodes_and_decodes_as_transformers_does(tmp_path, clean_up):
+    """HFTokenizer calls the Rust tokenizer directly where transformers' encode and decode would add nothing: the
+    same ids for prompts longer than the tokenizer's saved truncation (MiniLM's 512), the same text back."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from engine.models.minilm_moe import minilm_path
@@ -262,7 +263,13 @@ def test_served_tokenizer_decodes_as_transformers_does(tmp_path, clean_up):
     minilm.save_pretrained(tmp_path)
     served, reference = HFTokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     assert isinstance(reference, PreTrainedTokenizerFast) and (served._decode_fast is None) == clean_up
+    assert served._encode_fast is not None
+    words = "Hello, world! naïve café ✓ 日本語 [SEP] [CLS] unbelievable tokenisation 42".split()
     rng = random.Random(0)
+    for length in (1, 7, 900):
+        text = " ".join(rng.choice(words) for _ in range(length))
+        assert served.encode(text) == reference(text, add_special_tokens=True)["input_ids"]
+    assert len(served.encode(text)) > 512
     for _ in range(20):
         ids = [rng.randrange(0, 30522) for _ in range(rng.randint(1, 40))] + [minilm.sep_token_id]
         assert served.decode(ids) == reference.decode(ids, skip_special_tokens=True)
