@@ -176,16 +176,16 @@ def read_cache_by_page(processor) -> bool:
 
     def prepare_with_page_table(requests_in_batch, *args, **kwargs):
         prepare(requests_in_batch, *args, **kwargs)
-        rows, q_lens, k_lens = [], [], []
-        for future in requests_in_batch:  # position_offset: the request's length once this step's tokens are in
-            state = future.state
-            blocks = allocator.block_table[state.request_id][: -(-state.position_offset // allocator.tokens_per_page)]
-            rows.append([block * pages_per_block for block in blocks])
-            q_lens.append(future.query_length)
-            k_lens.append(state.position_offset)
-        width = max(len(row) for row in rows)
-        step["table"] = torch.tensor([row + row[:1] * (width - len(row)) for row in rows], device=io.device)
-        step["lengths"] = q_lens, k_lens
+        # position_offset: the request's length once this step's tokens are in
+        k_lens = [future.state.position_offset for future in requests_in_batch]
+        counts = [-(-n // allocator.tokens_per_page) for n in k_lens]
+        width, flat = max(counts), []
+        for future, count in zip(requests_in_batch, counts):  # one flat list: this runs for every row every step
+            blocks = allocator.block_table[future.state.request_id]
+            flat += blocks[:count]
+            flat += blocks[:1] * (width - count)
+        step["table"] = torch.tensor(flat, device=io.device).view(len(counts), width) * pages_per_block
+        step["lengths"] = [future.query_length for future in requests_in_batch], k_lens
 
     def update_then_pages(key_states, value_states, layer_idx, kwargs):
         key_states, value_states = update(key_states, value_states, layer_idx, kwargs)
