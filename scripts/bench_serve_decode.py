@@ -11,23 +11,25 @@ Per arrival rate: output tokens per second (every token streamed before the leve
 first) p50/p99, errors (non-200 answers, such as a full queue's 503, and broken streams; counted by kind) and
 requests unfinished when the level's time is up. It also gives the CPU time per output token of the server's
 processes (from /proc) and of this client, which shares the machine: where the cores are the limit, throughput
-follows these. The highest rate is past every server's capacity (saturation): there the throughput is each server's
-capacity. Every request is greedy and streams. The model is Mixtral-shaped with random seeded weights
-(tiny-mixtral's config, 1024 positions) and a character tokenizer that both servers load from the same folder, so
-every server computes the same tokens. A token is counted per streamed character (the tokenizer maps each
+follows these. The highest rate is past every server's capacity (saturation). A server's capacity is its highest
+throughput over the levels, and the printed ratios compare capacities. Every request is greedy and streams. The
+model is Mixtral-shaped with random seeded weights (tiny-mixtral's config, 1024 positions) and a character
+tokenizer that both servers load from the same folder, so every server computes the same tokens. A token is counted per streamed character (the tokenizer maps each
 non-special id to one character).
 
 The client streams with aiohttp, as vLLM's benchmark_serving does: it takes about a third of httpx's CPU per streamed
 token (0.04 against 0.13 ms, measured at 64/s), CPU the servers otherwise lose on these shared cores. `--repeats N`
 runs every level N times with the same arrivals and reports the run of median throughput (with all N): on this
-machine one run's throughput at saturation varies by 15-30% from run to run. All traffic is on 127.0.0.1; every
-level is bounded in time.
+machine one run's throughput at saturation varies by 15-30% from run to run. The servers take turns: each repeat
+starts every server in turn and runs all its levels, so a drift of the machine's speed hits every server alike.
+All traffic is on 127.0.0.1; every level is bounded in time.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -141,6 +143,9 @@ def kv_block_bytes(folder: Path) -> int:
 
 
 def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the servers drain), then wait until every process of the server's tree is gone, so the next server
+    starts on an idle machine: torchrun starts its ranks in sessions of their own, which outlive its process group."""
+    tree = set(tree_stats(process.pid))
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -148,23 +153,37 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+    deadline = time.time() + 30
+    while tree & set(tree_stats(None)) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in tree & set(tree_stats(None)):  # still there after 30 s
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of the tree under `root` (the server:
-    torchrun and its ranks, which torchrun starts in sessions of their own, or transformers serve), from /proc."""
+def tree_stats(root: int | None) -> dict[int, float]:
+    """pid -> CPU seconds (user + system) so far of the live processes of the tree under `root` (the server:
+    torchrun and its ranks, or transformers serve), from /proc; with `root` None, of every live process (whose
+    state is not zombie)."""
     tick, stats = os.sysconf("SC_CLK_TCK"), {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:  # the fields after the name: state, ppid, ..., utime (12th), stime (13th)
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        if fields[0] != "Z":
+            stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if root is None:
+        return {pid: cpu for pid, (_, cpu) in stats.items()}
     tree, grew = {root}, True
     while grew:
         more = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
         tree, grew = tree | more, bool(more)
-    return sum(stats[pid][1] for pid in tree if pid in stats)
+    return {pid: stats[pid][1] for pid in tree if pid in stats}
+
+
+def tree_cpu_seconds(root: int) -> float:
+    return sum(tree_stats(root).values())
 
 
 def workload(rate: float, seconds: float, seed: int) -> list[tuple[float, str, int]]:
@@ -273,36 +292,37 @@ def main(argv=None) -> int:
     os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
     folder = Path(tempfile.mkdtemp(prefix="tessera-bench-model-"))
     build_model(folder)
-    table = {}
-    for kind in args.schedulers.split(","):
-        log = Path(tempfile.gettempdir()) / f"tessera-bench-{kind}.log"
-        process, url = start(kind, folder, args, log)
-        try:
-            model = str(folder)
-            asyncio.run(run_level(url, model, 1.0, 2.0, 30, seed=99))  # warm up
-            table[kind] = []
-            for i, rate in enumerate(args.rates):
-                runs = []
-                for _ in range(args.repeats):  # the same arrivals each time: the spread is the machine's
-                    runs.append(measured_level(process, url, model, rate, args, seed=i))
+    kinds, model = args.schedulers.split(","), str(folder)
+    runs = {kind: [[] for _ in args.rates] for kind in kinds}
+    for repeat in range(args.repeats):  # every server once per repeat, in turn: the machine's drift hits all alike
+        for kind in kinds:
+            log = Path(tempfile.gettempdir()) / f"tessera-bench-{kind}.log"
+            process, url = start(kind, folder, args, log)
+            try:
+                asyncio.run(run_level(url, model, 1.0, 2.0, 30, seed=99))  # warm up
+                for i, rate in enumerate(args.rates):  # the same arrivals in every repeat
+                    level = measured_level(process, url, model, rate, args, seed=i)
+                    runs[kind][i].append(level)
+                    print(f"run {repeat + 1}/{args.repeats}: {describe(kind, rate, level)}", flush=True)
                     time.sleep(5)  # the cut-off requests leave their batches
-                runs.sort(key=lambda lv: lv["throughput_tok_s"])
-                level = dict(runs[len(runs) // 2], repeats_tok_s=[round(lv["throughput_tok_s"], 1) for lv in runs])
-                table[kind].append(level)
-                spread = f" (median of {level['repeats_tok_s']})" if args.repeats > 1 else ""
-                print(f"{kind:>12} rate {rate:>4}/s: {level['throughput_tok_s']:7.1f} tok/s{spread}, "
-                      f"TTFT p50/p99 {fmt(level['ttft_p50_s'])}/{fmt(level['ttft_p99_s'])} s, "
-                      f"TPOT p50/p99 {fmt(level['tpot_p50_s'], 3)}/{fmt(level['tpot_p99_s'], 3)} s, "
-                      f"{level['completed']}/{level['requests']} done, {level['unfinished']} unfinished, "
-                      f"{level['errors']} errors, CPU per token: server "
-                      f"{level['server_cpu_ms_per_token']:.3f} ms, client {level['client_cpu_ms_per_token']:.3f} ms",
-                      flush=True)
-        finally:
-            stop(process)
+            finally:
+                stop(process)
+    table = {}
+    for kind in kinds:
+        table[kind] = []
+        for levels in runs[kind]:
+            levels.sort(key=lambda lv: lv["throughput_tok_s"])
+            table[kind].append(dict(levels[len(levels) // 2],
+                                    repeats_tok_s=[round(lv["throughput_tok_s"], 1) for lv in levels]))
+    if args.repeats > 1:
+        print("\nthe run of median throughput per level (all runs' throughput in brackets):")
+        for kind in kinds:
+            for rate, level in zip(args.rates, table[kind]):
+                print(f"{describe(kind, rate, level)} {level['repeats_tok_s']}")
     print_table(table, args.rates)
     ratios = saturation_ratios(table)
     for name, ratio in ratios.items():
-        print(f"at {args.rates[-1]}/s: {name} = {ratio:.2f}")
+        print(f"capacity: {name} = {ratio:.2f}")
     out, device = Path(args.out), device_slug()
     out.mkdir(parents=True, exist_ok=True)
     result = dict(workload="decode", model="tiny-mixtral config, 1024 positions, seeded weights, char tokenizer",
@@ -375,18 +395,27 @@ def measured_level(process, url: str, model: str, rate: float, args, seed: int) 
 
 
 def saturation_ratios(table: dict) -> dict:
-    """Throughput of the continuous scheduler over each other server's, at the highest rate (transformers serve
-    runs one process, tessera two ranks: its ratio is also given per process)."""
+    """The continuous scheduler's capacity over each other server's: a server's capacity is its highest throughput
+    over the levels, so a server whose throughput falls past capacity (refusing and queueing cost it CPU) is
+    compared at its best (transformers serve runs one process, tessera two ranks: its ratio is also given per
+    process)."""
     if "continuous" not in table:
         return {}
-    mine = table["continuous"][-1]["throughput_tok_s"]
-    ratios = {}
-    for kind, levels in table.items():
-        if kind != "continuous" and levels[-1]["throughput_tok_s"] > 0:
-            ratios[f"continuous/{kind}"] = mine / levels[-1]["throughput_tok_s"]
+    capacity = {kind: max(level["throughput_tok_s"] for level in levels) for kind, levels in table.items()}
+    ratios = {f"continuous/{kind}": capacity["continuous"] / value
+              for kind, value in capacity.items() if kind != "continuous" and value > 0}
     if "transformers" in ratios:
         ratios["continuous per rank/transformers"] = ratios["continuous/transformers"] / 2
     return ratios
+
+
+def describe(kind: str, rate: float, level: dict) -> str:
+    return (f"{kind:>12} rate {rate:>4}/s: {level['throughput_tok_s']:7.1f} tok/s, "
+            f"TTFT p50/p99 {fmt(level['ttft_p50_s'])}/{fmt(level['ttft_p99_s'])} s, "
+            f"TPOT p50/p99 {fmt(level['tpot_p50_s'], 3)}/{fmt(level['tpot_p99_s'], 3)} s, "
+            f"{level['completed']}/{level['requests']} done, {level['unfinished']} unfinished, "
+            f"{level['errors']} errors, CPU per token: server {level['server_cpu_ms_per_token']:.3f} ms, "
+            f"client {level['client_cpu_ms_per_token']:.3f} ms")
 
 
 def fmt(value, digits: int = 2) -> str:
