@@ -14,8 +14,8 @@ processes (from /proc) and of this client, which shares the machine: where the c
 follows these. The highest rate is past every server's capacity (saturation). A server's capacity is its highest
 throughput over the levels, and the printed ratios compare capacities. Every request is greedy and streams. The
 model is Mixtral-shaped with random seeded weights (tiny-mixtral's config, 1024 positions) and a character
-tokenizer that both servers load from the same folder, so every server computes the same tokens. A token is counted per streamed character (the tokenizer maps each
-non-special id to one character).
+tokenizer that both servers load from the same folder, so every server computes the same tokens. A token is
+counted per streamed character (the tokenizer maps each non-special id to one character).
 
 The client streams with aiohttp, as vLLM's benchmark_serving does: it takes about a third of httpx's CPU per streamed
 token (0.04 against 0.13 ms, measured at 64/s), CPU the servers otherwise lose on these shared cores. `--repeats N`

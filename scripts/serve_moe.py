@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     coordinator = Coordinator(runner, world, config.rank_timeout_s)
     # Loading leaves millions of long-lived objects (torch's, transformers', the model's) that every full
     # collection of the cyclic garbage collector walks again. On the decode benchmark those collections took up to
-    # 0.5 s each, about 6 % of rank 0's time under load, and every other rank waited through them in its
+    # 0.5 s each, about 5 % of rank 0's time under load, and every other rank waited through them in its
     # collectives. Frozen, they are left out of every later collection (vLLM does the same after start-up).
     gc.collect()
     gc.freeze()
