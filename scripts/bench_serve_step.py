@@ -159,7 +159,7 @@ def lockstep(args) -> int:
     info = init_distributed()
     model = load(args.folder, device="cpu", strategy="moeshard")
     runner = Runner(model, None, info.rank, info.size)
-    runner.batch = RankBatch(model, num_blocks=1536, block_size=32, step_tokens=256, max_requests=64,
+    runner.batch = RankBatch(model, num_blocks=1536, block_size=32, step_tokens=256, max_requests=max(args.rows),
                              eos_token_id=[], dummy_when_idle=True)
     coordinator = Coordinator(runner, info.size)
     if info.rank != 0:
