@@ -405,6 +405,21 @@ def _submodule(model: torch.nn.Module, module: str, adapter: str) -> torch.nn.Mo
     try:
         return model.get_submodule(module)
     except AttributeError as exc:
+        from engine.moe.layer import MoEBlock
+
+        parts = module.split(".")
+        for end in range(len(parts) - 1, 0, -1):  # the deepest part of the path that the model has
+            try:
+                owner = model.get_submodule(".".join(parts[:end]))
+            except AttributeError:
+                continue
+            if isinstance(owner, MoEBlock):  # e.g. Hugging Face Switch's experts.expert_3.wi
+                raise AdapterError(f"adapter {adapter!r} adapts {module!r}, one expert's layer of the MoE block "
+                                   f"{'.'.join(parts[:end])!r}, which tessera runs as stacked expert weights: "
+                                   "LoRA on single experts' linear layers is not supported; adapt the "
+                                   "attention or dense layers, or stacked expert parameters (PEFT's "
+                                   "target_parameters)") from exc
+            break
         raise AdapterError(f"adapter {adapter!r} adapts {module!r}, which the model does not have "
                            "(wrong base model?)") from exc
 

@@ -79,3 +79,21 @@ def test_expert_path_matches_reference_and_slices_sum_to_the_whole(backend):
     torch.testing.assert_close(owned, full, rtol=1e-5, atol=1e-5)
     no_lora = run_experts(x, topk_ids, topk_weights, base, "reference")
     assert not torch.allclose(no_lora, full)
+
+
+def test_an_adapter_of_single_switch_experts_is_refused_by_name(tmp_path):
+    """PEFT on Hugging Face's Switch adapts each expert's own `wi`/`wo` (`experts.expert_3.wi`); tessera runs the
+    experts stacked, so such an adapter is refused with an error that says so, not loaded without its expert
+    layers, and not blamed on a wrong base model."""
+    import engine
+    from peft import LoraConfig, get_peft_model
+    from transformers import SwitchTransformersEncoderModel
+
+    from engine.lora import AdapterError
+
+    model = engine.load("tiny-switch-encoder", device="cpu")
+    torch.manual_seed(0)
+    hf = get_peft_model(SwitchTransformersEncoderModel(model.config), LoraConfig(r=2, target_modules=["wi", "wo"]))
+    hf.save_pretrained(tmp_path / "experts")
+    with pytest.raises(AdapterError, match=r"experts\.expert_\d+\.w[io]'.*stacked expert weights.*not supported"):
+        attach_adapters(model, {"experts": str(tmp_path / "experts")})
