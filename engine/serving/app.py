@@ -229,46 +229,61 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         chunk = {**header, "object": shape.chunk_object, **({"usage": None} if include_usage else {})}
 
         async def chunks():
+            """Server-sent events of every choice. Whatever has arrived when the stream wakes goes out in one write,
+            and each choice's text since its last event in one event: where the event loop falls behind, the
+            tokens of several steps cost one event and one write, not one each."""
             texts = [TextStream(tokenizer.decode, stops) for _ in range(n)]
-            entries, reported = [[] for _ in range(n)], [0] * n
+            entries, reported, pending = [[] for _ in range(n)], [0] * n, [""] * n
             done = [False] * n
             completion_tokens = 0
+
+            def delta_event(i: int, text: str, finish: str | None, upto: int) -> str:
+                logprobs = logprobs_of(texts[i], entries[i], reported[i], upto)
+                reported[i] = upto
+                return sse({**chunk, "choices": [shape.delta(i, text, finish, logprobs)]})
+
             try:
                 if isinstance(shape, ChatShape):
                     yield sse({**chunk, "choices": [shape.delta(i, "", None, None, first=True) for i in range(n)]})
                 while not all(done):
-                    i, item = await events.get()
-                    if done[i]:
-                        continue
-                    if isinstance(item, Exception):
-                        yield sse(item.body() if isinstance(item, APIError) else
-                                  {"error": {"message": _failure(item), "type": "server_error", "code": 500}})
-                        return
-                    finish, delta = None, ""
-                    if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
-                        finish = "stop" if len(texts[i].tokens) < limit else "length"
-                    elif tokenizer.eos_token_id is not None and item[0] == tokenizer.eos_token_id:
-                        finish = "stop"
-                    else:
-                        delta = texts[i].add(item[0])
-                        entries[i].append(item[1])
-                        if texts[i].stopped:
+                    arrived, events_out = [await events.get()], []
+                    while not events.empty():
+                        arrived.append(events.get_nowait())
+                    for i, item in arrived:
+                        if done[i]:
+                            continue
+                        if isinstance(item, Exception):
+                            events_out += [delta_event(j, pending[j], None, len(texts[j].tokens))
+                                           for j in range(n) if pending[j]]
+                            yield "".join(events_out) + sse(
+                                item.body() if isinstance(item, APIError) else
+                                {"error": {"message": _failure(item), "type": "server_error", "code": 500}})
+                            return
+                        finish, delta = None, ""
+                        if item is None:  # the backend ended the row (its limit, or the end-of-sequence token)
+                            finish = "stop" if len(texts[i].tokens) < limit else "length"
+                        elif tokenizer.eos_token_id is not None and item[0] == tokenizer.eos_token_id:
                             finish = "stop"
-                        elif len(texts[i].tokens) >= limit:
-                            finish = "length"
-                    if finish is None:
-                        if delta:
-                            upto = len(texts[i].tokens)
-                            yield sse({**chunk, "choices": [shape.delta(
-                                i, delta, None, logprobs_of(texts[i], entries[i], reported[i], upto))]})
-                            reported[i] = upto
-                        continue
-                    done[i] = True
-                    requests[i].cancelled = True  # done: stop its row if generation goes on for others
-                    delta, upto = delta + texts[i].finish(), max(texts[i].text_tokens(), reported[i])
-                    completion_tokens += len(texts[i].tokens)
-                    yield sse({**chunk, "choices": [shape.delta(
-                        i, delta, finish, logprobs_of(texts[i], entries[i], reported[i], upto))]})
+                        else:
+                            delta = texts[i].add(item[0])
+                            entries[i].append(item[1])
+                            if texts[i].stopped:
+                                finish = "stop"
+                            elif len(texts[i].tokens) >= limit:
+                                finish = "length"
+                        pending[i] += delta
+                        if finish is None:
+                            continue
+                        done[i] = True
+                        requests[i].cancelled = True  # done: stop its row if generation goes on for others
+                        text, pending[i] = pending[i] + texts[i].finish(), ""
+                        completion_tokens += len(texts[i].tokens)
+                        events_out.append(delta_event(i, text, finish, max(texts[i].text_tokens(), reported[i])))
+                    events_out += [delta_event(i, pending[i], None, len(texts[i].tokens))
+                                   for i in range(n) if pending[i] and not done[i]]
+                    pending = [""] * n
+                    if events_out:
+                        yield "".join(events_out)
                 if include_usage:
                     yield sse({**chunk, "choices": [], "usage": usage(len(ids), completion_tokens)})
                 yield sse("[DONE]")

@@ -466,3 +466,42 @@ def test_a_client_that_disconnects_cancels_its_non_streamed_completion(backend, 
         loop.run_until_complete(asyncio.sleep(0.05))
     loop.run_until_complete(asyncio.sleep(0.05))
     loop.close()
+
+
+class _InstantEngine:
+    """Puts each request's whole answer on its stream as it is submitted: every token has arrived before the
+    stream first wakes, as when the event loop falls behind the steps."""
+
+    router = None
+
+    def __init__(self, text: str):
+        self.ids = list(text.encode())
+
+    def submit(self, request):
+        for i, token in enumerate(self.ids[: request.params["max_tokens"]]):
+            request.tokens.put_nowait((token, (-0.5 - i, [(token, -0.5 - i)])))
+        request.tokens.put_nowait(None)
+
+
+def _events(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_tokens_that_arrived_together_stream_as_one_event_per_choice_with_their_logprobs():
+    """Tokens already there when the stream wakes go out as one event per choice (not one per token), with the
+    same text, stop-string cut and log-probabilities as token by token."""
+    config, tokenizer = ServeConfig(model="tiny-mixtral", max_new_tokens=64), ByteTokenizer(256)
+    app = create_app(_InstantEngine("hello world"), config, tokenizer, "tiny-mixtral", "decoder", Metrics(),
+                     frozenset(), CONTEXT)
+    with TestClient(app) as client:
+        body = {"prompt": "hi", "max_tokens": 20, "stream": True, "n": 2, "logprobs": 1, "stop": ["o w"]}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            events = _events(response)
+    assert len(events) == 2  # one per choice, each with its finish reason
+    for index in (0, 1):
+        (event,) = [e for e in events if e["choices"][0]["index"] == index]
+        choice = event["choices"][0]
+        assert choice["text"] == "hell" and choice["finish_reason"] == "stop"
+        assert choice["logprobs"]["tokens"] == list("hell")
+        assert choice["logprobs"]["token_logprobs"] == [-0.5, -1.5, -2.5, -3.5]
+        assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
