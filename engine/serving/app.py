@@ -234,6 +234,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             tokens of several steps cost one event and one write, not one each."""
             texts = [TextStream(tokenizer.decode, stops) for _ in range(n)]
             entries, reported, pending = [[] for _ in range(n)], [0] * n, [""] * n
+            ready = [0] * n  # per choice: the tokens whose text is in `pending` (a held-back one is not)
             done = [False] * n
             completion_tokens = 0
 
@@ -253,8 +254,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                         if done[i]:
                             continue
                         if isinstance(item, Exception):
-                            events_out += [delta_event(j, pending[j], None, len(texts[j].tokens))
-                                           for j in range(n) if pending[j]]
+                            events_out += [delta_event(j, pending[j], None, ready[j]) for j in range(n) if pending[j]]
                             yield "".join(events_out) + sse(
                                 item.body() if isinstance(item, APIError) else
                                 {"error": {"message": _failure(item), "type": "server_error", "code": 500}})
@@ -271,7 +271,8 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                                 finish = "stop"
                             elif len(texts[i].tokens) >= limit:
                                 finish = "length"
-                        pending[i] += delta
+                        if delta:
+                            pending[i], ready[i] = pending[i] + delta, len(texts[i].tokens)
                         if finish is None:
                             continue
                         done[i] = True
@@ -279,7 +280,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                         text, pending[i] = pending[i] + texts[i].finish(), ""
                         completion_tokens += len(texts[i].tokens)
                         events_out.append(delta_event(i, text, finish, max(texts[i].text_tokens(), reported[i])))
-                    events_out += [delta_event(i, pending[i], None, len(texts[i].tokens))
+                    events_out += [delta_event(i, pending[i], None, ready[i])
                                    for i in range(n) if pending[i] and not done[i]]
                     pending = [""] * n
                     if events_out:
