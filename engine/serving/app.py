@@ -243,6 +243,9 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                 reported[i] = upto
                 return sse({**chunk, "choices": [shape.delta(i, text, finish, logprobs)]})
 
+            def pending_events() -> list[str]:  # the text of the choices still running, since their last event
+                return [delta_event(i, pending[i], None, ready[i]) for i in range(n) if pending[i] and not done[i]]
+
             try:
                 if isinstance(shape, ChatShape):
                     yield sse({**chunk, "choices": [shape.delta(i, "", None, None, first=True) for i in range(n)]})
@@ -254,8 +257,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                         if done[i]:
                             continue
                         if isinstance(item, Exception):
-                            events_out += [delta_event(j, pending[j], None, ready[j]) for j in range(n) if pending[j]]
-                            yield "".join(events_out) + sse(
+                            yield "".join(events_out + pending_events()) + sse(
                                 item.body() if isinstance(item, APIError) else
                                 {"error": {"message": _failure(item), "type": "server_error", "code": 500}})
                             return
@@ -277,11 +279,10 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
                             continue
                         done[i] = True
                         requests[i].cancelled = True  # done: stop its row if generation goes on for others
-                        text, pending[i] = pending[i] + texts[i].finish(), ""
+                        text = pending[i] + texts[i].finish()
                         completion_tokens += len(texts[i].tokens)
                         events_out.append(delta_event(i, text, finish, max(texts[i].text_tokens(), reported[i])))
-                    events_out += [delta_event(i, pending[i], None, ready[i])
-                                   for i in range(n) if pending[i] and not done[i]]
+                    events_out += pending_events()
                     pending = [""] * n
                     if events_out:
                         yield "".join(events_out)
