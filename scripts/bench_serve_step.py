@@ -20,7 +20,8 @@ CPU time in it, and each rank's time inside its step (forward plus waiting in th
 
 `--saturate SECONDS` steps the decode benchmark's request mix (prompts of 16-512 tokens, outputs of 8-256) with
 twice `--rows` requests always waiting, on one process or (with `--ranks 2`) on 2 ranks, and reports output
-tokens per second: the scheduler's capacity without the HTTP server and its clients.
+tokens per second: the scheduler's capacity without the HTTP server and its clients. It writes
+`serve_saturated_<ranks>rank_<device>.json`.
 """
 from __future__ import annotations
 
@@ -67,15 +68,16 @@ def continuous_step_ms(batch, steps: int) -> float:
     return (time.process_time() - start) / steps * 1e3
 
 
-def profiled(run, top: int) -> None:
+def profiled(run, top: int):
     """`run()`, under cProfile when `top` > 0: then prints its `top` most expensive functions (own time)."""
     if not top:
         return run()
     profiler = cProfile.Profile()
-    profiler.runcall(run)
+    result = profiler.runcall(run)
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
     print(out.getvalue())
+    return result
 
 
 def generate_step_ms(model, rows: list[list[int]], steps: int) -> float:
@@ -119,7 +121,7 @@ def decode_mix(count: int, seed: int = 0):
         yield [rng.randrange(4, 128) for _ in range(rng.randint(16, 512))], rng.randint(8, 256)
 
 
-def saturate(engine, seconds: float, backlog: int, label: str) -> None:
+def saturate(engine, seconds: float, backlog: int, label: str) -> dict:
     """Steps `engine` (a ContinuousEngine) for `seconds` with `backlog` requests of the decode mix always waiting
     (past capacity, as the decode benchmark's highest rate): output tokens per second, and the mean step."""
     from engine.serving.batcher import Request
@@ -142,6 +144,22 @@ def saturate(engine, seconds: float, backlog: int, label: str) -> None:
     made += sum(len(r.generated) for r in live)
     print(f"{label}: saturated {made / wall:7.1f} output tok/s over {wall:.1f} s, {steps} steps of "
           f"{wall / steps * 1e3:.2f} ms wall, {cpu / steps * 1e3:.2f} ms CPU (rank 0)", flush=True)
+    return dict(output_tok_s=made / wall, seconds=wall, steps=steps, step_ms_wall=wall / steps * 1e3,
+                step_ms_cpu_rank0=cpu / steps * 1e3)
+
+
+def write_saturated(args, ranks: int, result: dict) -> None:
+    """The saturated run's JSON: the scheduler's capacity without HTTP, beside the decode and HTTP benchmarks'."""
+    from bench_serve_decode import device_slug
+    from foundation.atomic import write_json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve_saturated_{ranks}rank_{device_slug()}.json"
+    write_json(path, dict(workload="step --saturate", ranks=ranks, rows_per_rank=args.rows[0], step_tokens=256,
+                          kv_blocks_per_rank=1536, block_size=32, strategy="moeshard" if ranks > 1 else "single",
+                          threads_per_process=1, **result), indent=2)
+    print(f"wrote {path}")
 
 
 def lockstep(args) -> int:
@@ -168,9 +186,10 @@ def lockstep(args) -> int:
     if args.saturate:
         engine = ContinuousEngine(coordinator, max_queue=10_000, max_running_per_rank=args.rows[0])
         engine.step()
-        profiled(lambda: saturate(engine, args.saturate, backlog=2 * args.rows[0],
-                                  label=f"{info.size} ranks, {args.rows[0]} per rank"), args.profile)
+        result = profiled(lambda: saturate(engine, args.saturate, backlog=2 * args.rows[0],
+                                           label=f"{info.size} ranks, {args.rows[0]} per rank"), args.profile)
         coordinator.stop()
+        write_saturated(args, info.size, result)
         return 0
     for n in args.rows:
         engine = ContinuousEngine(coordinator, max_queue=info.size * n + 1, max_running_per_rank=n)
@@ -217,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--saturate", type=float, default=0, metavar="SECONDS",
                         help="instead: step the decode benchmark's mix past capacity for SECONDS, report tok/s")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results",
+                        help="where --saturate writes its JSON")
     parser.add_argument("--folder", help=argparse.SUPPRESS)  # the model, built by the launching process
     args = parser.parse_args(argv)
     os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
@@ -236,7 +257,8 @@ def main(argv=None) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                    f"--master-port={free_port()}", __file__, "--folder", str(folder), "--steps", str(args.steps),
                    "--repeats", str(args.repeats), "--rows", ",".join(map(str, args.rows)),
-                   "--saturate", str(args.saturate), "--profile", str(args.profile)]
+                   "--saturate", str(args.saturate), "--profile", str(args.profile),
+                   "--out", str(Path(args.out).resolve())]
         return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
     model = engine.load(str(folder), device="cpu")
     if args.saturate:
@@ -248,9 +270,10 @@ def main(argv=None) -> int:
         scheduler = ContinuousEngine(Coordinator(_LocalRunner(batch)), max_queue=10_000,
                                      max_running_per_rank=args.rows[0])
         scheduler.step()
-        profiled(lambda: saturate(scheduler, args.saturate, backlog=2 * args.rows[0],
-                                  label=f"1 process, {args.rows[0]} rows"), args.profile)
+        result = profiled(lambda: saturate(scheduler, args.saturate, backlog=2 * args.rows[0],
+                                           label=f"1 process, {args.rows[0]} rows"), args.profile)
         batch.close()
+        write_saturated(args, 1, result)
         return 0
     for n in args.rows:
         rows = prompts(n)
