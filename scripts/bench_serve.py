@@ -6,14 +6,17 @@ Retry-After) from its bounded queue, never times out or crashes.
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1,8,64 --seconds 10
     python scripts/bench_serve.py --workload decode  # generation: three schedulers side by side, a few minutes
     python scripts/bench_serve.py --workload step    # CPU ms of one continuous step vs one generate step
+    python scripts/bench_serve.py --workload http    # the HTTP server's CPU per streamed token, model-free
 
 Every client loop is bounded in requests and time, and all traffic goes to 127.0.0.1 (or the --url you give).
-The decode workload is in scripts/bench_serve_decode.py, the step microbenchmark in scripts/bench_serve_step.py.
+The decode workload is in scripts/bench_serve_decode.py, the step microbenchmark in scripts/bench_serve_step.py,
+the HTTP one in scripts/bench_serve_http.py.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import socket
@@ -126,18 +129,11 @@ def plot(levels: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     workload = argparse.ArgumentParser(add_help=False)
-    workload.add_argument("--workload", choices=["embed", "decode", "step"], default="embed")
+    workload.add_argument("--workload", choices=["embed", "decode", "step", "http"], default="embed")
     chosen, rest = workload.parse_known_args(argv)
-    if chosen.workload == "decode":
+    if chosen.workload != "embed":  # each in a script of its own
         sys.path.insert(0, str(ROOT / "scripts"))
-        from bench_serve_decode import main as decode_main
-
-        return decode_main(rest)
-    if chosen.workload == "step":
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from bench_serve_step import main as step_main
-
-        return step_main(rest)
+        return importlib.import_module(f"bench_serve_{chosen.workload}").main(rest)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[workload])
     parser.add_argument("--url", help="a running server; default: start one")
     parser.add_argument("--model", default="minilm-moe")
