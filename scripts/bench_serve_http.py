@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_serve_decode import build_model, device_slug, free_port, run_level, stop, tree_cpu_seconds  # noqa: E402
+from bench_serve_decode import (build_model, device_slug, free_port, run_level, stop, tree_cpu_seconds,  # noqa: E402
+                                wait_healthy)
 from foundation.atomic import write_json  # noqa: E402
 
 BLOCK_SIZE, BLOCKS_PER_RANK, WORLD = 32, 1536, 2
@@ -107,10 +109,6 @@ def main(argv=None) -> int:
     if args.serve:
         serve(Path(args.serve[0]), int(args.serve[1]), args.step_ms / 1000, args.max_running)
         return 0
-    import subprocess
-
-    from bench_serve_decode import wait_healthy
-
     folder = Path(tempfile.mkdtemp(prefix="tessera-bench-model-"))
     build_model(folder)  # its tokenizer: the decode benchmark's, one character per id
     port = free_port()
