@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_serve_decode import (build_model, device_slug, free_port, run_level, stop, tree_cpu_seconds,  # noqa: E402
                                 wait_healthy)
+from bench_serve_step import BATCH  # noqa: E402
 from foundation.atomic import write_json  # noqa: E402
 
-BLOCK_SIZE, BLOCKS_PER_RANK, WORLD = 32, 1536, 2
+BLOCK_SIZE, BLOCKS_PER_RANK, WORLD = BATCH["block_size"], BATCH["num_blocks"], 2
 
 
 class ModelFreeCoordinator:
@@ -68,9 +69,9 @@ class ModelFreeCoordinator:
             events.append(dict(id=request_id, tokens=[self.rng.randint(4, 98)], logprobs=None, finish=finish,
                                error=None))
         used = sum(blocks for _, blocks in rows.values())
-        return dict(events=events, seconds=self.step_s, kv=dict(blocks_total=BLOCKS_PER_RANK, blocks_used=used,
-                                           blocks_free=BLOCKS_PER_RANK - used, block_size=BLOCK_SIZE,
-                                           running=len(rows), waiting=0, preemptions=0))
+        kv = dict(blocks_total=BLOCKS_PER_RANK, blocks_used=used, blocks_free=BLOCKS_PER_RANK - used,
+                  block_size=BLOCK_SIZE, running=len(rows), waiting=0, preemptions=0)
+        return dict(events=events, seconds=self.step_s, kv=kv)
 
     def stop(self) -> None:
         pass

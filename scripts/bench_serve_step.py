@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+BATCH = dict(num_blocks=1536, block_size=32, step_tokens=256)  # per rank: the decode benchmark's KV and step budget
+
 
 def prompts(rows: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
@@ -47,12 +49,11 @@ def prompts(rows: int, seed: int = 0) -> list[list[int]]:
 
 
 def filled_batch(model, rows: list[list[int]], max_tokens: int):
-    """A RankBatch with every row past its prefill (the decode benchmark's limits: 1536 blocks of 32 tokens, a
-    step budget of 256 tokens)."""
+    """A RankBatch with every row past its prefill (the decode benchmark's limits, `BATCH`)."""
     from engine.serving.paged_batch import RankBatch
 
-    batch = RankBatch(model, num_blocks=1536, block_size=32, step_tokens=256, max_requests=64,
-                      eos_token_id=[])  # no EOS: every row decodes for the whole measurement
+    # no EOS: every row decodes for the whole measurement
+    batch = RankBatch(model, **BATCH, max_requests=64, eos_token_id=[])
     for i, ids in enumerate(rows):
         batch.add(f"r{i}", ids, max_tokens=max_tokens)
     while any(state.generated_len() == 0 for state in batch.scheduler.active_requests.values()) \
@@ -156,8 +157,9 @@ def write_saturated(args, ranks: int, result: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_saturated_{ranks}rank_{device_slug()}.json"
-    write_json(path, dict(workload="step --saturate", ranks=ranks, rows_per_rank=args.rows[0], step_tokens=256,
-                          kv_blocks_per_rank=1536, block_size=32, strategy="moeshard" if ranks > 1 else "single",
+    write_json(path, dict(workload="step --saturate", ranks=ranks, rows_per_rank=args.rows[0],
+                          step_tokens=BATCH["step_tokens"], kv_blocks_per_rank=BATCH["num_blocks"],
+                          block_size=BATCH["block_size"], strategy="moeshard" if ranks > 1 else "single",
                           threads_per_process=1, **result), indent=2)
     print(f"wrote {path}")
 
@@ -177,7 +179,7 @@ def lockstep(args) -> int:
     info = init_distributed()
     model = load(args.folder, device="cpu", strategy="moeshard")
     runner = Runner(model, None, info.rank, info.size)
-    runner.batch = RankBatch(model, num_blocks=1536, block_size=32, step_tokens=256, max_requests=max(args.rows),
+    runner.batch = RankBatch(model, **BATCH, max_requests=max(args.rows),
                              eos_token_id=[], dummy_when_idle=True)
     coordinator = Coordinator(runner, info.size)
     if info.rank != 0:
@@ -266,7 +268,7 @@ def main(argv=None) -> int:
         from engine.serving.paged_batch import RankBatch
         from engine.serving.scheduler import ContinuousEngine, _LocalRunner
 
-        batch = RankBatch(model, num_blocks=1536, block_size=32, step_tokens=256, max_requests=args.rows[0])
+        batch = RankBatch(model, **BATCH, max_requests=args.rows[0])
         scheduler = ContinuousEngine(Coordinator(_LocalRunner(batch)), max_queue=10_000,
                                      max_running_per_rank=args.rows[0])
         scheduler.step()
