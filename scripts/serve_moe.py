@@ -4,8 +4,9 @@
              [--strategy auto] [--host 127.0.0.1] [--port 8000]
     python scripts/serve_moe.py ...          # one process, no torchrun
 
-Rank 0 runs the HTTP server and the batch scheduler; every rank runs its share of each batch through attention,
-and the MoE layers use the chosen strategy across ranks. With no model named, it serves `minilm-moe`: the real
+Rank 0 runs the scheduler; every rank runs its share of each batch through attention, and the MoE layers use the
+chosen strategy across ranks. The HTTP server runs in a process of its own beside rank 0 for generation with the
+continuous scheduler (engine.serving.api_process), inside rank 0 for embeddings and the static batcher. With no model named, it serves `minilm-moe`: the real
 all-MiniLM-L6-v2 upcycled into 8 experts per layer, built offline in seconds and cached. SIGTERM drains the
 requests in flight, then exits 0; a rank that dies makes the server exit non-zero.
 """
@@ -100,11 +101,11 @@ def main(argv=None) -> int:
             signal.signal(sig, signal.SIG_IGN)          # terminal reaches every rank)
         follow(coordinator)
         return 0
-    names = AdapterNames(model)  # live: adapters loaded and unloaded at run time
+    names = AdapterNames.of(model)  # live: adapters loaded and unloaded at run time
     kind = model_kind(model)
     context = config.max_model_len or (getattr(model.config, "max_position_embeddings", None)
                                        if kind == "decoder" else None)
-    return serve(config, coordinator, tokenizer, kind, router, names, context)
+    return serve(config, coordinator, tokenizer, kind, router, names, context, folder)
 
 
 def rank_batch(model, config, tokenizer, world: int):
@@ -141,48 +142,57 @@ def attach_pool(model, config):
 
 
 def serve(config, coordinator, tokenizer, kind: str, router=None, adapter_names=None,
-          context_length: int | None = None) -> int:
-    import uvicorn
-
+          context_length: int | None = None, tokenizer_folder=None) -> int:
+    """The continuous scheduler serves from an API process of its own (engine.serving.api_process says why);
+    encoders and the static batcher serve HTTP from rank 0 itself."""
     from engine.serving.app import create_app
     from engine.serving.batcher import BatchEngine
     from engine.serving.lora_api import AdapterNames, mount
     from engine.serving.metrics import Metrics
+    from engine.serving.api_process import http_server, serving_line
 
-    metrics = Metrics()
-    adapter_names = adapter_names if adapter_names is not None else AdapterNames(coordinator.runner.model)
+    continuous = coordinator.runner.batch is not None
+    metrics = Metrics(http=not continuous)
+    adapter_names = adapter_names if adapter_names is not None else AdapterNames.of(coordinator.runner.model)
     if coordinator.world == 1:
         metrics.routing_reader = coordinator.runner.routing_counts
-    if coordinator.runner.batch is not None:
+    if continuous:
         from engine.serving.scheduler import ContinuousEngine
 
         engine = ContinuousEngine(coordinator, metrics, tokenizer, max_queue=config.max_queue,
                                   max_running_per_rank=config.max_batch_size, heartbeat_s=config.heartbeat_s,
                                   router=router)
-    else:
-        engine = BatchEngine(coordinator, config, metrics, router)
+        engine.start()
+        return serve_from_api_process(engine, config, metrics, kind, adapter_names, context_length,
+                                      tokenizer_folder, coordinator.runner.model.config.vocab_size)
+    engine = BatchEngine(coordinator, config, metrics, router)
     engine.start()
     app = create_app(engine, config, tokenizer, config.model, kind, metrics, adapter_names, context_length)
     mount(app, engine, adapter_names, config.model)
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM or SIGINT (Ctrl-C) means: finish the requests in flight, tell the other ranks to stop, then
-        exit 0. uvicorn re-raises the signal after its graceful shutdown, which would end rank 0 with -15 or a
-        KeyboardInterrupt before the other ranks are told, so it is taken out of uvicorn's list here."""
-
-        def handle_exit(self, sig, frame):
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", [])
-            while sig in captured:
-                captured.remove(sig)
-
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           timeout_graceful_shutdown=config.drain_timeout_s))
-    print(f"tessera serving {config.model} ({kind}) on http://{config.host}:{config.port} "
-          f"with {coordinator.world} rank(s){', API key required' if config.api_key else ''}", flush=True)
+    server = http_server(app, config)
+    print(serving_line(config, kind, coordinator.world), flush=True)
     server.run()  # returns after SIGTERM/SIGINT, once requests in flight have finished
     engine.stop(timeout=config.drain_timeout_s)
     print("tessera: drained, exiting", flush=True)
     return 0 if engine.healthy else 1
+
+
+def serve_from_api_process(engine, config, metrics, kind, adapter_names, context_length, tokenizer_folder,
+                           vocab_size) -> int:
+    """Rank 0 steps the ranks; the HTTP server runs in a process of its own and reaches the engine over a pipe.
+    SIGTERM or SIGINT here drains it; once it has exited, the ranks stop."""
+    from engine.serving.api_process import RankZeroBridge
+
+    bridge = RankZeroBridge(engine, metrics, adapter_names.pool_names)
+    settings = dict(config=config, kind=kind, world=engine.world, router=True if engine.router else None,
+                    context_length=context_length, tokenizer_folder=tokenizer_folder, vocab_size=vocab_size)
+    api = bridge.launch(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: bridge.drain())
+    code = api.wait()  # returns after a drain, or when the API process failed
+    engine.stop(timeout=config.drain_timeout_s)
+    print("tessera: drained, exiting" if code == 0 else f"tessera: the API process exited with {code}", flush=True)
+    return 0 if engine.healthy and code == 0 else 1
 
 
 if __name__ == "__main__":

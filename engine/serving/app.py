@@ -6,15 +6,18 @@ field (the field is named), 401 without the server's API key, 404 for a model no
 over the limit or a prompt that does not fit the model's context, 500 naming the error when generation failed,
 503 with Retry-After when the queue is full or a rank failed.
 
-The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `queue` and `coordinator.world`
-(`engine.serving.scheduler.ContinuousEngine` for generation, `engine.serving.batcher.BatchEngine` for the rest): it
+The backend is anything with `submit(Request)`, `healthy`, `failure`, `router`, `world` and `queue_depth`
+(`engine.serving.scheduler.ContinuousEngine` for generation, `engine.serving.batcher.BatchEngine` for the rest, or
+`engine.serving.api_process.EngineClient`, rank 0's engine seen from an API server in a process of its own): it
 sets a request's future to a `Generation`, or, streaming, puts `(token id, logprob entry or None)` per token on
-`request.tokens`, then None or an exception.
+`request.tokens`, then None or an exception. Its `submit` may return an awaitable (the client's does: rank 0
+admits or refuses the request), which raises what a refusal raises.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import time
 import uuid
 
@@ -59,9 +62,11 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         app.add_middleware(_Authenticate, expected=f"Bearer {config.api_key}".encode())
     app.add_middleware(_CountRequests, metrics=metrics)  # added last, so it runs first: 401s are counted too
 
-    def submit(request: Request):
+    async def submit(request: Request):
         try:
-            engine.submit(request)
+            admitted = engine.submit(request)
+            if inspect.isawaitable(admitted):
+                await admitted
         except Overloaded:
             raise APIError(503, "the server is at capacity: retry shortly", kind="overloaded",
                            headers={"Retry-After": "1"}) from None
@@ -70,10 +75,10 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         except RequestTooLarge as err:  # the continuous scheduler: more than a rank's whole KV cache
             raise APIError(413, str(err), "max_tokens") from None
 
-    def submit_all(requests: list[Request]):
+    async def submit_all(requests: list[Request]):
         for i, request in enumerate(requests):
             try:
-                submit(request)
+                await submit(request)
             except APIError:
                 for sent in requests[:i]:
                     sent.cancelled = True
@@ -111,12 +116,13 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
     async def health():
         if not engine.healthy:
             return JSONResponse({"status": "unhealthy", "reason": engine.failure}, status_code=503)
-        return {"status": "ok", "model": model_name, "kind": model_kind, "ranks": engine.coordinator.world,
-                "queue_depth": engine.queue.qsize()}
+        return {"status": "ok", "model": model_name, "kind": model_kind, "ranks": engine.world,
+                "queue_depth": engine.queue_depth}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = metrics.render() + (await metrics.remote() if metrics.remote is not None else b"")
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card(name: str, parent: str | None = None) -> dict:
         return {"id": name, "object": "model", "created": started, "owned_by": "tessera", "root": name,
@@ -145,7 +151,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         loop = asyncio.get_running_loop()
         requests = [Request("embed", check_input(tokenizer.encode(t), f"input[{i}]"), loop,
                             future=loop.create_future()) for i, t in enumerate(texts)]
-        submit_all(requests)
+        await submit_all(requests)
         vectors = [await result(r.future) for r in requests]
         tokens = sum(len(r.token_ids) for r in requests)
         return {"object": "list", "model": model_name,
@@ -197,7 +203,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
         requests = [Request("generate", ids, loop, params={**params, "seed": seed}, text=text, adapter=adapter,
                             stop=stops, stream=stream, tokens=_Tagged(events, i) if stream else None,
                             future=None if stream else loop.create_future()) for i, seed in enumerate(seeds)]
-        submit_all(requests)
+        await submit_all(requests)
         created, ident = int(time.time()), f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}"
         header = {"id": ident, "object": shape.object, "created": created, "model": body.model or model_name}
 

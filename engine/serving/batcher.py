@@ -64,6 +64,7 @@ class Request:
 class BatchEngine:
     def __init__(self, coordinator: Coordinator, config, metrics: Metrics, router=None):
         self.coordinator, self.config, self.metrics, self.router = coordinator, config, metrics, router
+        self.world = coordinator.world
         self.queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
         self.held: collections.deque = collections.deque()  # taken from the queue, waiting for a fitting batch
         self.healthy = True
@@ -81,7 +82,11 @@ class BatchEngine:
             self.queue.put_nowait(request)
         except queue.Full:
             raise Overloaded from None
-        self.metrics.queue_depth.set(self.queue.qsize() + len(self.held))
+        self.metrics.queue_depth.set(self.queue_depth)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.queue.qsize() + len(self.held)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, tell the other ranks to stop, and end the thread."""
@@ -109,7 +114,7 @@ class BatchEngine:
                     self._finish(first, run_pool_op(self, first.params))
                     continue
                 batch = self._collect(first)
-                self.metrics.queue_depth.set(self.queue.qsize() + len(self.held))
+                self.metrics.queue_depth.set(self.queue_depth)
                 self._execute(batch)
             self.coordinator.stop()
         except RankFailure as err:

@@ -26,6 +26,7 @@ error.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,19 +53,28 @@ def lora_model(model):
 
 
 class AdapterNames:
-    """The live adapter names of rank 0's model: what completions check `adapter` against, and what
-    /v1/models lists (`names`, set as the app's `state.adapter_names`)."""
+    """The live adapter names of the server's pool: what completions check `adapter` against, and what
+    /v1/models lists (`names`, set as the app's `state.adapter_names`). `pool_names` reads the pool (rank 0's
+    model, or what rank 0 last told an API server in a process of its own); None: the server runs without LoRA."""
 
-    def __init__(self, model):
-        self.model = lora_model(model)
+    def __init__(self, pool_names=None):
+        self.pool_names = pool_names
         self.draining: set[str] = set()  # unloads asked for and not yet done: no new request may name these
 
+    @classmethod
+    def of(cls, model) -> "AdapterNames":
+        lm = lora_model(model)
+        return cls(None if lm is None else lambda: lm.pool.names)
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool_names is not None
+
     def names(self) -> list[str]:
-        return [] if self.model is None else [n for n in self.model.pool.names if n not in self.draining]
+        return [] if self.pool_names is None else [n for n in self.pool_names() if n not in self.draining]
 
     def __contains__(self, name: object) -> bool:
-        return self.model is not None and isinstance(name, str) and name in self.model.pool and \
-            name not in self.draining
+        return isinstance(name, str) and name in self.names()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -192,13 +202,15 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
 
     app.state.adapter_names = names.names  # what completions accept and /v1/models lists, read live
     async def change(op: dict) -> None:
-        if names.model is None:
+        if not names.enabled:
             raise APIError(400, "this server does not change its adapters at run time: start it with "
                                 "--enable-lora", "lora_name")
         loop = asyncio.get_running_loop()
         request = Request("lora", [], loop, params=op, future=loop.create_future())
         try:
-            engine.submit(request)
+            admitted = engine.submit(request)
+            if inspect.isawaitable(admitted):  # an API server in a process of its own: rank 0 admits it
+                await admitted
             result = await request.future  # set on the batcher thread, between two batches
         except Overloaded:
             raise APIError(503, "the server is at capacity: retry shortly", kind="overloaded",

@@ -7,14 +7,26 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self):
+    """`http`: the families of the HTTP server (requests by route and status, latency); `engine`: those of the
+    scheduler and the ranks. An API server in a process of its own (engine.serving.api_process) keeps the first
+    and asks rank 0 for the second at each scrape, through `remote`."""
+
+    def __init__(self, http: bool = True, engine: bool = True):
         self.registry = r = CollectorRegistry()
-        self.request_latency = Histogram("tessera_request_latency_seconds", "Request latency, arrival to answer",
-                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.remote = None  # an async callable giving more of the exposition (rank 0's), or None
+        # Routing counts stay on the device; with one rank, a scrape reads them through this callable.
+        self.routing_reader = None
+        if http:
+            self.request_latency = Histogram("tessera_request_latency_seconds", "Request latency, arrival to answer",
+                                             ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+            self.requests = Counter("tessera_requests", "Requests by endpoint and HTTP status",
+                                    ["endpoint", "status"], registry=r)
+        if engine:
+            self._engine_families(r)
+
+    def _engine_families(self, r: CollectorRegistry) -> None:
         self.time_to_first_token = Histogram("tessera_time_to_first_token_seconds",
                                              "Arrival to first generated token", buckets=LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("tessera_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
-                                registry=r)
         self.queue_depth = Gauge("tessera_queue_depth", "Requests waiting for a batch", registry=r)
         self.batch_size = Histogram("tessera_batch_size", "Sequences per batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
@@ -43,8 +55,6 @@ class Metrics:
         self._preempted = {}
         self.healthy = Gauge("tessera_healthy", "1 while every rank answers", registry=r)
         self.healthy.set(1)
-        # Routing counts stay on the device; with one rank, a scrape reads them through this callable.
-        self.routing_reader = None
         self._routing_seen: dict[tuple[int, str], list[int]] = {}
 
     def record_results(self, results: list[dict]) -> None:

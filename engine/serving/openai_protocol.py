@@ -22,6 +22,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
+    def __reduce__(self):  # pickled whole: rank 0's refusals reach an API server in a process of its own
+        return APIError, (self.status, self.message, self.param, self.kind, self.headers)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 

@@ -137,6 +137,10 @@ class ContinuousEngine:
             sys.setswitchinterval(self._switch_before)
             self._switch_before = None
 
+    @property
+    def queue_depth(self) -> int:
+        return self.queue.qsize() + len(self.incoming)
+
     def blocks_needed(self, request: Request) -> int:
         size = self.kv[0]["block_size"]
         return -(-(len(request.token_ids) + request.params["max_tokens"]) // size)
@@ -199,7 +203,7 @@ class ContinuousEngine:
         self.kv = [result["kv"] for result in results]
         if self.metrics is not None:  # before answering: a client that then reads /metrics sees this step
             self.metrics.record_results(results)
-            self.metrics.record_kv(self.kv, waiting=self.queue.qsize() + len(self.incoming))
+            self.metrics.record_kv(self.kv, waiting=self.queue_depth)
         self._outbox = {}
         try:
             for result in results:
@@ -381,7 +385,7 @@ class ContinuousEngine:
 
     def _gauge_waiting(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self.queue.qsize() + len(self.incoming))
+            self.metrics.queue_depth.set(self.queue_depth)
 
     def _fail(self, message: str) -> None:
         """A rank is gone: report unhealthy, fail everything in flight, and exit non-zero shortly after."""

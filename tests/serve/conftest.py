@@ -40,6 +40,7 @@ class Server:
             try:
                 if self.client.get("/health").status_code == 200:
                     self.workers = self.worker_pids()  # rank -> pid, kept: they outlive torchrun if it dies
+                    self.api = self.api_pid()
                     return
             except httpx.TransportError:
                 pass
@@ -68,6 +69,18 @@ class Server:
                 pids[int(environ["RANK"])] = int(entry.name)
         return pids
 
+    def api_pid(self) -> int | None:
+        """The pid of rank 0's API process (engine.serving.api_process), if it runs one: kept, as the workers'
+        are."""
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and b"engine.serving.api_process" in (entry / "cmdline").read_bytes() \
+                        and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.workers[0]:
+                    return int(entry.name)
+            except (OSError, IndexError, ValueError):
+                continue
+        return None
+
     def wait(self, timeout: float) -> int:
         return self.process.wait(timeout=timeout)
 
@@ -81,7 +94,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=30)
-        for pid in getattr(self, "workers", {}).values():
+        for pid in [*getattr(self, "workers", {}).values(), *filter(None, [getattr(self, "api", None)])]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -2,7 +2,9 @@
 leave at their own end, both ranks generate and stream, and clients that hang up leave no KV block behind."""
 import asyncio
 import json
+import os
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -91,6 +93,44 @@ def test_500_streaming_clients_hanging_up_at_random_leak_no_kv_block(server):
     assert server.client.get("/health").json()["status"] == "ok"
     response = server.client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2})
     assert response.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small(server_factory):
+    """A rank's KV cache holds 2 blocks of 32 tokens (the context is 128); one request runs per rank, one more may
+    queue."""
+    import engine
+    from engine.serving.paged_batch import kv_bytes_per_block
+
+    model = engine.load("tiny-mixtral", device="cpu")
+    block = kv_bytes_per_block(model.config, 32, next(model.parameters()).dtype)
+    return server_factory("--model", "tiny-mixtral", "--strategy", "moeshard", "--kv-cache-bytes", str(2 * block),
+                          "--kv-block-size", "32", "--max-batch-size", "1", "--max-queue", "1")
+
+
+def test_rank_zeros_refusals_reach_the_client_from_the_api_process(small):
+    """The API process admits nothing itself: a request over a rank's whole KV cache (413) and one past the full
+    queue (503 with Retry-After) are refused by rank 0's scheduler and answered as such."""
+    too_large = small.client.post("/v1/completions", json={"prompt": "x" * 10, "max_tokens": 100})
+    assert too_large.status_code == 413, too_large.text
+    assert too_large.json()["error"]["param"] == "max_tokens" and "KV blocks" in too_large.json()["error"]["message"]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=small.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={"prompt": f"burst {i}",
+                                                                               "max_tokens": 50})
+                                          for i in range(12)))
+
+    responses = asyncio.run(burst())
+    statuses = {r.status_code for r in responses}
+    assert statuses == {200, 503}, [r.text for r in responses]
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+
+
+def test_an_api_process_that_dies_makes_the_server_exit_non_zero(small):
+    os.kill(small.api, signal.SIGKILL)
+    assert small.wait(timeout=120) != 0
+    assert "the API process exited with -9" in small.output()
 
 
 FAULTY_SERVER = '''

@@ -3,6 +3,8 @@ import asyncio
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -155,6 +157,17 @@ def test_a_killed_worker_makes_the_server_exit_non_zero(server_factory):
     server = server_factory("--model", "tiny-mixtral", "--strategy", "moeshard")
     os.kill(server.workers[1], signal.SIGKILL)
     assert server.wait(timeout=120) != 0
+    deadline = time.time() + 30  # rank 0's API process follows it
+    while time.time() < deadline and not exited(server.api):
+        time.sleep(0.2)
+    assert exited(server.api)
+
+
+def exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
 
 
 def test_static_batcher_ends_a_row_at_the_models_end_of_sequence_without_padding():
