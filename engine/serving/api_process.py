@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import pickle
 import queue
 import socket
 import subprocess
@@ -74,12 +75,15 @@ class RankZeroBridge:
         process = subprocess.Popen([sys.executable, "-m", "engine.serving.api_process", str(theirs.fileno())],
                                    pass_fds=[theirs.fileno()], env=env)
         theirs.close()
-        self.conn = Connection(ours.detach())
-        self._adapters_sent = self._adapters()
+        self.connect(Connection(ours.detach()), settings)
+        return process
+
+    def connect(self, conn: Connection, settings: dict) -> None:
+        """Send `settings` over `conn` and start serving it: the API process is at its other end."""
+        self.conn, self._adapters_sent = conn, self._adapters()
         self.conn.send(("start", {**settings, "adapters": self._adapters_sent}))
         threading.Thread(target=self._send_loop, name="tessera-api-send", daemon=True).start()
         threading.Thread(target=self._receive_loop, name="tessera-api-receive", daemon=True).start()
-        return process
 
     def drain(self) -> None:
         self.outbox.put(("drain",))
@@ -100,7 +104,7 @@ class RankZeroBridge:
         fn(*args)
 
     def deliver(self, request_id: str, value, last: bool) -> None:
-        self._delivered.append((request_id, value))
+        self._delivered.append((request_id, _portable(value)))
         if last:
             self.requests.pop(request_id, None)
 
@@ -154,9 +158,22 @@ class RankZeroBridge:
             self.engine.submit(request)
             refusal = None
         except Exception as err:  # Overloaded, RequestTooLarge, RankFailure: the API process raises it
-            refusal = err
+            refusal = _portable(err)
             self.requests.pop(request_id, None)
         self.outbox.put(("ack", request_id, refusal))
+
+
+def _portable(value):
+    """`value`, or for an exception that would not survive pickling (one whose constructor takes other arguments
+    than it passes on), a RuntimeError that says the same: a message the API process cannot read would leave its
+    request waiting for ever."""
+    if not isinstance(value, Exception):
+        return value
+    try:
+        pickle.loads(pickle.dumps(value))
+        return value
+    except Exception:
+        return RuntimeError(f"{type(value).__name__}: {value}")
 
 
 class _Stream:
@@ -199,7 +216,7 @@ class EngineClient:
         self.acks: dict[str, asyncio.Future] = {}
         self.queries: dict[int, asyncio.Future] = {}
         self._query_ids = itertools.count()
-        self.on_drain = lambda: None
+        self.on_drain = self.on_gone = lambda: None  # rank 0 says "drain"; rank 0 is gone
         self.loop: asyncio.AbstractEventLoop | None = None
         self.rank_zero_gone = False
 
@@ -227,7 +244,7 @@ class EngineClient:
 
     async def engine_metrics(self) -> bytes:
         """Rank 0's part of /metrics (the scheduler's and the ranks' families)."""
-        if not self.healthy:
+        if self.rank_zero_gone:
             return b""
         query = next(self._query_ids)
         self.queries[query] = answer = self.loop.create_future()
@@ -284,8 +301,7 @@ class EngineClient:
         self.requests.pop(request.id, None)
 
     def _rank_zero_gone(self) -> None:
-        """Rank 0 exited: fail everything in flight with 503, stop serving, and exit non-zero in 2 s (time for
-        the answers to go out)."""
+        """Rank 0 exited: fail everything in flight with 503 (RankFailure), then `on_gone`."""
         if self.rank_zero_gone:
             return
         self.rank_zero_gone = True
@@ -301,9 +317,7 @@ class EngineClient:
             answer.done() or answer.set_exception(error)
         self.acks.clear()
         self.queries.clear()
-        print(f"tessera api: {self.failure}; exiting", flush=True)
-        self.on_drain()
-        threading.Timer(2.0, lambda: os._exit(1)).start()
+        self.on_gone()
 
 
 def http_server(app, config):
@@ -347,6 +361,13 @@ def main(argv: list[str]) -> int:
     mount(app, client, names, config.model)
     server = http_server(app, config)
     client.on_drain = lambda: setattr(server, "should_exit", True)
+
+    def rank_zero_gone():  # stop serving, and exit non-zero in 2 s (time for the answers to go out)
+        print(f"tessera api: {client.failure}; exiting", flush=True)
+        server.should_exit = True
+        threading.Timer(2.0, lambda: os._exit(1)).start()
+
+    client.on_gone = rank_zero_gone
 
     async def serve():
         client.attach(asyncio.get_running_loop())
