@@ -386,12 +386,24 @@ def device_slug() -> str:
 
 def measured_level(process, url: str, model: str, rate: float, args, seed: int) -> dict:
     """One run of one arrival rate, with the CPU per output token of the server's processes and of this client."""
-    cpu, client_cpu = tree_cpu_seconds(process.pid), time.process_time()
+    cpu, client_cpu, preempted = tree_cpu_seconds(process.pid), time.process_time(), preemptions(url)
     level = asyncio.run(run_level(url, model, rate, args.seconds, args.grace, seed=seed))
     tokens = max(level["output_tokens"], 1)
     level["server_cpu_ms_per_token"] = 1000 * (tree_cpu_seconds(process.pid) - cpu) / tokens
     level["client_cpu_ms_per_token"] = 1000 * (time.process_time() - client_cpu) / tokens
+    after = preemptions(url)
+    level["preemptions"] = None if after is None else after - preempted
     return level
+
+
+def preemptions(url: str) -> float | None:
+    """tessera's count of requests preempted when a rank's KV cache was full (None: a server without it)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None
+    return next((float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("tessera_preemptions_total ")), None)
 
 
 def saturation_ratios(table: dict) -> dict:
