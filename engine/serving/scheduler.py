@@ -79,7 +79,10 @@ class ContinuousEngine:
         step's forward pass releases the GIL in every torch call, and while the HTTP event loop turns a step's
         tokens into server-sent events it would take the GIL back for up to 5 ms each time, so the forward (and with
         it every other rank, which waits in its collectives) stalled behind the event loop. Measured on the decode
-        benchmark at 64 arrivals/s (2 CPU ranks), 0.2 ms gave about 12 % more tokens/s in alternating runs."""
+        benchmark at 64 arrivals/s (2 CPU ranks), 0.2 ms gave about 12 % more tokens/s in alternating runs. That
+        was with the HTTP server inside rank 0, where the in-process app still runs (tests, bench_serve_http). The
+        served decoder's HTTP server now runs in a process of its own (engine.serving.api_process), and the threads
+        that share rank 0's GIL with this one are the pipe's two; the setting was not measured again there."""
         self.step()  # learn every rank's KV capacity before the first request is admitted
         self._switch_before = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)

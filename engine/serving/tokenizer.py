@@ -59,7 +59,8 @@ class HFTokenizer:
         # without its clean-up option (the only thing it adds to the text) that call gives the same text.
         backend = getattr(self._tok, "backend_tokenizer", None)
         self._decode_fast = None if backend is None or self._tok.clean_up_tokenization_spaces else backend.decode
-        # Every prompt is encoded on the HTTP event loop, which shares rank 0's GIL with the scheduler thread.
+        # Where the HTTP server runs inside rank 0 (embeddings, the static batcher), every prompt is encoded on
+        # its event loop, which shares rank 0's GIL with the scheduler thread.
         # transformers' call holds the GIL through the Rust encode (16 % of the loop's samples on the decode
         # benchmark at 64 arrivals/s); the backend's encode_batch gives the same ids and releases the GIL while it
         # works, so the step goes on meanwhile. Used where it gives the same ids (checked once here; transformers'
