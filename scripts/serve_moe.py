@@ -6,9 +6,10 @@
 
 Rank 0 runs the scheduler; every rank runs its share of each batch through attention, and the MoE layers use the
 chosen strategy across ranks. The HTTP server runs in a process of its own beside rank 0 for generation with the
-continuous scheduler (engine.serving.api_process), inside rank 0 for embeddings and the static batcher. With no model named, it serves `minilm-moe`: the real
-all-MiniLM-L6-v2 upcycled into 8 experts per layer, built offline in seconds and cached. SIGTERM drains the
-requests in flight, then exits 0; a rank that dies makes the server exit non-zero.
+continuous scheduler (engine.serving.api_process), inside rank 0 for embeddings and the static batcher. With no
+model named, it serves `minilm-moe`: the real all-MiniLM-L6-v2 upcycled into 8 experts per layer, built offline in
+seconds and cached. SIGTERM drains the requests in flight, then exits 0; a rank that dies makes the server exit
+non-zero.
 """
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def test_tokens_ends_refusals_and_cancellations_cross_the_pipe(pair):
         assert set(engine.requests) == {streamed.id, whole.id}
         assert engine.requests[streamed.id].token_ids == [1, 2] and engine.requests[whole.id].params["max_tokens"] == 2
 
-        engine.deliver((streamed.id, (7, None)), (streamed.id, (8, (-0.5, [(8, -0.5)]))), (whole.id, Generation([4, 5])))
+        engine.deliver((streamed.id, (7, None)), (streamed.id, (8, (-0.5, [(8, -0.5)]))),
+                       (whole.id, Generation([4, 5])))
         assert await streamed.tokens.get() == (7, None)
         assert await streamed.tokens.get() == (8, (-0.5, [(8, -0.5)]))
         assert (await whole.future).tokens == [4, 5]
