@@ -416,7 +416,7 @@ def saturation_ratios(table: dict) -> dict:
     capacity = {kind: max(level["throughput_tok_s"] for level in levels) for kind, levels in table.items()}
     ratios = {f"continuous/{kind}": capacity["continuous"] / value
               for kind, value in capacity.items() if kind != "continuous" and value > 0}
-    if "transformers" in ratios:
+    if "continuous/transformers" in ratios:
         ratios["continuous per rank/transformers"] = ratios["continuous/transformers"] / 2
     return ratios
 
