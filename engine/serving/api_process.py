@@ -279,7 +279,10 @@ class EngineClient:
             if cancelled:
                 for request_id in cancelled:
                     del self.requests[request_id]
-                self._send(("cancel", cancelled))
+                try:
+                    self._send(("cancel", cancelled))
+                except RankFailure:  # rank 0 is gone, and _send has failed what was in flight
+                    pass
         elif kind == "ack":
             ack = self.acks.pop(message[1], None)
             if ack is not None and not ack.done():
