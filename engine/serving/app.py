@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import time
 import uuid
 
@@ -25,7 +24,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.serving.batcher import Overloaded, Request
+from engine.serving.batcher import Overloaded, Request, submitted
 from engine.serving.coordinator import RankFailure
 from engine.serving.openai_protocol import (APIError, ChatCompletionRequest, ChatShape, CompletionRequest,
                                             CompletionShape, EmbeddingRequest, TextStream, sse, usage)
@@ -64,9 +63,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
 
     async def submit(request: Request):
         try:
-            admitted = engine.submit(request)
-            if inspect.isawaitable(admitted):
-                await admitted
+            await submitted(engine, request)
         except Overloaded:
             raise APIError(503, "the server is at capacity: retry shortly", kind="overloaded",
                            headers={"Retry-After": "1"}) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import os
 import queue
 import threading
@@ -239,6 +240,14 @@ class BatchEngine:
         self.healthy, self.failure = False, message
         self.metrics.healthy.set(0)
         fail_and_exit(message, self._inflight + list(self.held), self.queue, self._finish)
+
+
+async def submitted(engine, request: Request) -> None:
+    """`engine.submit(request)`, awaited where it returns an awaitable (the API process's client of rank 0 waits
+    for rank 0 to admit the request); raises what a refusal raises."""
+    admitted = engine.submit(request)
+    if inspect.isawaitable(admitted):
+        await admitted
 
 
 def _post(request: Request, fn, *args) -> None:

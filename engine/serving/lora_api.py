@@ -26,7 +26,6 @@ error.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,7 +195,7 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
     """Add the load/unload endpoints to the server's FastAPI app."""
     from fastapi.responses import PlainTextResponse
 
-    from engine.serving.batcher import Overloaded, Request
+    from engine.serving.batcher import Overloaded, Request, submitted
     from engine.serving.coordinator import RankFailure
     from engine.serving.openai_protocol import APIError
 
@@ -208,9 +207,7 @@ def mount(app, engine, names: AdapterNames, model_name: str) -> None:
         loop = asyncio.get_running_loop()
         request = Request("lora", [], loop, params=op, future=loop.create_future())
         try:
-            admitted = engine.submit(request)
-            if inspect.isawaitable(admitted):  # an API server in a process of its own: rank 0 admits it
-                await admitted
+            await submitted(engine, request)
             result = await request.future  # set on the batcher thread, between two batches
         except Overloaded:
             raise APIError(503, "the server is at capacity: retry shortly", kind="overloaded",

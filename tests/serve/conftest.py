@@ -19,6 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def parent_pid(proc_entry: Path) -> int:
+    """The parent of the process at /proc/<pid> (the field after the command name, which may hold spaces)."""
+    return int((proc_entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 class Server:
     def __init__(self, *args, ranks: int = 2, startup_s: float = 240, script: Path | None = None,
                  env: dict | None = None):
@@ -60,7 +65,7 @@ class Server:
             if not entry.name.isdigit():
                 continue
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != self.process.pid:
+                if parent_pid(entry) != self.process.pid:
                     continue
                 environ = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
             except (OSError, IndexError, ValueError):
@@ -75,7 +80,7 @@ class Server:
         for entry in Path("/proc").iterdir():
             try:
                 if entry.name.isdigit() and b"engine.serving.api_process" in (entry / "cmdline").read_bytes() \
-                        and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.workers[0]:
+                        and parent_pid(entry) == self.workers[0]:
                     return int(entry.name)
             except (OSError, IndexError, ValueError):
                 continue
