@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.moe.experts import ExpertWeights, run_experts  # noqa: E402
 from foundation.atomic import write_json  # noqa: E402
 from foundation.timing import best_seconds, event_seconds  # noqa: E402
-from kernels import triton_available  # noqa: E402
+from tessera_kernels import triton_available  # noqa: E402
 
 # name: (hidden, ffn, top_k, gated, activation)
 SHAPES = {

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from engine.lora import TaskRouter, default_encoder  # noqa: E402
 from foundation.atomic import write_json  # noqa: E402
 from foundation.timing import best_seconds, seconds  # noqa: E402
-from kernels.lora_mixture import lora_mixture  # noqa: E402
+from tessera_kernels.lora_mixture import lora_mixture  # noqa: E402
 
 _SLOT = re.compile(r"\{(\w+?)(\d?)\}")
 

@@ -40,7 +40,7 @@ if [ "$DRY_RUN" != 1 ]; then
 fi
 
 # Block configurations for the registry families' shapes on this GPU, written under $OUT_DIR/kernel_configs
-# (copy them into kernels/configs/ to use them). Short: bf16, G = 1, four token counts.
+# (copy them into tessera_kernels/configs/ to use them). Short: bf16, G = 1, four token counts.
 TUNE_ARGS=${TUNE_ARGS:---tokens 1 16 256 4096 --out "$OUT_DIR/kernel_configs"}
 if [ "$DRY_RUN" = 1 ]; then
   $PY scripts/tune_moe.py --dry-run $TUNE_ARGS | tail -5  # lists the shapes and files; needs no GPU

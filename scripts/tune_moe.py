@@ -1,9 +1,10 @@
-"""Tune the MoE GEMM block configurations on this GPU and write them beside the kernels (kernels/configs/*.json).
+"""Tune the MoE GEMM block configurations on this GPU and write them beside the kernels
+(tessera_kernels/configs/*.json).
 
-For each published family (`kernels.moe_configs.PUBLISHED_SHAPES`), as the slice each of G ranks holds, and
+For each published family (`tessera_kernels.moe_configs.PUBLISHED_SHAPES`), as the slice each of G ranks holds, and
 each token count, time the whole `fused_experts` call (align, up, down, combine) for every candidate of a
 small search space plus the safe table's choice, and keep the fastest. One file per (device, E, N, K, dtype),
-the key `kernels.moe_configs` looks up; `kernels.launch_check` then compiles every file for its GPU.
+the key `tessera_kernels.moe_configs` looks up; `tessera_kernels.launch_check` then compiles every file for its GPU.
 
     python scripts/tune_moe.py --dry-run                        # list the shapes (works without a GPU)
     python scripts/tune_moe.py                                  # registry shapes, bf16, G = 1, short search
@@ -21,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from foundation.atomic import write_json  # noqa: E402
-from kernels.moe_configs import (CONFIG_DIR, CONFIG_KEYS, DTYPE_NAMES, PUBLISHED_SHAPES, config_file_name,  # noqa: E402
-                                 moe_kernel_config)
+from tessera_kernels.moe_configs import (CONFIG_DIR, CONFIG_KEYS, DTYPE_NAMES, PUBLISHED_SHAPES,  # noqa: E402
+                                         config_file_name, moe_kernel_config)
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
@@ -66,7 +67,7 @@ def tune_one(family, slices, dtype, token_counts, full, device) -> tuple[dict, d
     import triton
     from triton.runtime.errors import OutOfResources
 
-    from kernels.fused_moe import fused_experts
+    from tessera_kernels.fused_moe import fused_experts
 
     shared_limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     configs, timings = {}, {}

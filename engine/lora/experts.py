@@ -4,7 +4,7 @@ PEFT adapts a stacked parameter W (E, out, in) with one rank-r pair per expert: 
 `gate_up_proj` the update lands before the activation, so it cannot be added to the layer's output: the
 expert computation itself changes. An `ExpertLoRA` rides on the block's `ExpertWeights` (`lora=`), and
 `run_experts` hands such weights to `ExpertLoRA.run`: pairs sorted by expert, as the fused kernels sort them;
-per expert one GEMM for gate/up; then one launch of the packed segment-grouped mixture (`kernels.lora_sgmv`)
+per expert one GEMM for gate/up; then one launch of the packed segment-grouped mixture (`tessera_kernels.lora_sgmv`)
 adds every pair's adapters' shrink/expand for its expert (the group is (adapter slot, expert)); the
 activation; per expert one GEMM for down; one more mixture launch. The fused Triton expert kernels are left as
 they are (another helper owns them): with expert adapters active a block runs this path instead (its base
@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.expert_gemm import apply_activation_reference
-from kernels.fused_moe import fused_experts_reference
-from kernels.lora_sgmv import lora_sgmv
+from tessera_kernels.expert_gemm import apply_activation_reference
+from tessera_kernels.fused_moe import fused_experts_reference
+from tessera_kernels.lora_sgmv import lora_sgmv
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from engine.lora.cache import AdapterCache
-from kernels.lora_mixture import lora_mixture
-from kernels.lora_sgmv import BLOCK_M, group_pairs, lora_sgmv, row_token_slots
+from tessera_kernels.lora_mixture import lora_mixture
+from tessera_kernels.lora_sgmv import BLOCK_M, group_pairs, lora_sgmv, row_token_slots
 
 
 class MixtureState:

@@ -4,13 +4,13 @@ A backend takes token rows, each token's expert ids and routing weights, and ret
 experts' outputs. Expert ids outside `[0, E)` mean "not computed here" (dropped by a capacity limit, or held by
 another rank) and contribute zero. All backends give the same answer; they differ in speed and where they run:
 
-- `triton`: our fused kernels (`kernels.fused_moe`), four launches at decode sizes (align, two GEMMs, combine;
+- `triton`: our fused kernels (`tessera_kernels.fused_moe`), four launches at decode sizes (align, two GEMMs, combine;
   five for large batches; the MoE block adds one for its fused router), no host synchronisation. CUDA, or CPU
   through Triton's interpreter (slow, for tests).
 - `torch`: pairs sorted by expert, then `torch._grouped_mm` (one call per GEMM, no host synchronisation) on
   Hopper GPUs in bf16, else the reference below (one fp32 matmul per expert that has rows; it reads the
   per-expert counts on the host: a synchronisation on CUDA, free on CPU). The fast CPU path.
-- `reference`: `kernels.fused_moe.fused_experts_reference`, the one plain-PyTorch definition of the experts.
+- `reference`: `tessera_kernels.fused_moe.fused_experts_reference`, the one plain-PyTorch definition of the experts.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import triton_available
-from kernels.expert_gemm import ACTIVATIONS, apply_activation_reference, shares_gate_up_storage
-from kernels.fused_moe import fused_experts_reference
+from tessera_kernels import triton_available
+from tessera_kernels.expert_gemm import ACTIVATIONS, apply_activation_reference, shares_gate_up_storage
+from tessera_kernels.fused_moe import fused_experts_reference
 
 BACKENDS = ("triton", "torch", "reference", "eager")
 
@@ -117,7 +117,7 @@ def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     if weights.lora is not None:  # expert LoRA changes the expert computation itself: it runs the experts
         return weights.lora.run(hidden, topk_ids, topk_weights, weights, out_dtype)
     if backend == "triton":
-        from kernels.fused_moe import fused_experts
+        from tessera_kernels.fused_moe import fused_experts
 
         return fused_experts(hidden, topk_ids, topk_weights, weights.w1, weights.w2, weights.w3,
                              weights.activation, out_dtype, weights.b1, weights.b2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.moe_configs import device_label
+from tessera_kernels.moe_configs import device_label
 
 
 class KernelLaunchError(RuntimeError):

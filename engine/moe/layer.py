@@ -118,8 +118,8 @@ class MoEBlock(nn.Module):
         return topk_ids, topk_weights
 
     def _fused_route(self, x: torch.Tensor):
-        """The router in one Triton launch (`kernels.routing`), same arithmetic as `_torch_route`."""
-        from kernels.routing import fused_route
+        """The router in one Triton launch (`tessera_kernels.routing`), same arithmetic as `_torch_route`."""
+        from tessera_kernels.routing import fused_route
 
         weight, bias = self.router_parameters()
         spec = self.spec

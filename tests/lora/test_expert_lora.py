@@ -10,7 +10,7 @@ import torch
 from engine.lora import AdapterPool, attach_adapters
 from engine.lora.experts import ExpertLoRA, expert_lora_reference
 from engine.moe.experts import ExpertWeights, run_experts
-from kernels import triton_available
+from tessera_kernels import triton_available
 
 from lora_helpers import peft_mixture_logits, save_adapter, tiny_mixtral, tiny_qwen3_moe
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import triton_available
-from kernels.lora_mixture import lora_mixture, lora_mixture_reference, lora_mixture_triton
+from tessera_kernels import triton_available
+from tessera_kernels.lora_mixture import lora_mixture, lora_mixture_reference, lora_mixture_triton
 
 # Kernel tests run on the GPU where there is one, else on CPU tensors through Triton's interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

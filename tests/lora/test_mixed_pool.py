@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.lora import AdapterError, AdapterPool, attach_adapters
-from kernels import triton_available
+from tessera_kernels import triton_available
 
 from lora_helpers import peft_mixture_logits, save_adapter, tiny_llama, tiny_mixtral, tiny_qwen2
 

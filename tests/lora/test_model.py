@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.lora import AdapterPool, RoutingError, attach_adapters, peft_weighted_model
-from kernels import triton_available
+from tessera_kernels import triton_available
 
 from lora_helpers import save_adapter, tiny_mixtral
 

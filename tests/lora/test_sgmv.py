@@ -3,9 +3,9 @@ per-token loop, padded rows as a special case (equal to the row kernel), and the
 import pytest
 import torch
 
-from kernels import triton_available
-from kernels.lora_mixture import lora_mixture_reference
-from kernels.lora_sgmv import group_pairs, lora_sgmv, lora_sgmv_reference, lora_sgmv_triton, row_token_slots
+from tessera_kernels import triton_available
+from tessera_kernels.lora_mixture import lora_mixture_reference
+from tessera_kernels.lora_sgmv import group_pairs, lora_sgmv, lora_sgmv_reference, lora_sgmv_triton, row_token_slots
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(DEVICE), reason="Triton cannot run here")

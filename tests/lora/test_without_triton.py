@@ -11,8 +11,8 @@ import sys
 sys.modules["triton"] = None  # any `import triton` now raises ImportError
 import torch
 import engine.lora
-from kernels import triton_importable
-from kernels.lora_mixture import lora_mixture, lora_mixture_reference
+from tessera_kernels import triton_importable
+from tessera_kernels.lora_mixture import lora_mixture, lora_mixture_reference
 assert not triton_importable()
 x, y = torch.randn(4, 16), torch.randn(4, 8)
 a, b = torch.randn(2, 4, 16), torch.randn(2, 8, 4)

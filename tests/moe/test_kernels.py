@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from kernels.combine import combine_topk, combine_topk_reference
-from kernels.expert_gemm import expert_down, expert_down_reference, expert_up, expert_up_reference
-from kernels.fused_moe import fused_experts, fused_experts_reference
-from kernels.moe_align import moe_align, moe_align_reference
-from kernels.moe_configs import moe_kernel_config
+from tessera_kernels.combine import combine_topk, combine_topk_reference
+from tessera_kernels.expert_gemm import expert_down, expert_down_reference, expert_up, expert_up_reference
+from tessera_kernels.fused_moe import fused_experts, fused_experts_reference
+from tessera_kernels.moe_align import moe_align, moe_align_reference
+from tessera_kernels.moe_configs import moe_kernel_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -161,7 +161,7 @@ def test_expert_biases_and_their_slices(activation):
 def test_gate_up_layouts_run_as_one_gemm_without_copies(layout):
     """w1 and w3 as views of one tensor in every layout the families store (no merge copy), and as a column
     slice of a concatenated one (MoEShard's view of its rank's part)."""
-    from kernels.expert_gemm import merged_gate_up
+    from tessera_kernels.expert_gemm import merged_gate_up
 
     num_tokens, top_k, hidden, ffn, num_experts = 13, 2, 32, 24, 3
     x = torch.randn(num_tokens, hidden, device=DEVICE)
@@ -199,7 +199,7 @@ def test_expert_weights_store_gate_and_up_merged():
 def test_tuned_config_files_are_used_for_their_device_and_shape(tmp_path):
     import json
 
-    from kernels.moe_configs import config_file_name, config_for, safe_config
+    from tessera_kernels.moe_configs import config_file_name, config_for, safe_config
 
     tuned = {"16": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
              "4096": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4)}

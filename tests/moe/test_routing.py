@@ -1,9 +1,9 @@
-"""The one-launch router (`kernels.routing`) against the torch router it replaces on the triton backend."""
+"""The one-launch router (`tessera_kernels.routing`) against the torch router it replaces on the triton backend."""
 import pytest
 import torch
 
 from engine.moe.router import RouterSpec, route, router_logits
-from kernels import triton_available
+from tessera_kernels import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available("cpu"), reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
 
@@ -19,7 +19,7 @@ SPECS = [("switch", 8, 1, False, True, False), ("softmax_topk", 8, 2, True, True
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_fused_route_matches_the_torch_router(kind, experts, top_k, normalize, fp32_weights, with_bias, dtype,
                                               tokens):
-    from kernels.routing import fused_route
+    from tessera_kernels.routing import fused_route
 
     spec = RouterSpec(kind, experts, top_k, normalize, fp32_weights)
     g = torch.Generator().manual_seed(experts + tokens)
@@ -48,7 +48,7 @@ def test_fused_route_matches_the_torch_router(kind, experts, top_k, normalize, f
 
 
 def test_fused_route_flags_non_finite_logits_without_raising():
-    from kernels.routing import fused_route
+    from tessera_kernels.routing import fused_route
 
     x = torch.randn(5, 32)
     x[3, 7] = float("nan")

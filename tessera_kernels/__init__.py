@@ -1,7 +1,10 @@
 """Triton kernels, each with a plain-PyTorch reference beside it.
 
-`kernels.triton_available()` says whether Triton kernels can run here: on CUDA tensors, or on CPU tensors
+`tessera_kernels.triton_available()` says whether Triton kernels can run here: on CUDA tensors, or on CPU tensors
 through Triton's interpreter (TRITON_INTERPRET=1, used by the tests).
+
+The package is `tessera_kernels`, not `kernels`: that import name is Hugging Face's kernels package, which
+transformers requires from 5.25 on and imports as it loads, so a top-level `kernels` of ours would hide it.
 """
 from __future__ import annotations
 

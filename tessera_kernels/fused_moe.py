@@ -3,17 +3,17 @@ GEMM + routing weight, combine. Four launches per layer at decode sizes (align t
 batches), whatever the number of experts; no host synchronisation, no torch ops that launch kernels, and every
 grid and buffer sized from shapes alone (so the layer can be captured in a CUDA graph).
 
-The weights may be a slice of every expert (see `kernels.expert_gemm`): the result is then this slice's exact
+The weights may be a slice of every expert (see `tessera_kernels.expert_gemm`): the result is then this slice's exact
 partial output, and partial outputs of all slices sum to the full one.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.combine import combine_topk, combine_topk_reference
-from kernels.expert_gemm import expert_down, expert_down_reference, expert_up, expert_up_reference
-from kernels.moe_align import align_launches, moe_align
-from kernels.moe_configs import device_label, moe_kernel_config
+from tessera_kernels.combine import combine_topk, combine_topk_reference
+from tessera_kernels.expert_gemm import expert_down, expert_down_reference, expert_up, expert_up_reference
+from tessera_kernels.moe_align import align_launches, moe_align
+from tessera_kernels.moe_configs import device_label, moe_kernel_config
 
 
 def fused_experts(
@@ -25,7 +25,7 @@ def fused_experts(
     """`hidden (T, H)`, `topk_ids (T, k)` with ids outside `[0, E)` meaning "not computed here",
     `topk_weights (T, k)` or None, optional biases `b1 (E, F_s)` and `b2 (E, H)`; returns `(T, H)` in
     `out_dtype` (default: hidden's dtype). Gated experts are fastest with `w3` stored beside `w1` in one tensor
-    (see `kernels.expert_gemm.merged_gate_up`); `config` overrides the block configuration (the tuner's)."""
+    (see `tessera_kernels.expert_gemm.merged_gate_up`); `config` overrides the block configuration (the tuner's)."""
     num_tokens, top_k = topk_ids.shape
     num_experts, ffn, hidden_size = w1.shape
     if config is None:

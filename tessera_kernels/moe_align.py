@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import triton_importable
+from tessera_kernels import triton_importable
 
 # Above this many (pair, expert) comparisons per program, counting is a launch of its own.
 _COUNT_IN_PLACE_LIMIT = 1 << 17

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import triton_importable
+from tessera_kernels import triton_importable
 
 if triton_importable():
     import triton

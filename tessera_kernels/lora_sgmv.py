@@ -3,7 +3,7 @@
 Tokens are packed (continuous batching: rows of any length back to back, or tokens of one expert in an MoE
 layer), each with its own K adapter slots and weights. As in Punica's SGMV and vLLM's punica `lora_shrink` /
 `lora_expand`, the (token, k) pairs are grouped by adapter slot, so a program works on BLOCK_M pairs of one
-adapter and reads that adapter's A and B tiles once for all of them (the row kernel `kernels.lora_mixture`
+adapter and reads that adapter's A and B tiles once for all of them (the row kernel `tessera_kernels.lora_mixture`
 reads them once per row). Grouping runs on the device without reading anything back to the host: each slot's
 pairs are padded to a multiple of BLOCK_M (as `moe_align` does for experts), and the grid is sized for the
 worst case (`pairs / BLOCK_M + slots + 1` tiles; tiles past the end exit at once).
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import triton_available, triton_importable
+from tessera_kernels import triton_available, triton_importable
 
 if triton_importable():
     import triton

@@ -1,13 +1,13 @@
 """Block configurations for the MoE GEMMs: a tuned file for this device and shape when there is one, else a
 table that is safe on every GPU of the device's generation.
 
-Tuned files are `kernels/configs/E=..,N=..,K=..,device=..,dtype=...json`, one per (device name, experts, FFN
+Tuned files are `tessera_kernels/configs/E=..,N=..,K=..,device=..,dtype=...json`, one per (device name, experts, FFN
 width each rank holds `N`, hidden size `K`, dtype), written by `scripts/tune_moe.py`. A file maps token counts
 to configurations; a call uses the entry whose token count is nearest its own.
 
 The safe tables are keyed by rows per expert (`tokens * top_k / E`, known on the host from shapes alone). Few
 rows per expert means the GEMMs are bound by reading weights: small row blocks waste less padding and wide K
-tiles stream the weights. Many rows means compute-bound: large tiles. `kernels.launch_check` compiles every
+tiles stream the weights. Many rows means compute-bound: large tiles. `tessera_kernels.launch_check` compiles every
 entry of every table and every tuned file for its GPUs and fails on shared memory over their limit or spills.
 """
 from __future__ import annotations

@@ -13,16 +13,16 @@ K adapters with arbitrary weights, and the whole heterogeneous batch runs in two
   one pass over y.
 
 Tokens of row b are the contiguous block x[b * L:(b + 1) * L] (padded batches, as transformers builds them).
-`lora_mixture_reference` is the plain-PyTorch definition (the packed kernel's reference, `kernels.lora_sgmv`,
+`lora_mixture_reference` is the plain-PyTorch definition (the packed kernel's reference, `tessera_kernels.lora_sgmv`,
 with every token taking its row's slots), which is also the fallback when Triton is missing. Packed batches
-(rows of any length) and adapter-grouped work are `kernels.lora_sgmv`.
+(rows of any length) and adapter-grouped work are `tessera_kernels.lora_sgmv`.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels import triton_available, triton_importable
-from kernels.lora_sgmv import check_operands, lora_sgmv_reference, row_token_slots
+from tessera_kernels import triton_available, triton_importable
+from tessera_kernels.lora_sgmv import check_operands, lora_sgmv_reference, row_token_slots
 
 if triton_importable():
     import triton
@@ -157,7 +157,7 @@ def lora_mixture_triton(x, y, a_stack, b_stack, slots, weights, split_k: int | N
     d_out = b_stack.shape[1]
     k = slots.shape[1]
     # fp32 runs full-precision FMA dots: 32- and 64-row tiles at rank 64 spill registers on sm_80
-    # (kernels.launch_check).
+    # (tessera_kernels.launch_check).
     block_m = min(16 if x.dtype == torch.float32 else 64, max(16, _next_pow2(per_row)))
     block_r = max(16, _next_pow2(rank))
     block_k = min(64, max(16, _next_pow2(d_in)))

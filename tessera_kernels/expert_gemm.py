@@ -16,7 +16,7 @@ both, and the epilogue splits it into `act(gate) * up`.
 `pair // top_k`, and writes row `pair` of the intermediate. `expert_down` computes
 `(inter @ w2[e].T [+ b2[e]]) * weight[pair]` into row `pair` of the output. The first bias is sliced with the
 columns; the second belongs to whole experts, so exactly one slice adds it. Row blocks come from
-`kernels.moe_align`; blocks past the device-side padded length exit at once.
+`tessera_kernels.moe_align`; blocks past the device-side padded length exit at once.
 
 Both launch a 1-D grid in grouped order (`GROUP_SIZE_M` row blocks walk the output columns together), so the
 activation rows of a group stay in L2 while the weight tiles stream. Row counts that change every call
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import triton_importable
-from kernels.moe_align import AlignedPairs
+from tessera_kernels import triton_importable
+from tessera_kernels.moe_align import AlignedPairs
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 

@@ -13,8 +13,8 @@ distinct specialisation (Triton's in-memory cache dedupes repeats).
 `CASES` is the registration list: functions that, with a stand-in driver active, yield `(label, launch)` pairs
 where `launch()` calls a real launcher on meta tensors. To check a new kernel, append its function.
 
-    python -m kernels.launch_check            # sm_80, sm_89, sm_90 and every tuned file; exit 1 on any failure
-    python -m kernels.launch_check --arch 86  # one target
+    python -m tessera_kernels.launch_check            # sm_80, sm_89, sm_90 and every tuned file; exit 1 on a failure
+    python -m tessera_kernels.launch_check --arch 86  # one target
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from multiprocessing import get_context
 
 import torch
 
-from kernels.moe_configs import (CONFIG_DIR, PUBLISHED_SHAPES, SAFE_TABLES, SHARED_MEMORY_LIMITS, SLICES,
-                                 generation)
+from tessera_kernels.moe_configs import (CONFIG_DIR, PUBLISHED_SHAPES, SAFE_TABLES, SHARED_MEMORY_LIMITS, SLICES,
+                                         generation)
 
 ARCHS = (80, 86, 89, 90)
 # sm_86 and sm_89 share their shared-memory limit and Triton's code generation: every kernel compiled for both
@@ -164,7 +164,7 @@ def _describe(src, metadata) -> str:
 def moe_cases():
     """`fused_experts` for every published family, whole and as each MoEShard rank's slice, in every dtype and
     at 1 to 32k tokens, with the weights laid out as the engine holds them (one merged gate/up tensor)."""
-    from kernels.fused_moe import fused_experts
+    from tessera_kernels.fused_moe import fused_experts
 
     for family, (experts, hidden, ffn, top_k, gated, activation, fp32_weights) in PUBLISHED_SHAPES.items():
         widths = sorted({w for g in SLICES for w in (ffn // g, -(-ffn // g))})
@@ -185,7 +185,7 @@ def bias_and_ep_cases():
     """The two other ways the engine calls `fused_experts`: BERT-MoE's biased, ungated GELU experts (the served
     default, minilm-moe, as a whole and as MoEShard slices), and expert parallelism's chunk, where each rank runs
     whole experts, E / G of them, over received rows at top-1 with no routing weights."""
-    from kernels.fused_moe import fused_experts
+    from tessera_kernels.fused_moe import fused_experts
 
     experts, hidden, ffn, top_k = BERT_MOE_SHAPE
     for dtype in DTYPES:
@@ -212,7 +212,7 @@ def bias_and_ep_cases():
 def lora_cases():
     """The per-row LoRA mixture at the families' hidden sizes, so that every block size its launcher derives is
     reached: decode rows (one token, split reduction) and prefill rows, ranks 16 and 64, one and three adapters."""
-    from kernels.lora_mixture import lora_mixture_triton
+    from tessera_kernels.lora_mixture import lora_mixture_triton
 
     sizes = sorted({hidden for _, hidden, *_ in PUBLISHED_SHAPES.values()})
     # (rows, tokens per row, rank, adapters per row, split of the shrink's reduction)
@@ -228,9 +228,9 @@ def lora_cases():
 
 
 def routing_cases():
-    """The one-launch router (`kernels.routing`) for every published family's experts, top-k and hidden size,
+    """The one-launch router (`tessera_kernels.routing`) for every published family's experts, top-k and hidden size,
     in every dtype, at decode and prefill token counts, with routing counts tracked (its atomics included)."""
-    from kernels.routing import fused_route
+    from tessera_kernels.routing import fused_route
 
     for family, (experts, hidden, _, top_k, _, _, fp32_weights) in PUBLISHED_SHAPES.items():
         switch = family.startswith("switch")
@@ -245,11 +245,11 @@ def routing_cases():
 
 
 def lora_sgmv_cases():
-    """The packed, adapter-grouped LoRA mixture (kernels.lora_sgmv) at the families' hidden sizes: decode and
+    """The packed, adapter-grouped LoRA mixture (tessera_kernels.lora_sgmv) at the families' hidden sizes: decode and
     prefill token counts, ranks 16 and 64, one adapter per token (expand in place) and three (fp32 atomics),
     and the expert-LoRA shapes (FFN-wide inputs and outputs). The grouping is given, as meta tensors cannot
     run its data-dependent indexing."""
-    from kernels.lora_sgmv import BLOCK_M, lora_sgmv_triton
+    from tessera_kernels.lora_sgmv import BLOCK_M, lora_sgmv_triton
 
     dims = sorted({(h, h) for _, h, *_ in PUBLISHED_SHAPES.values()}
                   | {(h, 2 * f) for _, h, f, *_ in PUBLISHED_SHAPES.values()}
@@ -302,7 +302,7 @@ def count_launches(fn, *args, **kwargs) -> tuple[int, list[str]]:
 def decode_launch_problems() -> list[str]:
     """The expert path of one MoE layer at decode (1 and 8 tokens) makes exactly the launches
     `fused_experts_launches` documents, all of them Triton kernels."""
-    from kernels.fused_moe import fused_experts, fused_experts_launches
+    from tessera_kernels.fused_moe import fused_experts, fused_experts_launches
 
     problems = []
     for family, (experts, hidden, ffn, top_k, gated, activation, _) in PUBLISHED_SHAPES.items():
@@ -323,7 +323,7 @@ def decode_launch_problems() -> list[str]:
 
 def failure_report_problems() -> list[str]:
     """A configuration the GPU cannot run fails with an error naming the kernel, configuration and device."""
-    from kernels.fused_moe import fused_experts
+    from tessera_kernels.fused_moe import fused_experts
 
     too_big = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_SIZE_M=1, num_warps=4, num_stages=8)
     w13 = _meta(8, 256, 512, dtype=torch.bfloat16)
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("kernels.launch_check compiles for GPUs: run it without TRITON_INTERPRET=1")
+        raise SystemExit("tessera_kernels.launch_check compiles for GPUs: run it without TRITON_INTERPRET=1")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-launch-check-")  # every kernel through ptxas
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
