@@ -277,8 +277,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-blocks", type=int, default=1536, help="KV blocks of 32 tokens per rank / process")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per rate on each server; the table reports the run of median throughput")
-    parser.add_argument("--step-tokens", type=int, default=256,
-                        help="tokens per step (prefill chunks and decodes) of both continuous schedulers")
+    parser.add_argument("--step-tokens", type=int, default=512,
+                        help="tokens per step (prefill chunks and decodes) of both continuous schedulers "
+                             "(the server's default)")
     parser.add_argument("--max-running", type=int, default=128,
                         help="continuous scheduler: requests per rank (paged: in the same KV blocks as the static "
                              "batcher's 64)")

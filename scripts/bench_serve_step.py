@@ -40,7 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-BATCH = dict(num_blocks=1536, block_size=32, step_tokens=256)  # per rank: the decode benchmark's KV and step budget
+from engine.serving.config import ServeConfig  # noqa: E402
+
+# per rank: the decode benchmark's KV blocks, and the server's step budget
+BATCH = dict(num_blocks=1536, block_size=32, step_tokens=ServeConfig.step_tokens)
 
 
 def prompts(rows: int, seed: int = 0) -> list[list[int]]:

@@ -30,7 +30,10 @@ class ServeConfig:
     kv_cache_bytes: int | None = None  # KV budget per rank in bytes; unset: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.5
     kv_block_size: int = 32  # tokens per KV block
-    step_tokens: int = 256  # tokens per rank per step: longer prompts are prefilled in chunks of this size
+    # tokens per rank per step: longer prompts are prefilled in chunks of this size. On the decode benchmark (2 CPU
+    # ranks, saturated) 512 streamed 12-14 % more tokens/s than 256, with a longer time per output token
+    # (benchmarks/results/step_tokens_ab_cpu/)
+    step_tokens: int = 512
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # requests waiting; past it, 503 with Retry-After
     max_input_tokens: int = 512  # per input text; past it, 413
