@@ -31,7 +31,7 @@ class ServeConfig:
     kv_cache_fraction: float = 0.5
     kv_block_size: int = 32  # tokens per KV block
     # tokens per rank per step: longer prompts are prefilled in chunks of this size. On the decode benchmark (2 CPU
-    # ranks, saturated) 512 streamed 12-14 % more tokens/s than 256, with a longer time per output token
+    # ranks, saturated) 512 streamed 6-9 % more tokens/s than 256, with a longer time per output token
     # (benchmarks/results/step_tokens_ab_cpu/)
     step_tokens: int = 512
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
