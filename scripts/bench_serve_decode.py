@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import importlib.metadata
 import json
 import os
 import random
@@ -52,6 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from foundation.atomic import write_json  # noqa: E402
+
+VERSIONED = ("torch", "transformers", "triton", "uvicorn", "aiohttp")  # recorded with the results
 
 
 def free_port() -> int:
@@ -290,6 +293,7 @@ def main(argv=None) -> int:
         path = Path(args.replot)
         plot(json.loads(path.read_text())["schedulers"], path.with_suffix(".png"))
         return 0
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     os.environ.setdefault("TESSERA_CACHE", tempfile.mkdtemp(prefix="tessera-bench-"))
     folder = Path(tempfile.mkdtemp(prefix="tessera-bench-model-"))
     build_model(folder)
@@ -332,8 +336,8 @@ def main(argv=None) -> int:
                   max_running_per_rank=args.max_running,
                   kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
-                  device=device, schedulers=table,
-                  saturation_throughput_ratios=ratios)
+                  device=device, versions={name: importlib.metadata.version(name) for name in VERSIONED},
+                  started=started, schedulers=table, saturation_throughput_ratios=ratios)
     name = f"serve_decode_{device}.json"
     write_json(out / name, result, indent=2)
     plot(table, out / name.replace(".json", ".png"))
