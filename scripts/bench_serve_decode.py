@@ -57,6 +57,13 @@ from foundation.atomic import write_json  # noqa: E402
 VERSIONED = ("torch", "transformers", "triton", "uvicorn", "aiohttp")  # recorded with the results
 
 
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -336,7 +343,7 @@ def main(argv=None) -> int:
                   max_running_per_rank=args.max_running,
                   kv_blocks=args.kv_blocks, block_size=32,
                   threads="OMP_NUM_THREADS=1 per process (tessera: per rank, set by torchrun)",
-                  device=device, versions={name: importlib.metadata.version(name) for name in VERSIONED},
+                  device=device, versions={name: installed_version(name) for name in VERSIONED},
                   started=started, schedulers=table, saturation_throughput_ratios=ratios)
     name = f"serve_decode_{device}.json"
     write_json(out / name, result, indent=2)

@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("TESSERA_DIST_TIMEOUT", "600"))
+# torch 2.13 renamed these two (the old names warn on every call); 2.11 has only the old ones
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def init_distributed(timeout_s: float | None = None) -> "Dist":
@@ -81,7 +84,7 @@ class Dist:
         if self.size == 1:
             return x
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        _all_gather_into(out, x.contiguous(), group=self.group)
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,7 @@ class Dist:
             return x
         if self.backend == "nccl":
             out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+            _reduce_scatter_into(out, x.contiguous(), group=self.group)
             return out
         chunks = torch.empty_like(x)
         dist.all_to_all_single(chunks, x.contiguous(), group=self.group)
