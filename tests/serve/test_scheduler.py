@@ -234,3 +234,33 @@ def test_waiting_requests_stay_in_the_bounded_queue_so_overload_is_refused_not_a
     batch.close()
     assert [r.result.tokens for r in requests[:3]] == [reference(model, p, 6) for p in PROMPTS[:3]]
 
+
+
+def test_new_requests_go_where_less_prefill_is_pending_among_the_ranks_with_room():
+    """A prompt still waiting for its first token makes its rank's next steps the longer ones (every rank waits
+    for the slowest in the MoE collectives), so a new request goes to the rank with fewer such prompt tokens among
+    those whose free KV blocks hold it; only when none has room does the one with the most free blocks take it."""
+    from types import SimpleNamespace
+
+    from engine.serving.batcher import Request
+
+    coordinator = SimpleNamespace(world=2, runner=SimpleNamespace(model=object()))
+    scheduler = ContinuousEngine(coordinator, max_running_per_rank=8)
+    scheduler.kv = [dict(blocks_total=64, blocks_free=free, block_size=16) for free in (60, 40)]
+
+    def place(prompt_tokens, max_tokens=16):
+        request = Request("generate", [5] * prompt_tokens, None, params=dict(max_tokens=max_tokens))
+        request.id = f"r{len(scheduler.active)}"
+        scheduler.incoming.append(request)
+        add = scheduler._place()
+        return next(rank for rank in range(2) if add[rank]), request
+
+    first_rank, first = place(300)  # no prefill pending anywhere: the most free blocks
+    assert first_rank == 0
+    assert place(40)[0] == 1  # rank 0 still prefills 300 prompt tokens
+    first.first_token_at = time.perf_counter()  # its prefill is done: rank 1's 40 tokens are the pending ones
+    assert place(40)[0] == 0
+    scheduler.kv = [dict(blocks_total=64, blocks_free=free, block_size=16) for free in (2, 30)]
+    assert place(40)[0] == 1  # rank 0 has less prefill pending but not the blocks for this request
+    scheduler.kv = [dict(blocks_total=64, blocks_free=free, block_size=16) for free in (3, 1)]
+    assert place(200)[0] == 0  # no rank has room: the most free blocks, where it waits the shortest
