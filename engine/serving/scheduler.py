@@ -221,8 +221,8 @@ class ContinuousEngine:
         """New requests to a rank whose free KV blocks hold them (counting what this step already placed): of those,
         the one with the fewest prompt tokens not yet answered, else the one with the most free blocks. A rank that
         prefills makes every rank wait for it in the MoE collectives, so spreading the prefill evens the lockstep
-        steps out; on the decode benchmark at 128/s this streamed 5-8 % more tokens/s than placing by free blocks
-        alone (benchmarks/results/placement_ab_cpu/)."""
+        steps out; on the decode benchmark at 128/s (saturated) this streamed 5-8 % more tokens/s than placing by free
+        blocks alone, at 64/s no difference showed (benchmarks/results/placement_ab_cpu/)."""
         add = [[] for _ in range(self.world)]
         free = [kv["blocks_free"] for kv in self.kv] if self.kv else [0] * self.world
         running, prefill = [0] * self.world, [0] * self.world  # requests, and prompt tokens not yet answered
