@@ -23,10 +23,13 @@ gather above then copied them again. Profiled on the decode benchmark's model wi
 per-token copies were half of a step's CPU time. Read by page, a request's keys are a few whole pages of 32
 tokens, gathered once per layer straight into the padded layout, and the requests' lengths come as the host lists
 the step was prepared from, so no layer reads the boundaries back from the device (on a GPU, a synchronisation per
-layer).
+layer). The groups, their pages and padding masks are worked out once per step (`StepPlan`) and every layer reuses
+them, gathering into the same two scratch buffers; built per layer, with a fresh tensor per gather, the decode
+benchmark's two saturated ranks made 7-8 % fewer tokens/s (benchmarks/results/attention_plan_ab_cpu/).
 """
 from __future__ import annotations
 
+import array
 import itertools
 from typing import NamedTuple
 
@@ -55,43 +58,108 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     pages = kwargs.get(PAGES)
-    if pages is not None:  # the lengths as the step was prepared on the host: no device read in any layer
-        q_lens, k_lens, k_starts = pages.q_lens, pages.k_lens, None
-        q_starts = [0, *itertools.accumulate(q_lens)]
+    # token-major views ([tokens, heads, head_dim]): how the projections and the cache read lay them out, so
+    # gathering tokens copies whole rows
+    q = query[0].transpose(0, 1)
+    if pages is not None:  # the step's plan, from the host lengths it was prepared with: no device read here
+        plan, keys_of = pages.plan, _PageReader(pages)
     else:  # one host read per layer; the lengths steer the split
         q_starts, k_starts = cu_q.tolist(), cu_k.tolist()
         q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]
         k_lens = [b - a for a, b in zip(k_starts[:-1], k_starts[1:])]
+        plan, keys_of = StepPlan(q.device, q_lens, k_lens, q_starts=q_starts), _TokenReader(key, value, k_starts)
     gqa = query.shape[1] != key.shape[1]
-    # token-major views ([tokens, heads, head_dim]): how the projections and the cache read lay them out, so
-    # gathering tokens copies whole rows
-    q = query[0].transpose(0, 1)
-    keys_of = _PageReader(pages) if pages is not None else _TokenReader(key, value, k_starts)
     out = torch.empty_like(q)
-    decode = sorted((i for i, n in enumerate(q_lens) if n == 1), key=k_lens.__getitem__)
-    for group in range(0, len(decode), DECODE_GROUP):  # similar lengths together: little padding
-        requests = decode[group: group + DECODE_GROUP]
-        keys, values, valid = keys_of.padded(requests, [k_lens[i] for i in requests])  # [requests, kv_heads, ...]
-        rows = torch.tensor([q_starts[i] for i in requests], device=q.device)
+    for group in plan.decode_groups:
+        keys, values = keys_of.padded(group)  # [requests, kv_heads, longest, head_dim]
         # [requests, kv_heads, heads per kv head, head_dim]: one query of each head that shares a kv head, as
         # queries of that kv head (heads are grouped by kv head, as transformers' repeat_kv lays them out), so
         # the keys are read once, not repeated per head as SDPA's enable_gqa does (on CPU, half the time)
-        queries = q.index_select(0, rows).view(len(requests), keys.shape[1], -1, q.shape[-1])
-        result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :],
-                                                scale=scaling)
-        out.index_copy_(0, rows, result.reshape(len(requests), *q.shape[1:]))
-    for i, n in enumerate(q_lens):
-        if n <= 1:
-            continue
-        qs, kn = slice(q_starts[i], q_starts[i + 1]), k_lens[i]
-        keys, values = keys_of.one(i, kn)  # [kv_heads, kn, head_dim]
-        mask = None
-        if kn != n:  # a later chunk: query j (at position kn - n + j) sees keys 0 .. kn - n + j
-            mask = torch.ones(n, kn, dtype=torch.bool, device=q.device).tril(kn - n)
-        chunk = F.scaled_dot_product_attention(q[qs].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                                               is_causal=mask is None, scale=scaling, enable_gqa=gqa)
-        out[qs] = chunk[0].transpose(0, 1)
+        queries = q.index_select(0, group.rows).view(group.size, keys.shape[1], -1, q.shape[-1])
+        result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.valid, scale=scaling)
+        out.index_copy_(0, group.rows, result.reshape(group.size, *q.shape[1:]))
+    for chunk in plan.chunks:
+        keys, values = keys_of.one(chunk)  # [kv_heads, keys, head_dim]
+        qs = slice(chunk.q_start, chunk.q_end)
+        result = F.scaled_dot_product_attention(q[qs].transpose(0, 1)[None], keys[None], values[None],
+                                                attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling,
+                                                enable_gqa=gqa)
+        out[qs] = result[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+class DecodeGroup(NamedTuple):
+    """Up to DECODE_GROUP decoding requests of similar length: their query rows, how many, the longest's key count,
+    the padding mask [requests, 1, 1, longest] and, read by page, the pages to gather ([requests x pages])."""
+    rows: torch.Tensor
+    size: int
+    longest: int
+    valid: torch.Tensor
+    pages: torch.Tensor | None
+    requests: list[int]
+
+
+class Chunk(NamedTuple):
+    """A request that prefills `q_end - q_start` query tokens against `keys` keys (the later ones of a longer
+    prompt see all earlier chunks: `mask`, else causal), and, read by page, its pages."""
+    request: int
+    q_start: int
+    q_end: int
+    keys: int
+    mask: torch.Tensor | None
+    pages: torch.Tensor | None
+
+
+class StepPlan:
+    """How a step's requests attend, worked out once per step from the host lengths: every layer of the step
+    reuses its groups, index tensors and masks, and, read by page, one scratch buffer for the gathered keys and
+    one for the values. `page_lists`: per request, the page of each of its blocks (read by page), times
+    `page_stride`."""
+
+    def __init__(self, device, q_lens: list[int], k_lens: list[int], page_lists: list[list[int]] | None = None,
+                 page_size: int = 0, page_stride: int = 1, q_starts: list[int] | None = None):
+        q_starts = q_starts or [0, *itertools.accumulate(q_lens)]
+        decode = sorted((i for i, n in enumerate(q_lens) if n == 1), key=k_lens.__getitem__)
+        groups = [decode[start: start + DECODE_GROUP] for start in range(0, len(decode), DECODE_GROUP)]
+        chunks = [i for i, n in enumerate(q_lens) if n > 1]
+        pages = [None] * (len(groups) + len(chunks))
+        if page_lists is not None:  # every group's and chunk's pages in one host array, made one tensor at once
+            flat, bounds = array.array("q"), [0]
+            for group in groups:  # each request's pages, padded with its first to the group's widest
+                width = -(-k_lens[group[-1]] // page_size)
+                for i in group:
+                    own = page_lists[i][: -(-k_lens[i] // page_size)]
+                    flat.extend(own)
+                    flat.extend(own[:1] * (width - len(own)))
+                bounds.append(len(flat))
+            for i in chunks:
+                flat.extend(page_lists[i][: -(-k_lens[i] // page_size)])
+                bounds.append(len(flat))
+            every = torch.frombuffer(flat, dtype=torch.int64).to(device) * page_stride if flat else None
+            pages = [every[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self.scratch_rows = max((p.numel() for p in pages[: len(groups)] if p is not None), default=0)
+        self.scratch = None
+        self.decode_groups = []
+        for group, group_pages in zip(groups, pages):  # similar lengths together: little padding
+            lengths = [k_lens[i] for i in group]
+            longest = -(-lengths[-1] // page_size) * page_size if page_size else lengths[-1]
+            valid = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            rows = torch.tensor([q_starts[i] for i in group], device=device)
+            self.decode_groups.append(DecodeGroup(rows, len(group), longest, valid[:, None, None, :], group_pages,
+                                                  group))
+        self.chunks = []
+        for i, chunk_pages in zip(chunks, pages[len(groups):]):
+            n, kn = q_lens[i], k_lens[i]
+            # a later chunk: query j (at position kn - n + j) sees keys 0 .. kn - n + j
+            mask = torch.ones(n, kn, dtype=torch.bool, device=device).tril(kn - n) if kn != n else None
+            self.chunks.append(Chunk(i, q_starts[i], q_starts[i + 1], kn, mask, chunk_pages))
+
+    def buffers(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scratch rows for one layer's gathered key and value pages (rows of `like`, a page per row)."""
+        if self.scratch is None or self.scratch[0].dtype != like.dtype or self.scratch[0].shape[1] != like.shape[1]:
+            shape = (self.scratch_rows, like.shape[1])
+            self.scratch = (like.new_empty(shape), like.new_empty(shape))
+        return self.scratch
 
 
 class _TokenReader:
@@ -100,54 +168,47 @@ class _TokenReader:
     def __init__(self, key: torch.Tensor, value: torch.Tensor, k_starts: list[int]):
         self.k, self.v, self.starts = key[0].transpose(0, 1), value[0].transpose(0, 1), k_starts
 
-    def padded(self, requests: list[int], lengths: list[int]):
-        device, longest = self.k.device, max(lengths)
-        starts = torch.tensor([self.starts[i] for i in requests], device=device)
-        offsets = torch.arange(longest, device=device)
-        valid = offsets[None, :] < torch.tensor(lengths, device=device)[:, None]  # [requests, longest]
-        index = (starts[:, None] + offsets[None, :]).masked_fill(~valid, 0).reshape(-1)
-        shape = (len(requests), longest, *self.k.shape[1:])
+    def padded(self, group: DecodeGroup):
+        device = self.k.device
+        starts = torch.tensor([self.starts[i] for i in group.requests], device=device)
+        offsets = torch.arange(group.longest, device=device)
+        index = (starts[:, None] + offsets[None, :]).masked_fill(~group.valid[:, 0, 0], 0).reshape(-1)
+        shape = (group.size, group.longest, *self.k.shape[1:])
         keys = self.k.reshape(self.k.shape[0], -1).index_select(0, index).view(shape).transpose(1, 2)
         values = self.v.reshape(self.v.shape[0], -1).index_select(0, index).view(shape).transpose(1, 2)
-        return keys, values, valid
+        return keys, values
 
-    def one(self, request: int, length: int):
-        span = slice(self.starts[request], self.starts[request] + length)
+    def one(self, chunk: Chunk):
+        span = slice(self.starts[chunk.request], self.starts[chunk.request] + chunk.keys)
         return self.k[span].transpose(0, 1), self.v[span].transpose(0, 1)
 
 
 class Pages(NamedTuple):
     """What `read_cache_by_page` hands the attention of one layer: `k_pages`/`v_pages` [pages, page_size, kv_heads,
-    head_dim] of this layer, `table` [requests, most pages] the page of each request's i-th block (padded with a
-    valid page), and each request's query and key lengths in this step, as host lists."""
+    head_dim] of this layer, and the step's `StepPlan` (the same for every layer)."""
     k_pages: torch.Tensor
     v_pages: torch.Tensor
-    table: torch.Tensor
-    q_lens: list[int]
-    k_lens: list[int]
+    plan: StepPlan
 
 
 class _PageReader:
-    """Keys and values read from the cache's pages."""
+    """Keys and values read from the cache's pages, gathered into the step's scratch buffers."""
 
     def __init__(self, pages: Pages):
-        self.table, self.size, self.token = pages.table, pages.k_pages.shape[1], pages.k_pages.shape[2:]
+        self.token, self.plan = pages.k_pages.shape[2:], pages.plan
         # one row per page: index_select copies whole rows (on CPU about 5x faster than over the 4-d view)
         self.k, self.v = pages.k_pages.flatten(1), pages.v_pages.flatten(1)
 
-    def padded(self, requests: list[int], lengths: list[int]):
-        device, width = self.k.device, -(-max(lengths) // self.size)
-        index = self.table[torch.tensor(requests, device=device), :width].reshape(-1)
-        shape = (len(requests), width * self.size, *self.token)
-        keys = self.k.index_select(0, index).view(shape).transpose(1, 2)
-        values = self.v.index_select(0, index).view(shape).transpose(1, 2)
-        valid = torch.arange(width * self.size, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        return keys, values, valid
+    def padded(self, group: DecodeGroup):
+        k_rows, v_rows = self.plan.buffers(self.k)
+        n, shape = group.pages.numel(), (group.size, group.longest, *self.token)
+        keys = torch.index_select(self.k, 0, group.pages, out=k_rows[:n]).view(shape).transpose(1, 2)
+        values = torch.index_select(self.v, 0, group.pages, out=v_rows[:n]).view(shape).transpose(1, 2)
+        return keys, values
 
-    def one(self, request: int, length: int):
-        index = self.table[request, : -(-length // self.size)]
-        keys = self.k.index_select(0, index).view(-1, *self.token)[:length]
-        values = self.v.index_select(0, index).view(-1, *self.token)[:length]
+    def one(self, chunk: Chunk):
+        keys = self.k.index_select(0, chunk.pages).view(-1, *self.token)[: chunk.keys]
+        values = self.v.index_select(0, chunk.pages).view(-1, *self.token)[: chunk.keys]
         return keys.transpose(0, 1), values.transpose(0, 1)
 
 
@@ -158,7 +219,7 @@ def read_cache_by_page(processor) -> bool:
     """Makes a transformers continuous batch processor (5.24) hand this attention its cache's pages instead of
     reading every key back token by token: step preparation builds write indices only (no read list), the cache
     update only writes (an empty read index is transformers' own write-only path), and then adds this layer's
-    page views, the step's page table and its lengths (`Pages`) to the attention's kwargs. Returns False,
+    page views and the step's plan (`Pages`) to the attention's kwargs. Returns False,
     changing nothing, where the cache is not laid out as this expects (one full-attention group with page views,
     the index-based update rather than flash's block table, synchronous inputs)."""
     cache, io = processor.cache, processor.inputs_and_outputs
@@ -180,19 +241,14 @@ def read_cache_by_page(processor) -> bool:
     def prepare_with_page_table(requests_in_batch, *args, **kwargs):
         prepare(requests_in_batch, *args, **kwargs)
         # position_offset: the request's length once this step's tokens are in
-        k_lens = [future.state.position_offset for future in requests_in_batch]
-        counts = [-(-n // allocator.tokens_per_page) for n in k_lens]
-        width, flat = max(counts), []
-        for future, count in zip(requests_in_batch, counts):  # one flat list: this runs for every row every step
-            blocks = allocator.block_table[future.state.request_id]
-            flat += blocks[:count]
-            flat += blocks[:1] * (width - count)
-        step["table"] = torch.tensor(flat, device=io.device).view(len(counts), width) * pages_per_block
-        step["lengths"] = [future.query_length for future in requests_in_batch], k_lens
+        step["plan"] = StepPlan(io.device, [future.query_length for future in requests_in_batch],
+                                [future.state.position_offset for future in requests_in_batch],
+                                [allocator.block_table[future.state.request_id] for future in requests_in_batch],
+                                allocator.tokens_per_page, pages_per_block)
 
     def update_then_pages(key_states, value_states, layer_idx, kwargs):
         key_states, value_states = update(key_states, value_states, layer_idx, kwargs)
-        kwargs[PAGES] = Pages(*allocator._kv_page_views[layer_idx], step["table"], *step["lengths"])
+        kwargs[PAGES] = Pages(*allocator._kv_page_views[layer_idx], step["plan"])
         return key_states, value_states
 
     cache.extend_read_and_write_indices = write_indices_only

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import engine
 from engine.serving.paged_batch import RankBatch
-from engine.serving.varlen_attention import DECODE_GROUP, NAME, PAGES, Pages, varlen_attention
+from engine.serving.varlen_attention import DECODE_GROUP, NAME, PAGES, Pages, StepPlan, varlen_attention
 
 
 class Module:
@@ -64,10 +64,9 @@ def test_keys_read_from_the_cache_pages_match_the_dense_mask():
             k_pages[page, : len(keys[j * size: (j + 1) * size])] = keys[j * size: (j + 1) * size]
             v_pages[page, : len(values[j * size: (j + 1) * size])] = values[j * size: (j + 1) * size]
         table.append(pages)
-    width = max(len(pages) for pages in table)
-    table = torch.tensor([pages + pages[:1] * (width - len(pages)) for pages in table])
     new = torch.cat([torch.arange(int(cu_k[i + 1]) - q, int(cu_k[i + 1])) for i, (q, _) in enumerate(shapes)])
-    pages = Pages(k_pages, v_pages, table, [q for q, _ in shapes], [k for _, k in shapes])
+    plan = StepPlan("cpu", [q for q, _ in shapes], [k for _, k in shapes], table, size)
+    pages = Pages(k_pages, v_pages, plan)
     got, _ = varlen_attention(Module(), query, key[:, :, new], value[:, :, new], None, scaling=0.3,
                               cu_seq_lens_q=cu_q.to("meta"), cu_seq_lens_k=cu_k.to("meta"), **{PAGES: pages})
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
