@@ -145,15 +145,18 @@ class AdapterCache:
             for module, dims in layout.items():
                 experts = dims[:1] if len(dims) == 4 else ()
                 rank, d_in, d_out = dims[-3:]
-                a = torch.zeros(capacity, *experts, rank, d_in, device=self.device, dtype=self.dtype)
-                b = torch.zeros(capacity, *experts, d_out, rank, device=self.device, dtype=self.dtype)
-                s = torch.zeros(capacity, device=self.device, dtype=torch.float32)
-                if module in old_stacks:
-                    old_a, old_b = old_stacks[module]
-                    r = min(rank, old_a.shape[-2])  # a rank shrinks when its largest adapter leaves
-                    a[:keep, ..., :r, :].copy_(old_a[:keep, ..., :r, :])
-                    b[:keep, ..., :r].copy_(old_b[:keep, ..., :r])
-                    s[:keep].copy_(old_scales[module][:keep])
+                # kept across passes and loaded into in place between them: normal tensors even when this runs
+                # inside a step's inference mode (engine.serving.paged_batch.RankBatch.run)
+                with torch.inference_mode(False):
+                    a = torch.zeros(capacity, *experts, rank, d_in, device=self.device, dtype=self.dtype)
+                    b = torch.zeros(capacity, *experts, d_out, rank, device=self.device, dtype=self.dtype)
+                    s = torch.zeros(capacity, device=self.device, dtype=torch.float32)
+                    if module in old_stacks:
+                        old_a, old_b = old_stacks[module]
+                        r = min(rank, old_a.shape[-2])  # a rank shrinks when its largest adapter leaves
+                        a[:keep, ..., :r, :].copy_(old_a[:keep, ..., :r, :])
+                        b[:keep, ..., :r].copy_(old_b[:keep, ..., :r])
+                        s[:keep].copy_(old_scales[module][:keep])
                 stacks[module], scales[module] = (a, b), s
             self._stacks, self._scales, self._layout = stacks, scales, layout
             used = set(self._resident.values())

@@ -33,8 +33,9 @@ class RouterHealth:
         """The device's flags, int32 (the fused router raises them with an atomic)."""
         device = torch.device(device)
         flags = self._flags.get(device)
-        if flags is None:
-            flags = self._flags[device] = torch.zeros(len(self.names), dtype=torch.int32, device=device)
+        if flags is None:  # kept across passes: a normal tensor even when the first pass runs in inference mode
+            with torch.inference_mode(False):
+                flags = self._flags[device] = torch.zeros(len(self.names), dtype=torch.int32, device=device)
         return flags
 
     def mark(self, index: int, bad: torch.Tensor) -> None:

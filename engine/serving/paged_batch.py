@@ -190,12 +190,15 @@ class RankBatch:
             self.manager._original_attn_impl = None
 
     def run(self, op: dict, rank: int) -> dict:
-        """A scheduler step operation: add and drop this rank's requests, step, report."""
-        for request in op["add"][rank]:
-            self.add(**request)
-        for request_id in op["cancel"][rank]:  # after adding: a request may leave at the step it joins
-            self.cancel(request_id)
-        events = self.step()
+        """A scheduler step operation: add and drop this rank's requests, step, report. Under inference mode, as
+        transformers' own generation thread steps when its caller is: nothing of a step is ever differentiated,
+        and each of the tiny model's many small torch calls costs less without autograd's bookkeeping."""
+        with torch.inference_mode():
+            for request in op["add"][rank]:
+                self.add(**request)
+            for request_id in op["cancel"][rank]:  # after adding: a request may leave at the step it joins
+                self.cancel(request_id)
+            events = self.step()
         return {"events": events, "kv": self.stats()}
 
     def step(self) -> list[dict]:

@@ -110,7 +110,7 @@ class Runner:
 
     def _embed(self, rows):
         ids, mask = self._pad(rows, left=False)
-        with torch.no_grad():
+        with torch.inference_mode():  # as RankBatch.run: nothing served is differentiated
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return mean_pool_normalized(hidden.float(), mask)[: len(rows)].cpu().tolist()
 
@@ -148,7 +148,7 @@ class Runner:
             kwargs["streamer"] = StepStreamer(on_step)
         if "adapters" in op:
             kwargs["adapter_weights"] = op["adapters"][self.rank] or [{}]  # a rank's dummy row: base model
-        with torch.no_grad():
+        with torch.inference_mode():  # as RankBatch.run: nothing served is differentiated
             if self.world > 1:
                 # Without rows, generate_lockstep runs its own dummy row: hand it the empty batch.
                 out = generate_lockstep(self.model, ids[: len(rows)], mask[: len(rows)], **kwargs)

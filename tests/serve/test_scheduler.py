@@ -264,3 +264,14 @@ def test_new_requests_go_where_less_prefill_is_pending_among_the_ranks_with_room
     assert place(40)[0] == 1  # rank 0 has less prefill pending but not the blocks for this request
     scheduler.kv = [dict(blocks_total=64, blocks_free=free, block_size=16) for free in (3, 1)]
     assert place(200)[0] == 0  # no rank has room: the most free blocks, where it waits the shortest
+
+
+def test_a_model_served_under_inference_mode_still_runs_outside_it():
+    """RankBatch.run steps under inference mode. What a step creates and keeps (here the MoE blocks' health
+    flags, made at their first pass) must stay a normal tensor, or the next plain forward's in-place update of it
+    fails."""
+    fresh = engine.load("tiny-mixtral", device="cpu")  # its first pass is a served step
+    engine.generate_batch(fresh, [PROMPTS[0]], max_new_tokens=2)
+    with torch.no_grad():
+        logits = fresh(input_ids=torch.tensor([PROMPTS[0]])).logits
+    assert not logits.is_inference() and torch.isfinite(logits).all()
