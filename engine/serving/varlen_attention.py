@@ -123,17 +123,18 @@ class StepPlan:
         groups = [decode[start: start + DECODE_GROUP] for start in range(0, len(decode), DECODE_GROUP)]
         chunks = [i for i, n in enumerate(q_lens) if n > 1]
         pages = [None] * (len(groups) + len(chunks))
+        held = [-(-n // page_size) for n in k_lens] if page_size else None  # pages each request's keys fill
         if page_lists is not None:  # every group's and chunk's pages in one host array, made one tensor at once
             flat, bounds = array.array("q"), [0]
             for group in groups:  # each request's pages, padded with its first to the group's widest
-                width = -(-k_lens[group[-1]] // page_size)
+                width = held[group[-1]]
                 for i in group:
-                    own = page_lists[i][: -(-k_lens[i] // page_size)]
+                    own = page_lists[i][: held[i]]
                     flat.extend(own)
                     flat.extend(own[:1] * (width - len(own)))
                 bounds.append(len(flat))
             for i in chunks:
-                flat.extend(page_lists[i][: -(-k_lens[i] // page_size)])
+                flat.extend(page_lists[i][: held[i]])
                 bounds.append(len(flat))
             every = torch.frombuffer(flat, dtype=torch.int64).to(device) * page_stride if flat else None
             pages = [every[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -142,7 +143,7 @@ class StepPlan:
         self.decode_groups = []
         for group, group_pages in zip(groups, pages):  # similar lengths together: little padding
             lengths = [k_lens[i] for i in group]
-            longest = -(-lengths[-1] // page_size) * page_size if page_size else lengths[-1]
+            longest = held[group[-1]] * page_size if held else lengths[-1]
             valid = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
             rows = torch.tensor([q_starts[i] for i in group], device=device)
             self.decode_groups.append(DecodeGroup(rows, len(group), longest, valid[:, None, None, :], group_pages,
