@@ -4,6 +4,10 @@ strategies use, each behind one function so NCCL (CUDA) and gloo (CPU) run the s
 Every collective here works on tensors already on the rank's device and never reads a value back to the host:
 the strategies decide all sizes before a layer runs, so a forward pass costs at most the one host
 synchronisation that agrees on token counts (`engine.parallel.pass_sync`).
+
+On CPU ranks of one host (gloo), the equal-sized collectives go through shared memory
+(`engine.parallel.host_channel`) rather than gloo's loopback TCP: on the decode benchmark's machine a small
+all-gather between two ranks took about 90 µs that way against 450-850 µs through gloo.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from engine.parallel.host_channel import HostChannel, host_channel
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("TESSERA_DIST_TIMEOUT", "600"))
 # torch 2.13 renamed these two (the old names warn on every call); 2.11 has only the old ones
@@ -38,6 +44,8 @@ def init_distributed(timeout_s: float | None = None) -> "Dist":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend, timeout=timeout)
+        _timeouts[None] = timeout
+        _channels.clear()  # a channel of an earlier process group is not this one's
     return Dist.current()
 
 
@@ -55,6 +63,10 @@ def exit_rank(code: int):
     os._exit(code)
 
 
+_timeouts: dict = {}  # group (None: the default one) -> its collectives' timeout
+_channels: dict = {}  # group -> its HostChannel, or None where it has none
+
+
 @dataclass(frozen=True)
 class Dist:
     """One rank's view of a process group: who it is, how many there are, where its tensors live.
@@ -67,9 +79,12 @@ class Dist:
     size: int
     backend: str
     device: torch.device
+    channel: HostChannel | None = None  # gloo ranks of one host: their shared memory
 
     @staticmethod
     def current(group=None) -> "Dist":
+        """This rank's view of `group`. The first call for a gloo group sets up its host channel, so every rank
+        of the group makes that call at the same point (as they all load the model together)."""
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call engine.parallel.init_distributed() first")
         backend = dist.get_backend(group)
@@ -77,12 +92,22 @@ class Dist:
             device = torch.device("cuda", torch.cuda.current_device())
         else:
             device = torch.device("cpu")
-        return Dist(group, dist.get_rank(group), dist.get_world_size(group), backend, device)
+        if backend == "gloo" and group not in _channels:
+            _channels[group] = host_channel(group, _timeouts.get(group, timedelta(seconds=DEFAULT_TIMEOUT_S)))
+        return Dist(group, dist.get_rank(group), dist.get_world_size(group), backend, device,
+                    _channels.get(group))
+
+    def _shared(self, x: torch.Tensor) -> HostChannel | None:
+        """The host channel, where it can carry `x`."""
+        channel = self.channel
+        return channel if channel is not None and channel.fits(x.numel() * x.element_size()) else None
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """`x (n, ...)` from every rank, equal n on all → `(size * n, ...)` in rank order."""
         if self.size == 1:
             return x
+        if (channel := self._shared(x)) is not None:
+            return channel.all_gather(x)
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         _all_gather_into(out, x.contiguous(), group=self.group)
         return out
@@ -96,6 +121,8 @@ class Dist:
         n = x.shape[0] // self.size
         if self.size == 1:
             return x
+        if (channel := self._shared(x)) is not None:
+            return channel.reduce_scatter(x)
         if self.backend == "nccl":
             out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
             _reduce_scatter_into(out, x.contiguous(), group=self.group)
@@ -110,6 +137,8 @@ class Dist:
         if self.size == 1:
             return x
         if send_counts is None:
+            if (channel := self._shared(x)) is not None:
+                return channel.all_to_all(x)
             out = torch.empty_like(x)
             dist.all_to_all_single(out, x.contiguous(), group=self.group)
             return out

@@ -9,7 +9,8 @@ fixed-size frame that holds the message's length and, mostly, all of it; a longe
 second collective. torch's broadcast_object_list and gather_object each take two collectives (the sizes, then the
 data) even for a few bytes, and every collective is a rendezvous of all ranks on the step's critical path. For a
 step that places two requests and returns 64 results, on 2 CPU ranks of a loaded machine: 2.6-3.2 ms per step
-with those, 1.5-2.0 ms with the frames.
+with those, 1.5-2.0 ms with the frames. CPU ranks of one host send the frames through shared memory
+(`engine.parallel.host_channel`), as their MoE layers do.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine.parallel.host_channel import HostChannel, host_channel
 from engine.serving.runner import Runner
 
 
@@ -44,9 +46,9 @@ def _frame(data: bytes) -> torch.Tensor:
     return frame
 
 
-def _unframe(frame: torch.Tensor) -> tuple[int, bytes]:
+def _unframe(frame: torch.Tensor | bytes) -> tuple[int, bytes]:
     """(the whole message's length, the part of it in this frame)."""
-    raw = frame.numpy().tobytes()
+    raw = frame if isinstance(frame, bytes) else frame.numpy().tobytes()
     length = int.from_bytes(raw[:_LENGTH], "little")
     return length, raw[_LENGTH: _LENGTH + min(length, FRAME_BYTES - _LENGTH)]
 
@@ -58,31 +60,42 @@ def _bytes(data: bytes, size: int) -> torch.Tensor:
     return out
 
 
-def broadcast_message(obj, rank: int, group) -> object:
+def _broadcast(x: torch.Tensor, group, channel: HostChannel | None) -> None:
+    if channel is not None and channel.fits(x.numel()):
+        channel.broadcast(x, src=0)
+    else:
+        dist.broadcast(x, src=0, group=group)
+
+
+def _all_gather(x: torch.Tensor, world: int, group, channel: HostChannel | None) -> list[bytes]:
+    if channel is not None and channel.fits(x.numel()):
+        return [part.numpy().tobytes() for part in channel.exchange(x)]
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    return [part.numpy().tobytes() for part in parts]
+
+
+def broadcast_message(obj, rank: int, group, channel: HostChannel | None = None) -> object:
     """Rank 0's `obj` on every rank (others pass None)."""
     data = pickle.dumps(obj) if rank == 0 else b""
     frame = _frame(data)
-    dist.broadcast(frame, src=0, group=group)
+    _broadcast(frame, group, channel)
     length, body = _unframe(frame)
     if length > len(body):  # the rest, in a second broadcast that every rank knows to expect
         rest = _bytes(data[len(body):], length - len(body))
-        dist.broadcast(rest, src=0, group=group)
+        _broadcast(rest, group, channel)
         body += rest.numpy().tobytes()
     return pickle.loads(body)
 
 
-def all_gather_messages(obj, world: int, group) -> list:
+def all_gather_messages(obj, world: int, group, channel: HostChannel | None = None) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     data = pickle.dumps(obj)
-    frames = [torch.empty(FRAME_BYTES, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(frames, _frame(data), group=group)
-    parts = [_unframe(frame) for frame in frames]
+    parts = [_unframe(frame) for frame in _all_gather(_frame(data), world, group, channel)]
     longest_rest = max(length - len(body) for length, body in parts)
     if longest_rest > 0:  # every rank sees every length, so all of them take part in the second all-gather
-        rests = [torch.empty(longest_rest, dtype=torch.uint8) for _ in range(world)]
-        dist.all_gather(rests, _bytes(data[FRAME_BYTES - _LENGTH:], longest_rest), group=group)
-        parts = [(length, body + rest.numpy().tobytes()[: length - len(body)])
-                 for (length, body), rest in zip(parts, rests)]
+        rests = _all_gather(_bytes(data[FRAME_BYTES - _LENGTH:], longest_rest), world, group, channel)
+        parts = [(length, body + rest[: length - len(body)]) for (length, body), rest in zip(parts, rests)]
     return [pickle.loads(body) for _, body in parts]
 
 
@@ -90,18 +103,19 @@ class Coordinator:
     def __init__(self, runner: Runner, world: int = 1, timeout_s: float = 60.0):
         self.runner, self.world = runner, world
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world > 1 else None
+        self.channel = host_channel(self.group, timedelta(seconds=timeout_s)) if world > 1 else None
 
     def execute(self, op: dict, streamer=None, cancelled=None) -> list[dict]:
         """Run `op` on every rank; returns one result per rank."""
         if self.world == 1:
             return [self.runner.run(op, streamer, cancelled)]
         try:
-            broadcast_message(op, 0, self.group)
+            broadcast_message(op, 0, self.group, self.channel)
             try:
                 mine = self.runner.run(op, streamer, cancelled)
             except StepCannotPair as err:  # the others may wait in a collective of this pass: all must stop
                 raise RankFailure(f"the step failed on rank 0 in lockstep with the other ranks: {err}") from err
-            results = all_gather_messages(mine, self.world, self.group)
+            results = all_gather_messages(mine, self.world, self.group, self.channel)
         except RankFailure:
             raise
         except (RuntimeError, ConnectionError) as err:  # gloo reports a lost peer or a timeout as RuntimeError
@@ -110,14 +124,14 @@ class Coordinator:
 
     def stop(self) -> None:
         if self.world > 1:
-            broadcast_message({"type": "stop"}, 0, self.group)
+            broadcast_message({"type": "stop"}, 0, self.group, self.channel)
 
 
 def follow(coordinator: Coordinator) -> None:
     """The loop of ranks other than 0: run what rank 0 sends until it says stop."""
     runner = coordinator.runner
     while True:
-        op = broadcast_message(None, runner.rank, coordinator.group)
+        op = broadcast_message(None, runner.rank, coordinator.group, coordinator.channel)
         if op["type"] == "stop":
             return
         try:
@@ -126,4 +140,4 @@ def follow(coordinator: Coordinator) -> None:
             print(f"tessera serve: the step failed on rank {runner.rank} in lockstep with the other ranks: {err}; "
                   "exiting", flush=True)
             os._exit(1)
-        all_gather_messages(result, coordinator.world, coordinator.group)
+        all_gather_messages(result, coordinator.world, coordinator.group, coordinator.channel)
