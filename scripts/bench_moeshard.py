@@ -83,9 +83,9 @@ def slowest(seconds: float, device) -> float:
 
 def gather_floats(values: list[float], device) -> torch.Tensor:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    out = torch.empty(dist.get_world_size(), len(values), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(out, t[None])
-    return out.cpu()
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.stack(out).cpu()
 
 
 def time_once(fn, device) -> float:

@@ -21,8 +21,11 @@ def free_port() -> int:
 
 
 # Ranks are CPU processes on gloo even on a GPU machine, with Triton through its interpreter; set before the
-# child starts, since unpickling the rank function imports torch and the kernels.
-CHILD_ENV = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# child starts, since unpickling the rank function imports torch and the kernels. Their collectives go through
+# torch.distributed, as NCCL's do, not the host channel of CPU ranks (tests/parallel/test_host_channel.py, and
+# the servers the serving tests start, run that; `env` turns it on).
+CHILD_ENV = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+             "TESSERA_HOST_CHANNEL": "0"}
 
 
 def _entry(fn, rank, world, port, queue, args, timeout_s):
@@ -47,23 +50,26 @@ def _entry(fn, rank, world, port, queue, args, timeout_s):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, limit_s: float = 120, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> list:
+def run_ranks(fn, world: int, *args, limit_s: float = 120, timeout_s: float = COLLECTIVE_TIMEOUT_S,
+              env: dict | None = None) -> list:
     """Results of `fn(rank, world, *args)` on every rank, rank order; raises if any rank failed or hung."""
-    outcomes = run_ranks_raw(fn, world, *args, limit_s=limit_s, timeout_s=timeout_s)
+    outcomes = run_ranks_raw(fn, world, *args, limit_s=limit_s, timeout_s=timeout_s, env=env)
     errors = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(outcomes) if status != "ok"]
     if errors:
         raise AssertionError("\n".join(errors))
     return [pickle.loads(value) for _, value in outcomes]
 
 
-def run_ranks_raw(fn, world: int, *args, limit_s: float = 120, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> list:
+def run_ranks_raw(fn, world: int, *args, limit_s: float = 120, timeout_s: float = COLLECTIVE_TIMEOUT_S,
+                  env: dict | None = None) -> list:
     """[(status, value-or-message)] per rank; status "ok" (value pickled), "error" or "hung"."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, timeout_s)) for r in range(world)]
-    saved = {k: os.environ.get(k) for k in CHILD_ENV}
-    os.environ.update(CHILD_ENV)
+    child_env = {**CHILD_ENV, **(env or {})}
+    saved = {k: os.environ.get(k) for k in child_env}
+    os.environ.update(child_env)
     try:
         for p in procs:
             p.start()

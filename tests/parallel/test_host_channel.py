@@ -7,6 +7,8 @@ import time
 import pytest
 from parallel_harness import run_ranks
 
+ON = {"TESSERA_HOST_CHANNEL": "1"}  # the harness's ranks run without it by default
+
 
 def _same_as_gloo(rank, world):
     import torch
@@ -36,7 +38,7 @@ def _same_as_gloo(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_collectives_through_shared_memory_match_gloo(world):
-    for checks in run_ranks(_same_as_gloo, world):
+    for checks in run_ranks(_same_as_gloo, world, env=ON):
         assert all(checks), checks
 
 
@@ -46,9 +48,8 @@ def _turned_off(rank, world):
     return Dist.current().channel is None
 
 
-def test_the_channel_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("TESSERA_HOST_CHANNEL", "0")  # the spawned ranks inherit it
-    assert run_ranks(_turned_off, 2) == [True, True]
+def test_the_channel_can_be_turned_off():
+    assert run_ranks(_turned_off, 2, env={"TESSERA_HOST_CHANNEL": "0"}) == [True, True]
 
 
 def _one_rank_dies(rank, world):
@@ -71,6 +72,6 @@ def _one_rank_dies(rank, world):
 
 
 def test_a_rank_whose_sockets_close_makes_its_peer_raise_at_once():
-    waited, message = run_ranks(_one_rank_dies, 2, timeout_s=30)[0]
+    waited, message = run_ranks(_one_rank_dies, 2, timeout_s=30, env=ON)[0]
     assert waited < 5, "raised at once, not after the 30 s timeout"
     assert "lost rank(s) [1]" in message
