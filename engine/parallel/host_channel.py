@@ -4,9 +4,9 @@ parallelism over a shared-memory communicator instead of gloo.
 gloo on one host still goes through TCP on loopback, and each of its collectives hands the data to a loop thread
 of its own on each side: between two ranks on this project's 2-core machine an all-gather of a few kilobytes took
 833 µs through gloo and 108 µs here (scripts/bench_collectives.py), and more when the cores are busy, since each
-hand-over waits for a core. A lockstep
-step of the decode benchmark runs 7 of them (the control broadcast and results gather, the pass's agreement, and
-per MoE layer an all-gather and a reduce-scatter), and every rank waits through each.
+hand-over waits for a core. A lockstep step of the decode benchmark runs 7 of them (the control broadcast and
+results gather, the pass's agreement, and per MoE layer an all-gather and a reduce-scatter), and every rank waits
+through each.
 
 Here each rank owns a region of shared memory (a file under /dev/shm, unlinked once every rank has mapped it) in
 two halves, and one Unix socket to every other rank. A collective writes this rank's tensor into the half of its
@@ -32,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-HALF_BYTES = 4 << 20  # per rank and parity: what the largest exchange through here may hold
+HALF_BYTES = 4 << 20  # per rank and parity: what the largest exchange through here may hold (8 MiB per rank)
 
 
 class PeerGone(ConnectionError):
@@ -120,17 +120,18 @@ class HostChannel:
         half, self.seq = self.seq % 2, self.seq + 1
         if x is not None:
             self.halves[self.rank][half][:nbytes].copy_(x.contiguous().view(-1).view(torch.uint8))
+        peer, answer = None, b"\1"
         try:
-            for conn in self.peers.values():
+            for peer, conn in self.peers.items():
                 conn.sendall(b"\1")
             for peer, conn in self.peers.items():
-                if conn.recv(1) != b"\1":
-                    raise PeerGone(f"rank {peer} closed its connection to rank {self.rank}")
-        except (TimeoutError, OSError) as err:
-            if isinstance(err, PeerGone):
-                raise
-            raise PeerGone(f"rank {self.rank} lost rank(s) {sorted(self.peers)} in a collective: "
-                           f"{type(err).__name__}: {err}") from err
+                if (answer := conn.recv(1)) != b"\1":  # b"": it closed its end
+                    break
+        except OSError as err:  # a reset or broken connection, or the timeout (TimeoutError)
+            raise PeerGone(f"rank {self.rank} lost rank {peer} in a collective: {type(err).__name__}: {err}") \
+                from err
+        if answer != b"\1":
+            raise PeerGone(f"rank {self.rank} lost rank {peer} in a collective: it closed its connection")
         return [self.halves[r][half][:nbytes].view(shape_of.dtype).view(shape_of.shape) for r in range(self.size)]
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,8 +165,8 @@ class HostChannel:
 def _map(path: str, size: int, create: bool = False) -> mmap.mmap:
     fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
     try:
-        if create:
-            os.ftruncate(fd, size)
+        if create:  # reserved now: a /dev/shm too small (a container's 64 MB) fails here, not with SIGBUS later
+            os.posix_fallocate(fd, 0, size)
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)

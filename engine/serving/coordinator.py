@@ -103,7 +103,9 @@ class Coordinator:
     def __init__(self, runner: Runner, world: int = 1, timeout_s: float = 60.0):
         self.runner, self.world = runner, world
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world > 1 else None
-        self.channel = host_channel(self.group, timedelta(seconds=timeout_s)) if world > 1 else None
+        # frames, and most rests: a longer message's rest goes through gloo
+        self.channel = host_channel(self.group, timedelta(seconds=timeout_s), half_bytes=1 << 20) if world > 1 \
+            else None
 
     def execute(self, op: dict, streamer=None, cancelled=None) -> list[dict]:
         """Run `op` on every rank; returns one result per rank."""
