@@ -46,10 +46,10 @@ def host_channel(group, timeout: timedelta, half_bytes: int = HALF_BYTES) -> "Ho
     if os.environ.get("TESSERA_HOST_CHANNEL", "1") == "0" or dist.get_world_size(group) == 1:
         return None
     channel = HostChannel(group, timeout.total_seconds(), half_bytes)
-    ok = channel.open(group)
-    if not ok:
-        channel.close()
-    return channel if ok else None
+    if channel.open(group):
+        return channel
+    channel.close()
+    return None
 
 
 class HostChannel:
@@ -98,15 +98,17 @@ class HostChannel:
                 ok = True
             except OSError:
                 ok = False
-            return _everyone(ok, group)  # also: every rank has mapped every region, so the names can go
+            if not _everyone(ok, group):  # also: every rank has mapped every region, so the names can go
+                return False
+            self.halves = [[torch.frombuffer(region, dtype=torch.uint8, count=self.half_bytes,
+                                             offset=half * self.half_bytes) for half in (0, 1)]
+                           for region in self._regions]
+            return True
         finally:
             if listener is not None:
                 listener.close()
             if path is not None and os.path.exists(path):
                 os.unlink(path)
-            self.halves = [[torch.frombuffer(region, dtype=torch.uint8, count=self.half_bytes,
-                                             offset=half * self.half_bytes) for half in (0, 1)]
-                           for region in self._regions]
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.half_bytes
