@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.serving.batcher import Overloaded, Request, submitted
 from engine.serving.coordinator import RankFailure
 from engine.serving.openai_protocol import (APIError, ChatCompletionRequest, ChatShape, CompletionRequest,
-                                            CompletionShape, EmbeddingRequest, TextStream, sse, usage)
+                                            CompletionShape, EmbeddingRequest, TextEvent, TextStream, sse, usage)
 from engine.serving.scheduler import RequestTooLarge, StepFailure
 from engine.serving.tokenizer import NoChatTemplate
 
@@ -216,7 +216,7 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             choices, completion_tokens = [], 0
             for i, request in enumerate(requests):
                 generation = await result(request.future)
-                text_stream = TextStream(tokenizer.decode, stops)
+                text_stream = TextStream(tokenizer.decode, stops, tokenizer.decode_stream())
                 for token in generation.tokens:
                     text_stream.add(token)
                     if text_stream.stopped:
@@ -235,13 +235,19 @@ def create_app(engine, config, tokenizer, model_name: str, model_kind: str, metr
             """Server-sent events of every choice. Whatever has arrived when the stream wakes goes out in one write,
             and each choice's text since its last event in one event: where the event loop falls behind, the
             tokens of several steps cost one event and one write, not one each."""
-            texts = [TextStream(tokenizer.decode, stops) for _ in range(n)]
+            texts = [TextStream(tokenizer.decode, stops, tokenizer.decode_stream()) for _ in range(n)]
             entries, reported, pending = [[] for _ in range(n)], [0] * n, [""] * n
             ready = [0] * n  # per choice: the tokens whose text is in `pending` (a held-back one is not)
             done = [False] * n
             completion_tokens = 0
 
+            # the event of a running choice's text (no log-probabilities): most of the events streamed
+            text_events = [TextEvent(lambda text, i=i: {**chunk, "choices": [shape.delta(i, text, None, None)]})
+                           for i in range(n)] if params["logprobs"] is None else None
+
             def delta_event(i: int, text: str, finish: str | None, upto: int) -> str:
+                if text_events is not None and finish is None:
+                    return text_events[i](text)
                 logprobs = logprobs_of(texts[i], entries[i], reported[i], upto)
                 reported[i] = upto
                 return sse({**chunk, "choices": [shape.delta(i, text, finish, logprobs)]})

@@ -123,31 +123,44 @@ class ChatCompletionRequest(_Sampling):
 class TextStream:
     """One choice's tokens, as they come, turned into text: cut before the first stop string, and with text held
     back while it could still turn into a stop string or is an incomplete UTF-8 character, so that nothing sent
-    has to be taken back."""
+    has to be taken back.
+
+    `step`, where the tokenizer has one (`HFTokenizer.decode_stream`), is an incremental decoder: the text each
+    token adds, or None while it ends inside a character. Without one, `decode` spells the last few tokens again
+    for every token."""
 
     CONTEXT_TOKENS = 5  # decoded again before the new ones: a tokenizer that drops a leading space sees them
 
-    def __init__(self, decode, stops: list[str]):
-        self.decode, self.stops = decode, stops
+    def __init__(self, decode, stops: list[str], step=None):
+        self.decode, self.stops, self.step = decode, stops, step
         self.tokens: list[int] = []
         self.offsets: list[int] = []  # where each token's text starts in `text`
         self.text, self.sent, self.stopped = "", 0, False
         self._decoded, self._clean, self._clean_chars = "", 0, 0  # all tokens' text; its last whole-character end
+        self._inside_character = False  # with `step`: the last token ended inside a character
 
     def add(self, token: int) -> str:
         """Takes the next token; returns the text that can be sent now."""
         self.offsets.append(len(self.text))
         self.tokens.append(token)
-        text = self._decode_all()
-        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = text[:cut], True
-            return self._release(len(self.text))
-        self.text = text
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if text.endswith("\ufffd"):
-            hold = max(hold, 1)
+        return self._cut(self._decode_step(token) if self.step is not None else self._decode_all())
+
+    def _cut(self, text: str) -> str:
+        self.text, hold = text, 1 if text.endswith("\ufffd") else 0
+        if self.stops:
+            # A stop string cannot start before `sent`: text is sent only once no stop string can begin in it.
+            cut = min((i for i in (text.find(s, self.sent) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.stopped = text[:cut], True
+                return self._release(cut)
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=hold)
         return self._release(len(text) - hold)
+
+    def _decode_step(self, token: int) -> str:
+        piece = self.step(token)
+        self._inside_character = piece is None  # where decode() would end in U+FFFD
+        self._decoded += piece or ""
+        return self._decoded
 
     def _decode_all(self) -> str:
         """decode(tokens), decoding only the tokens since the text last ended on a whole character (and a few
@@ -165,7 +178,8 @@ class TextStream:
 
     def finish(self) -> str:
         """The text held back, now that no more tokens come."""
-        return self._release(len(self.text))
+        ready = self._cut(self.decode(self.tokens)) if self._inside_character and not self.stopped else ""
+        return ready + self._release(len(self.text))
 
     def _release(self, upto: int) -> str:
         delta = self.text[self.sent:upto] if upto > self.sent else ""
@@ -186,6 +200,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class TextEvent:
+    """`sse(chunk)` of a chunk whose only changing part is one string, rendered once around a marker, so that a
+    streamed token's event costs one `json.dumps` of its text, not of the whole chunk."""
+
+    MARK = "\0text\0"
+
+    def __init__(self, make_chunk):
+        """`make_chunk(text)` -> the chunk (a dict) that carries `text` after any other string that could hold the
+        marker (a client's model name)."""
+        self.head, _, self.tail = sse(make_chunk(self.MARK)).rpartition(json.dumps(self.MARK))
+
+    def __call__(self, text: str) -> str:
+        return self.head + json.dumps(text) + self.tail
 
 
 class CompletionShape:

@@ -15,7 +15,7 @@ from engine.serving.batcher import BatchEngine
 from engine.serving.config import ServeConfig
 from engine.serving.coordinator import Coordinator
 from engine.serving.metrics import Metrics
-from engine.serving.openai_protocol import TextStream
+from engine.serving.openai_protocol import ChatShape, CompletionShape, TextEvent, TextStream, sse
 from engine.serving.paged_batch import RankBatch
 from engine.serving.runner import Runner
 from engine.serving.scheduler import ContinuousEngine
@@ -216,25 +216,39 @@ def test_text_stream_holds_back_partial_stops_and_characters():
 
 def _byte_level_bpe():
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.decoders import DecodeStream
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(["héllo wörld, naïve café ✓ 日本語 " * 20, "the quick brown fox"], vocab_size=320,
                             min_frequency=1, show_progress=False)
-    return lambda ids: bpe.decode(ids)
+
+    def decode_stream():
+        stream = DecodeStream(skip_special_tokens=True)
+        return lambda token_id: stream.step(bpe._tokenizer, token_id)
+
+    return lambda ids: bpe.decode(ids, skip_special_tokens=True), decode_stream
 
 
 def _wordpiece():
     from engine.models.minilm_moe import minilm_path
     from engine.serving.tokenizer import HFTokenizer
 
-    return HFTokenizer(minilm_path()).decode
+    tokenizer = HFTokenizer(minilm_path())
+    return tokenizer.decode, tokenizer.decode_stream
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", "byte-level BPE", "WordPiece"])
+TOKENIZERS = {"bytes": lambda: (ByteTokenizer(256).decode, lambda: None), "byte-level BPE": _byte_level_bpe,
+              "WordPiece": _wordpiece}
+VOCAB = {"bytes": 320, "byte-level BPE": 320, "WordPiece": 30000}
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["decode", "DecodeStream"])
+@pytest.mark.parametrize("tokenizer", list(TOKENIZERS))
 def test_text_stream_spells_what_decoding_everything_spells_and_decodes_each_token_a_bounded_number_of_times(
-        tokenizer):
-    decode = {"bytes": lambda: ByteTokenizer(256).decode, "byte-level BPE": _byte_level_bpe,
-              "WordPiece": _wordpiece}[tokenizer]()
+        tokenizer, incremental):
+    decode, decode_stream = TOKENIZERS[tokenizer]()
+    if incremental and decode_stream() is None:
+        pytest.skip("bytes have no incremental decoder")
     decoded = []
 
     def counting(ids):
@@ -243,11 +257,43 @@ def test_text_stream_spells_what_decoding_everything_spells_and_decodes_each_tok
 
     rng = random.Random(0)
     for trial in range(5):
-        ids = [rng.randrange(1, 320 if tokenizer != "WordPiece" else 30000) for _ in range(300)]
-        stream, decoded[:] = TextStream(counting, []), []
+        ids = [rng.randrange(1, VOCAB[tokenizer]) for _ in range(300)]
+        stream, decoded[:] = TextStream(counting, [], decode_stream() if incremental else None), []
         text = "".join(stream.add(t) for t in ids) + stream.finish()
         assert text == decode(ids) == stream.text
         assert sum(decoded) < 20 * len(ids)  # decoding everything per token: about len(ids) ** 2 / 2
+        if incremental:
+            assert sum(decoded) <= len(ids)  # at most one whole decode, at the end inside a character
+
+
+@pytest.mark.parametrize("tokenizer", ["byte-level BPE", "WordPiece"])
+def test_text_stream_sends_the_same_text_with_and_without_an_incremental_decoder(tokenizer):
+    """Stop strings, held-back text and the token counts behind them come out alike."""
+    decode, decode_stream = TOKENIZERS[tokenizer]()
+    rng = random.Random(1)
+    for trial in range(40):
+        ids = [rng.randrange(1, VOCAB[tokenizer]) for _ in range(rng.randint(1, 120))]
+        whole = decode(ids)
+        # stop strings from the answer, without U+FFFD: decode() also spells a character still being written so,
+        # where the incremental decoder waits for its last byte
+        stops = [whole[a:a + rng.randint(1, 4)] for a in rng.sample(range(len(whole)), min(2, len(whole)))] \
+            if whole and trial % 4 else []
+        stops = [s for s in stops if "\ufffd" not in s]
+        streams = [TextStream(decode, stops), TextStream(decode, stops, decode_stream())]
+        sent = [[], []]
+        for token in ids:
+            for stream, out in zip(streams, sent):
+                if not stream.stopped:
+                    out.append(stream.add(token))
+        for stream, out in zip(streams, sent):
+            out.append(stream.finish())
+        plain, incremental = streams
+        assert "".join(sent[0]) == "".join(sent[1]) == plain.text == incremental.text
+        assert (plain.stopped, len(plain.tokens)) == (incremental.stopped, len(incremental.tokens))
+        if "\ufffd" not in whole:  # a token inside a character starts at the character, or after decode()'s U+FFFD
+            assert plain.text_tokens() == incremental.text_tokens()
+        if stops and not plain.stopped:
+            assert not any(s in whole for s in stops)
 
 
 @pytest.mark.parametrize("clean_up", [False, True])
@@ -505,3 +551,14 @@ def test_tokens_that_arrived_together_stream_as_one_event_per_choice_with_their_
         assert choice["logprobs"]["tokens"] == list("hell")
         assert choice["logprobs"]["token_logprobs"] == [-0.5, -1.5, -2.5, -3.5]
         assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("shape", [CompletionShape(str), ChatShape(str)], ids=["completion", "chat"])
+def test_a_pre_rendered_text_event_spells_what_rendering_the_whole_chunk_spells(shape):
+    chunk = {"id": "cmpl-1", "object": shape.chunk_object, "created": 1, "model": f"a {TextEvent.MARK} model",
+             "usage": None}  # the model name is the client's
+    for index in (0, 3):
+        make = lambda text: {**chunk, "choices": [shape.delta(index, text, None, None)]}  # noqa: E731
+        event = TextEvent(make)
+        for text in ["a", " b", 'quote " and \\ backslash', "naïve ✓ 日本語 \U0001F600", "\n\t\x00", "\0text\0"]:
+            assert event(text) == sse(make(text))
