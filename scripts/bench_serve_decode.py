@@ -221,19 +221,34 @@ async def one(session, model: str, prompt: str, max_tokens: int, start: float, o
             if response.status != 200:
                 record["error"] = f"HTTP {response.status}"
             else:
-                async for line in response.content:  # one server-sent event line at a time
-                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        record["error"] = "stream error"
-                        break
-                    text = chunk["choices"][0].get("text") or ""
+                rest = b""
+                async for data in response.content.iter_any():
                     now = time.perf_counter()
-                    record["stamps"] += [now] * len(text)
+                    *events, rest = (rest + data).split(b"\n\n")
+                    for event in events:
+                        if not event.startswith(b"data: ") or event.startswith(b"data: [DONE]"):
+                            continue
+                        chunk = json.loads(event[6:])
+                        if "error" in chunk:
+                            record["error"] = "stream error"
+                            break
+                        text = chunk["choices"][0].get("text") or ""
+                        record["stamps"] += [now] * len(text)
+                    if record["error"]:
+                        break
                 record["done"] = record["error"] is None
     except (asyncio.TimeoutError, aiohttp.ClientError) as err:
         record["error"] = type(err).__name__
+
+
+def run_client(coroutine):
+    """Runs the load generator on uvloop where it is installed (the server's dependency too): the client shares the
+    cores with the servers it measures, and every streamed token costs it an event-loop wake-up."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -290,9 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--step-tokens", type=int, default=512,
                         help="tokens per step (prefill chunks and decodes) of both continuous schedulers "
                              "(the server's default)")
-    parser.add_argument("--max-running", type=int, default=128,
-                        help="continuous scheduler: requests per rank (paged: in the same KV blocks as the static "
-                             "batcher's 64)")
+    parser.add_argument("--max-running", type=int, default=256,
+                        help="continuous scheduler: requests per rank, vLLM's default max_num_seqs; the KV blocks "
+                             "(the same as the static batcher's 64 rows) are what limits them")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     parser.add_argument("--replot", metavar="JSON", help="only draw the plot of an earlier run's JSON")
     args = parser.parse_args(argv)
@@ -311,7 +326,7 @@ def main(argv=None) -> int:
             log = Path(tempfile.gettempdir()) / f"tessera-bench-{kind}.log"
             process, url = start(kind, folder, args, log)
             try:
-                asyncio.run(run_level(url, model, 1.0, 2.0, 30, seed=99))  # warm up
+                run_client(run_level(url, model, 1.0, 2.0, 30, seed=99))  # warm up
                 for i, rate in enumerate(args.rates):  # the same arrivals in every repeat
                     level = measured_level(process, url, model, rate, args, seed=i)
                     runs[kind][i].append(level)
@@ -399,7 +414,7 @@ def device_slug() -> str:
 def measured_level(process, url: str, model: str, rate: float, args, seed: int) -> dict:
     """One run of one arrival rate, with the CPU per output token of the server's processes and of this client."""
     cpu, client_cpu, preempted = tree_cpu_seconds(process.pid), time.process_time(), preemptions(url)
-    level = asyncio.run(run_level(url, model, rate, args.seconds, args.grace, seed=seed))
+    level = run_client(run_level(url, model, rate, args.seconds, args.grace, seed=seed))
     tokens = max(level["output_tokens"], 1)
     level["server_cpu_ms_per_token"] = 1000 * (tree_cpu_seconds(process.pid) - cpu) / tokens
     level["client_cpu_ms_per_token"] = 1000 * (time.process_time() - client_cpu) / tokens

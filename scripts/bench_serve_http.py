@@ -16,7 +16,6 @@ on its own.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import subprocess
@@ -29,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_serve_decode import (build_model, device_slug, free_port, run_level, stop, tree_cpu_seconds,  # noqa: E402
-                                wait_healthy)
+from bench_serve_decode import (build_model, device_slug, free_port, run_client, run_level, stop,  # noqa: E402
+                                tree_cpu_seconds, wait_healthy)
 from bench_serve_step import BATCH  # noqa: E402
 from foundation.atomic import write_json  # noqa: E402
 
@@ -121,10 +120,10 @@ def main(argv=None) -> int:
     url, levels = f"http://127.0.0.1:{port}", []
     try:
         wait_healthy(process, url)
-        asyncio.run(run_level(url, str(folder), 1.0, 2.0, 10, seed=99))  # warm up
+        run_client(run_level(url, str(folder), 1.0, 2.0, 10, seed=99))  # warm up
         for i, rate in enumerate(args.rates):
             server_before, client_before = tree_cpu_seconds(process.pid), time.process_time()
-            level = asyncio.run(run_level(url, str(folder), rate, args.seconds, args.grace, seed=i))
+            level = run_client(run_level(url, str(folder), rate, args.seconds, args.grace, seed=i))
             tokens = max(level["output_tokens"], 1)
             level["server_cpu_ms_per_token"] = 1000 * (tree_cpu_seconds(process.pid) - server_before) / tokens
             level["client_cpu_ms_per_token"] = 1000 * (time.process_time() - client_before) / tokens
