@@ -305,9 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--step-tokens", type=int, default=512,
                         help="tokens per step (prefill chunks and decodes) of both continuous schedulers "
                              "(the server's default)")
-    parser.add_argument("--max-running", type=int, default=256,
-                        help="continuous scheduler: requests per rank, vLLM's default max_num_seqs; the KV blocks "
-                             "(the same as the static batcher's 64 rows) are what limits them")
+    parser.add_argument("--max-running", type=int, default=128,
+                        help="continuous scheduler: requests per rank (paged: in the same KV blocks as the static "
+                             "batcher's 64)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     parser.add_argument("--replot", metavar="JSON", help="only draw the plot of an earlier run's JSON")
     args = parser.parse_args(argv)
